@@ -1,0 +1,74 @@
+/*
+ * TernaryMatMul kernels: framework-free launcher API.
+ *
+ *   Y[m, n] = sum_k X[m, k] * T[n, k] * scale[n] + bias[n]
+ *
+ * T is ternary {-1, 0, +1} in the project's "k16" layout (DESIGN section 3): an int32 tensor
+ * [N, ceil(K / 16)], weight (n, k) in word k / 16 at bits 2 * (k % 16) .. +1, code = w + 1
+ * (code 3 never occurs). Accumulation is fp32; scale and bias are applied in the epilogue.
+ *
+ * The TensorRT plugin and the torch extension are thin adapters over this header; input
+ * validation (shapes, dtypes, devices) lives in those adapters, the launcher only re-checks the
+ * size rules below and returns cudaErrorInvalidValue when they are broken.
+ */
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace terdit
+{
+
+//! Element type of X and Y (scale and bias are always float32).
+enum class DataType : int32_t
+{
+    kFLOAT = 0,
+    kHALF = 1,
+    kBF16 = 2,
+};
+
+//! Optional fused epilogue.
+enum class Epilogue : int32_t
+{
+    //! Y[m, n] as above, Y is [M, N].
+    kNONE = 0,
+    //! Fused SwiGLU for a concatenated w1|w3 weight: with H = N / 2,
+    //! Y[m, j] = silu(A[m, j]) * A[m, H + j] for j < H, where A is the kNONE result. Y is [M, H].
+    kSWIGLU = 1,
+};
+
+//! Which kernel family runs the product. kAUTO picks from the dispatch table (README.md); the others
+//! force one family (for tests and benchmarks). When kAUTO is given, the environment variable
+//! TERDIT_KERNEL_PATH (auto | skinny | tc | generic) may force a family too. float32 X always runs
+//! the generic kernel, and so do X / Y pointers that are not 16-byte aligned.
+enum class KernelPath : int32_t
+{
+    kAUTO = 0,
+    kSKINNY = 1,  //!< small M: weight-streaming tensor-core kernel, split-K inside the CTA
+    kTC = 2,      //!< large M: tiled tensor-core kernel with a cp.async pipeline
+    kGENERIC = 3, //!< any dtype / alignment: fp32 FFMA kernel (the float32 path)
+};
+
+struct TernaryMatmulParams
+{
+    void const* x{nullptr};       //!< [M, K] row-major, contiguous, `dtype`
+    int32_t const* w{nullptr};    //!< [N, ceil(K / 16)] k16 codes
+    float const* scale{nullptr};  //!< [N]
+    float const* bias{nullptr};   //!< [N] or nullptr
+    void* y{nullptr};             //!< [M, N] (kNONE) or [M, N / 2] (kSWIGLU), `dtype`
+    int64_t m{0};                 //!< rows of X; any value >= 0 (0 is a no-op)
+    int32_t n{0};                 //!< output features; multiple of 16 (kSWIGLU: multiple of 32)
+    int32_t k{0};                 //!< input features; multiple of 16
+    DataType dtype{DataType::kBF16};
+    Epilogue epilogue{Epilogue::kNONE};
+    KernelPath path{KernelPath::kAUTO};
+};
+
+//! Returns cudaSuccess or the first CUDA error; cudaErrorInvalidValue when a size rule is broken.
+cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t stream);
+
+//! Human-readable reason why `params` is rejected, or nullptr when it is valid.
+char const* ternaryMatmulCheck(TernaryMatmulParams const& params);
+
+} // namespace terdit

@@ -1,0 +1,345 @@
+"""Ternary weights: quantization, packed formats, the reference matmul and the ternary layer.
+
+Formats (DESIGN section 3):
+- k16 (this project's canonical layout): int32 [N, ceil(K/16)]; weight (n, k) sits in word k // 16
+  at bits 2*(k % 16)..+1 as code = w + 1; K is padded with code 1 (weight 0). Little-endian it is
+  byte-identical to 4 codes per uint8 along K.
+- HQQ (official release): uint8 [N/4, K]; with h = N/4, byte [i, j] holds rows i (bits 7-6),
+  h+i (5-4), 2h+i (3-2), 3h+i (1-0). Code 3 is invalid in both.
+
+`ternary_linear_ref` is the oracle every fast path is tested against; `terdit::ternary_matmul` is
+the registered op that the model, torch.compile and the ONNX exporter all see.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-6
+ZERO_WORD = 0x55555555  # sixteen codes of 1: an all-zero k16 word
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("terdit's packed formats assume a little-endian host")
+
+
+# ---- quantization ------------------------------------------------------------------------
+
+def absmean(weight: Tensor) -> Tensor:
+    """Per-tensor threshold gamma = mean(|W|) (TerDiT, as BitNet b1.58)."""
+    return weight.abs().mean()
+
+
+def ternarize(weight: Tensor, eps: float = EPS) -> Tensor:
+    """T = clamp(round(W / (gamma + eps)), -1, 1) with round-half-even, in W's own dtype
+    (exactly the official training forward). Returns a tensor of W's dtype with values -1/0/+1."""
+    gamma = absmean(weight)
+    return torch.clamp(torch.round(weight / (gamma + eps)), -1, 1)
+
+
+class _TernarizeSTE(torch.autograd.Function):
+    """Ternarize in the forward; identity gradient (straight-through) in the backward."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        return ternarize(weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None
+
+
+def ternarize_ste(weight: Tensor, eps: float = EPS) -> Tensor:
+    return _TernarizeSTE.apply(weight, eps)
+
+
+# ---- k16 packing -------------------------------------------------------------------------
+
+def k16_words(k: int) -> int:
+    return (k + 15) // 16
+
+
+def _check_ternary_values(t: Tensor, what: str) -> None:
+    if t.dtype.is_floating_point:
+        bad = ~((t == -1) | (t == 0) | (t == 1))
+    else:
+        bad = (t < -1) | (t > 1)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what}: value {t[idx].item()} at index {idx} is not ternary "
+                         f"(-1, 0 or +1)")
+
+
+def codes_to_k16(codes: Tensor) -> Tensor:
+    """uint8 codes [N, K] in {0, 1, 2} -> k16 int32 [N, ceil(K/16)]."""
+    n, k = codes.shape
+    kp = k16_words(k) * 16
+    c = codes.to(torch.uint8)
+    if kp != k:
+        c = torch.cat([c, torch.ones(n, kp - k, dtype=torch.uint8, device=c.device)], dim=1)
+    c = c.reshape(n, kp // 4, 4)
+    packed = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
+    return packed.contiguous().view(torch.int32)
+
+
+def k16_to_codes(words: Tensor, k: int) -> Tensor:
+    """k16 int32 [N, W] -> uint8 codes [N, k] (no validation; see `check_k16`)."""
+    n, w = words.shape
+    if w != k16_words(k):
+        raise ValueError(f"k16 tensor has {w} words per row but K={k} needs {k16_words(k)}")
+    b = words.contiguous().view(torch.uint8)  # [N, 4W], 4 codes per byte, low bits first
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=words.device)
+    codes = (b.unsqueeze(-1) >> shifts) & 3
+    return codes.reshape(n, w * 16)[:, :k]
+
+
+def pack_k16(t: Tensor) -> Tensor:
+    """Ternary values [N, K] (any real or integer dtype) -> k16 int32 [N, ceil(K/16)]."""
+    if t.dim() != 2:
+        raise ValueError(f"pack_k16 expects a 2-D [N, K] tensor, got shape {tuple(t.shape)}")
+    _check_ternary_values(t, "pack_k16")
+    return codes_to_k16((t.to(torch.int8) + 1).to(torch.uint8))
+
+
+def unpack_k16(words: Tensor, k: int, dtype: torch.dtype = torch.int8) -> Tensor:
+    """k16 int32 [N, ceil(k/16)] -> ternary values [N, k] in `dtype`."""
+    return (k16_to_codes(words, k).to(torch.int8) - 1).to(dtype)
+
+
+def check_k16(words: Tensor, k: int, what: str = "k16 weight") -> None:
+    """Reject tensors that are not valid k16: wrong dtype/shape, code 3, non-zero padding."""
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise ValueError(f"{what}: expected int32 [N, {k16_words(k)}], got {words.dtype} "
+                         f"{tuple(words.shape)}")
+    if words.shape[1] != k16_words(k):
+        raise ValueError(f"{what}: {words.shape[1]} words per row, K={k} needs "
+                         f"{k16_words(k)}")
+    codes = k16_to_codes(words, k16_words(k) * 16)
+    bad = codes == 3
+    if bool(bad.any()):
+        n, kk = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what}: code 3 (invalid) at row {n}, column {kk}; packed weights "
+                         f"only use codes 0, 1, 2")
+    if codes.shape[1] > k and bool((codes[:, k:] != 1).any()):
+        raise ValueError(f"{what}: padding columns beyond K={k} must hold code 1 (weight 0)")
+
+
+# ---- official HQQ layout -------------------------------------------------------------------
+
+def hqq_to_codes(packed: Tensor) -> Tensor:
+    """Official uint8 [N/4, K] -> uint8 codes [N, K]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"HQQ weight: expected uint8 [N/4, K], got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    return torch.cat([(packed >> 6) & 3, (packed >> 4) & 3, (packed >> 2) & 3, packed & 3], 0)
+
+
+def codes_to_hqq(codes: Tensor) -> Tensor:
+    n, k = codes.shape
+    if n % 4:
+        raise ValueError(f"the official 2-bit layout needs out_features % 4 == 0, got {n}")
+    c = codes.to(torch.uint8).reshape(4, n // 4, k)
+    return (c[0] << 6) | (c[1] << 4) | (c[2] << 2) | c[3]
+
+
+def hqq_to_k16(packed: Tensor, what: str = "HQQ weight") -> Tensor:
+    codes = hqq_to_codes(packed)
+    bad = codes == 3
+    if bool(bad.any()):
+        n, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what}: code 3 (invalid) for output row {n}, input column {k}; "
+                         f"the official 2-bit layout only uses codes 0, 1, 2")
+    return codes_to_k16(codes)
+
+
+def k16_to_hqq(words: Tensor, k: int) -> Tensor:
+    return codes_to_hqq(k16_to_codes(words, k))
+
+
+# ---- the reference matmul and the registered op --------------------------------------------
+
+def ternary_linear_ref(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor] = None
+                       ) -> Tensor:
+    """Y = X @ (scale * T)^T + bias, computed in fp32 and returned in X's dtype."""
+    k = x.shape[-1]
+    t = unpack_k16(w, k, torch.float32)
+    y = (x.float() @ t.t()) * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _check_op_args(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
+    k = x.shape[-1]
+    if w.dtype != torch.int32 or w.dim() != 2 or w.shape[1] != k16_words(k):
+        raise ValueError(f"ternary_matmul: W must be int32 [N, {k16_words(k)}] for K={k}, got "
+                         f"{w.dtype} {tuple(w.shape)}")
+    n = w.shape[0]
+    if scale.shape != (n,):
+        raise ValueError(f"ternary_matmul: scale must have shape ({n},), got {tuple(scale.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"ternary_matmul: bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+@torch.library.custom_op("terdit::ternary_matmul", mutates_args=())
+def ternary_matmul(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """terdit::ternary_matmul: the reference implementation; `terdit.kernels.load()` registers
+    the CUDA kernels for CUDA tensors."""
+    _check_op_args(x, w, scale, bias)
+    return ternary_linear_ref(x, w, scale, bias)
+
+
+@ternary_matmul.register_fake
+def _(x, w, scale, bias=None):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _mm_setup_context(ctx, inputs, output):
+    x, w, scale, bias = inputs
+    ctx.save_for_backward(w, scale)
+    ctx.k, ctx.x_dtype = x.shape[-1], x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _mm_backward(ctx, grad):
+    """Gradients for X and bias (packed weights are frozen): dX = dY @ (scale * T)."""
+    w, scale = ctx.saved_tensors
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        eff = unpack_k16(w, ctx.k, torch.float32) * scale.float()[:, None]
+        gx = (grad.float() @ eff).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        gb = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return gx, None, None, gb
+
+
+ternary_matmul.register_autograd(_mm_backward, setup_context=_mm_setup_context)
+
+
+def swiglu_ref(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    """silu(A[..., :H]) * A[..., H:] for A = X @ (scale * T)^T over a concatenated w1|w3."""
+    a = ternary_linear_ref(x, w, scale).float()
+    h = a.shape[-1] // 2
+    return (F.silu(a[..., :h]) * a[..., h:]).to(x.dtype)
+
+
+@torch.library.custom_op("terdit::ternary_matmul_swiglu", mutates_args=())
+def ternary_matmul_swiglu(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    """SwiGLU over a fused w1|w3 TernaryMatMul (the kernels fuse the gate in the epilogue)."""
+    _check_op_args(x, w, scale, None)
+    if w.shape[0] % 2:
+        raise ValueError(f"ternary_matmul_swiglu: N={w.shape[0]} must be even (w1|w3)")
+    return swiglu_ref(x, w, scale)
+
+
+@ternary_matmul_swiglu.register_fake
+def _(x, w, scale):
+    return x.new_empty(*x.shape[:-1], w.shape[0] // 2)
+
+
+# ---- the layer -------------------------------------------------------------------------------
+
+class TernaryLinear(nn.Module):
+    """A linear layer with ternary weights, in one of two states.
+
+    - latent (training): fp `weight` [N, K] and one learnable scalar `alphas` (shape (1,), the
+      official name); forward uses alphas * ternarize(weight) with a straight-through gradient.
+    - packed (inference): `codes` k16 int32 [N, ceil(K/16)] and `scale` fp32 [N] (kept fp32
+      whatever dtype the model is cast to); forward is `terdit::ternary_matmul`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 packed: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.packed = packed
+        if packed:
+            self.register_buffer("codes", torch.full(
+                (out_features, k16_words(in_features)), ZERO_WORD, dtype=torch.int32,
+                device=device))
+            self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32,
+                                                     device=device))
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
+                                                   dtype=dtype))
+            self.alphas = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+            nn.init.xavier_uniform_(self.weight)
+            self.reset_alpha()
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        state = "packed" if self.packed else "latent"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, state={state}")
+
+    @torch.no_grad()
+    def reset_alpha(self) -> None:
+        """alpha = gamma (the absmean of the latent weight), or 1/sqrt(K) for an all-zero weight
+        (a zero alpha would stop the weight's straight-through gradient)."""
+        gamma = absmean(self.weight.float())
+        fallback = torch.full_like(gamma, 1.0 / math.sqrt(self.in_features))
+        self.alphas.copy_(torch.where(gamma > 0, gamma, fallback).expand_as(self.alphas))
+
+    def _apply(self, fn, recurse=True):
+        # Keep `scale` in fp32 under model.to(dtype) / .half(); follow device moves only.
+        scale = self._buffers.pop("scale", None)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if scale is not None:
+                target = fn(torch.empty(0, device=scale.device))
+                self._buffers["scale"] = scale.to(target.device)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed:
+            return ternary_matmul(x, self.codes, self.scale, self.bias)
+        w = self.alphas * ternarize_ste(self.weight)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    # ---- conversions ----
+    @torch.no_grad()
+    def ternary_values(self) -> Tensor:
+        """The ternary matrix T [N, K] as int8."""
+        if self.packed:
+            return unpack_k16(self.codes, self.in_features)
+        return ternarize(self.weight).to(torch.int8)
+
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """scale * T as fp32 [N, K] (what the layer multiplies by)."""
+        if self.packed:
+            return unpack_k16(self.codes, self.in_features, torch.float32) * self.scale[:, None]
+        return self.alphas.float() * ternarize(self.weight).float()
+
+    @torch.no_grad()
+    def to_packed(self) -> "TernaryLinear":
+        """A packed copy (latent -> k16 codes + per-channel scale from the scalar alpha)."""
+        if self.packed:
+            return self
+        out = TernaryLinear(self.in_features, self.out_features, self.bias is not None,
+                            packed=True, device=self.weight.device, dtype=self.weight.dtype)
+        out.codes.copy_(pack_k16(ternarize(self.weight)))
+        out.scale.copy_(self.alphas.float().expand(self.out_features))
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+
+def pack_model_(model: nn.Module) -> nn.Module:
+    """Replace every latent TernaryLinear in `model` by its packed form, in place."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, TernaryLinear):
+            if not child.packed:
+                setattr(model, name, child.to_packed())
+        else:
+            pack_model_(child)
+    return model

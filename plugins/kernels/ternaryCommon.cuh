@@ -1,0 +1,243 @@
+/*
+ * Device helpers shared by the TernaryMatMul kernels: element traits, the 2-bit -> bf16/fp16
+ * decoders, and thin wrappers over the PTX instructions the kernels use (mma.sync, ldmatrix,
+ * cp.async, non-coherent vector loads).
+ */
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include "ternaryMatmul.h"
+
+namespace terdit
+{
+namespace kernels
+{
+
+//! Weight (n, k) code c in {0, 1, 2} means c - 1; a word of sixteen code-1 values is all zeros.
+constexpr uint32_t kZERO_WORD = 0x55555555u;
+
+// ---- element traits ------------------------------------------------------------------------
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float>
+{
+    __device__ static float toFloat(float v) { return v; }
+    __device__ static float fromFloat(float v) { return v; }
+};
+
+template <>
+struct Elem<__half>
+{
+    __device__ static float toFloat(__half v) { return __half2float(v); }
+    __device__ static __half fromFloat(float v) { return __float2half_rn(v); }
+    __device__ static uint32_t pack2(float lo, float hi)
+    {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    //! Two codes c0 (half 0) and c1 (half 1) sitting at mantissa bit p (p = 0, 2, 4) of each half,
+    //! OR-ed with kMAGICp, read as B + c; subtracting kOFFSETp = B + 1 leaves c - 1
+    //! exactly (the two values are within a factor of two, so the subtraction is exact).
+    //! fp16: B = 1024, 256, 64 (ulp 1, 1/4, 1/16 -> code at bit 0, 2, 4 adds exactly c).
+    static constexpr uint32_t kMAGIC0 = 0x64006400u, kMAGIC2 = 0x5C005C00u, kMAGIC4 = 0x54005400u;
+    static constexpr uint32_t kOFFSET0 = 0x64016401u, kOFFSET2 = 0x5C045C04u, kOFFSET4 = 0x54105410u;
+    __device__ static uint32_t sub2(uint32_t a, uint32_t b)
+    {
+        __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+        return *reinterpret_cast<uint32_t*>(&r);
+    }
+};
+
+template <>
+struct Elem<__nv_bfloat16>
+{
+    __device__ static float toFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+    __device__ static __nv_bfloat16 fromFloat(float v) { return __float2bfloat16_rn(v); }
+    __device__ static uint32_t pack2(float lo, float hi)
+    {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    //! bf16: B = 128, 32, 8 (7 mantissa bits: ulp 1, 1/4, 1/16 at those exponents).
+    static constexpr uint32_t kMAGIC0 = 0x43004300u, kMAGIC2 = 0x42004200u, kMAGIC4 = 0x41004100u;
+    static constexpr uint32_t kOFFSET0 = 0x43014301u, kOFFSET2 = 0x42044204u, kOFFSET4 = 0x41104110u;
+    __device__ static uint32_t sub2(uint32_t a, uint32_t b)
+    {
+        __nv_bfloat162 r
+            = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+        return *reinterpret_cast<uint32_t*>(&r);
+    }
+};
+
+// ---- decoders --------------------------------------------------------------------------------
+
+//! Decodes one k16 word (codes 0..15 of one weight row) into eight packed pairs. Pair j holds the
+//! weights of columns pairLo(j) (half 0) and pairLo(j) + 8 (half 1). Each pair is one mask and
+//! one OR of a (shifted) word because the two codes are exactly 16 bits apart; only three shifts
+//! are needed per word. Callers must feed the matching activations (see pairLo).
+//!   j : 0      1      2       3       4       5       6       7
+//!       (0,8)  (1,9)  (2,10)  (4,12)  (5,13)  (6,14)  (3,11)  (7,15)
+template <typename T>
+__device__ __forceinline__ void decodeWordPairs(uint32_t w, uint32_t (&d)[8])
+{
+    uint32_t const w8 = w >> 8;
+    uint32_t const w6 = w >> 6;
+    uint32_t const w14 = w >> 14;
+    d[0] = (w & 0x00030003u) | Elem<T>::kMAGIC0;
+    d[1] = (w & 0x000C000Cu) | Elem<T>::kMAGIC2;
+    d[2] = (w & 0x00300030u) | Elem<T>::kMAGIC4;
+    d[3] = (w8 & 0x00030003u) | Elem<T>::kMAGIC0;
+    d[4] = (w8 & 0x000C000Cu) | Elem<T>::kMAGIC2;
+    d[5] = (w8 & 0x00300030u) | Elem<T>::kMAGIC4;
+    d[6] = (w6 & 0x00030003u) | Elem<T>::kMAGIC0;
+    d[7] = (w14 & 0x00030003u) | Elem<T>::kMAGIC0;
+    d[0] = Elem<T>::sub2(d[0], Elem<T>::kOFFSET0);
+    d[1] = Elem<T>::sub2(d[1], Elem<T>::kOFFSET2);
+    d[2] = Elem<T>::sub2(d[2], Elem<T>::kOFFSET4);
+    d[3] = Elem<T>::sub2(d[3], Elem<T>::kOFFSET0);
+    d[4] = Elem<T>::sub2(d[4], Elem<T>::kOFFSET2);
+    d[5] = Elem<T>::sub2(d[5], Elem<T>::kOFFSET4);
+    d[6] = Elem<T>::sub2(d[6], Elem<T>::kOFFSET0);
+    d[7] = Elem<T>::sub2(d[7], Elem<T>::kOFFSET0);
+}
+
+//! Low column of pair j produced by decodeWordPairs: 0, 1, 2, 4, 5, 6, 3, 7.
+__host__ __device__ constexpr int pairLo(int j)
+{
+    return j < 3 ? j : (j < 6 ? j + 1 : (j == 6 ? 3 : 7));
+}
+
+//! Two adjacent codes (bits 0-1 and 2-3 of `nibble`, higher bits ignored) -> a packed pair
+//! (weight of the lower column in half 0). Used where the activations come from ldmatrix, which
+//! hands out adjacent columns.
+template <typename T>
+__device__ __forceinline__ uint32_t decodeAdjacentPair(uint32_t nibble)
+{
+    uint32_t const x = nibble & 0xFu;
+    // x | x << 14: code 0 stays at bits 0-1, code 1 lands at bits 16-17 (bits 2-3 and 14-15
+    // hold copies that the mask drops).
+    uint32_t const v = ((x | (x << 14)) & 0x00030003u) | Elem<T>::kMAGIC0;
+    return Elem<T>::sub2(v, Elem<T>::kOFFSET0);
+}
+
+// ---- PTX wrappers ----------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+    uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+    uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+    uint32_t b0, uint32_t b1)
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrixX4(uint32_t (&r)[4], uint32_t smemAddr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smemAddr));
+}
+
+__device__ __forceinline__ uint32_t smemAddress(void const* p)
+{
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+//! 16-byte async copy; `srcBytes` = 0 fills the destination with zeros and reads nothing.
+__device__ __forceinline__ void cpAsync16(uint32_t dst, void const* src, uint32_t srcBytes)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(srcBytes));
+}
+
+//! 4-byte async copy with the same zero-fill rule.
+__device__ __forceinline__ void cpAsync4(uint32_t dst, void const* src, uint32_t srcBytes)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(srcBytes));
+}
+
+__device__ __forceinline__ void cpAsyncCommit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N>
+__device__ __forceinline__ void cpAsyncWait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+//! Streaming 16-byte load of weights: read once, so keep them out of L1 (X stays there).
+__device__ __forceinline__ uint4 ldgStream16(void const* p)
+{
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ uint32_t ldgStream4(void const* p)
+{
+    uint32_t r;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(r) : "l"(p));
+    return r;
+}
+
+//! Cached 16-byte load of activations (re-read by the other warps and CTAs of the SM).
+__device__ __forceinline__ uint4 ldgCached16(void const* p)
+{
+    uint4 r;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float silu(float v)
+{
+    return v / (1.0f + expf(-v));
+}
+
+// ---- launch plumbing shared by the kernel files ----------------------------------------------
+
+//! What every launcher gets: the checked params plus facts about the device.
+struct LaunchContext
+{
+    TernaryMatmulParams p;
+    int numSMs;
+    bool vecW; //!< W rows are 16-byte aligned (K % 64 == 0 and W 16-byte aligned)
+};
+
+cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream);
+cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream);
+cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream);
+
+//! Largest M one skinny launch handles (four 8-token MMA tiles).
+constexpr int64_t kSKINNY_MAX_M = 32;
+
+} // namespace kernels
+} // namespace terdit

@@ -1,0 +1,69 @@
+/*
+ * C ABI of libterdit_kernels.so for ctypes (terdit/kernels.py). Only the functions below are
+ * exported (version script terditKernels.map); the library depends on glibc and a static cudart,
+ * so a build made on a machine without a GPU loads under any torch / CUDA 13 driver.
+ */
+#include "ternaryMatmul.h"
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+#define TERDIT_C_API extern "C" __attribute__((visibility("default")))
+
+namespace
+{
+
+terdit::TernaryMatmulParams makeParams(void const* x, int32_t const* w, float const* scale, float const* bias,
+    void* y, int64_t m, int32_t n, int32_t k, int32_t dtype, int32_t epilogue, int32_t path)
+{
+    terdit::TernaryMatmulParams p;
+    p.x = x;
+    p.w = w;
+    p.scale = scale;
+    p.bias = bias;
+    p.y = y;
+    p.m = m;
+    p.n = n;
+    p.k = k;
+    p.dtype = static_cast<terdit::DataType>(dtype);
+    p.epilogue = static_cast<terdit::Epilogue>(epilogue);
+    p.path = static_cast<terdit::KernelPath>(path);
+    return p;
+}
+
+} // namespace
+
+//! Y = X @ (scale * T)^T + bias (epilogue 1: SwiGLU over w1|w3). Returns the cudaError_t value.
+TERDIT_C_API int terditTernaryMatmulEx(void const* x, int32_t const* w, float const* scale, float const* bias,
+    void* y, int64_t m, int32_t n, int32_t k, int32_t dtype, int32_t epilogue, int32_t path, void* stream)
+{
+    terdit::TernaryMatmulParams const p = makeParams(x, w, scale, bias, y, m, n, k, dtype, epilogue, path);
+    return static_cast<int>(terdit::launchTernaryMatmul(p, static_cast<cudaStream_t>(stream)));
+}
+
+//! Same with the automatic kernel choice (TERDIT_KERNEL_PATH may still force one).
+TERDIT_C_API int terditTernaryMatmul(void const* x, int32_t const* w, float const* scale, float const* bias,
+    void* y, int64_t m, int32_t n, int32_t k, int32_t dtype, int32_t epilogue, void* stream)
+{
+    return terditTernaryMatmulEx(x, w, scale, bias, y, m, n, k, dtype, epilogue, 0, stream);
+}
+
+//! Why these arguments are rejected, or nullptr when they are valid (the string lives until the
+//! calling thread's next call).
+TERDIT_C_API char const* terditCheck(void const* x, int32_t const* w, float const* scale, float const* bias,
+    void* y, int64_t m, int32_t n, int32_t k, int32_t dtype, int32_t epilogue, int32_t path)
+{
+    return terdit::ternaryMatmulCheck(makeParams(x, w, scale, bias, y, m, n, k, dtype, epilogue, path));
+}
+
+//! cudaGetErrorString of a value returned above.
+TERDIT_C_API char const* terditErrorString(int error)
+{
+    return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
+
+//! Version of the C ABI (bumped on any signature change).
+TERDIT_C_API int terditKernelsAbiVersion()
+{
+    return 1;
+}

@@ -1,0 +1,112 @@
+"""CPU checks of the CUDA kernel library: it compiles (sm_80 + sm_90a), exports only the C ABI,
+depends on glibc alone, rejects bad sizes without touching a GPU, and the torch binding validates
+its inputs before any CUDA call."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from terdit import kernels
+from terdit.ternary import pack_k16
+
+GLIBC = {"libc.so.6", "ld-linux-x86-64.so.2", "libm.so.6", "libdl.so.2", "libpthread.so.0",
+         "librt.so.1"}
+INVALID_VALUE = 1  # cudaErrorInvalidValue
+
+
+@pytest.fixture(scope="module")
+def built_lib(tmp_path_factory):
+    if kernels.find_nvcc() is None:
+        pytest.skip("nvcc not found (CUDA toolkit absent): cannot compile the kernels")
+    out_dir = tmp_path_factory.mktemp("terdit_kernels")
+    path = kernels.build_library(out_dir)  # both archs; about 35 s on 2 cores
+    return path
+
+
+def test_library_exports_only_the_c_abi(built_lib):
+    lib = kernels.open_library(built_lib)
+    assert lib.terditKernelsAbiVersion() == kernels.ABI_VERSION
+    if shutil.which("nm") is None:
+        pytest.skip("nm not installed: exported-symbol list not checked")
+    out = subprocess.run(["nm", "-D", "--defined-only", str(built_lib)], capture_output=True,
+                         text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    assert exported == set(kernels.C_SYMBOLS)
+
+
+def test_library_depends_on_glibc_only(built_lib):
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf not installed: dependencies not checked")
+    out = subprocess.run(["readelf", "-d", str(built_lib)], capture_output=True, text=True,
+                         check=True).stdout
+    needed = {line.split("[")[1].split("]")[0] for line in out.splitlines() if "(NEEDED)" in line}
+    assert needed <= GLIBC, f"unexpected dependencies {needed - GLIBC}"
+
+
+def test_size_rules_rejected_without_gpu(built_lib):
+    lib = kernels.open_library(built_lib)
+
+    def check(m, n, k, epilogue=0, dtype=2):
+        return lib.terditCheck(None, None, None, None, None, m, n, k, dtype, epilogue, 0)
+
+    assert b"n=24" in check(2, 24, 32)
+    assert b"k=40" in check(2, 32, 40)
+    assert b"k=0" in check(2, 32, 0)
+    assert b"m=-1" in check(-1, 32, 32)
+    assert b"SwiGLU" in check(2, 48, 32, epilogue=1)
+    assert b"dtype=7" in check(2, 32, 32, dtype=7)
+    assert b"epilogue=5" in check(2, 32, 32, epilogue=5)
+    assert b"null" in check(2, 32, 32)
+    assert check(0, 64, 32, epilogue=1) is None
+    # Rejected before any CUDA call, so this works on a machine without a GPU.
+    rc = lib.terditTernaryMatmulEx(None, None, None, None, None, 2, 24, 32, 2, 0, 0, None)
+    assert rc == INVALID_VALUE
+    assert lib.terditErrorString(rc) == b"invalid argument"
+    # m == 0 is a no-op.
+    assert lib.terditTernaryMatmulEx(None, None, None, None, None, 0, 32, 32, 2, 0, 0, None) == 0
+
+
+def test_binding_validates_before_launch():
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    w = pack_k16(torch.randint(-1, 2, (32, 64)))
+    scale = torch.rand(32)
+    with pytest.raises(ValueError, match="K=24 must be a multiple of 16"):
+        kernels._prepare("op", torch.randn(2, 24), pack_k16(torch.zeros(32, 24)), scale, None)
+    with pytest.raises(ValueError, match="N=24 must be a multiple of 16"):
+        kernels._prepare("op", x, pack_k16(torch.zeros(24, 64)), torch.rand(24), None)
+    with pytest.raises(ValueError, match=r"w must be k16 int32 \[N, 4\]"):
+        kernels._prepare("op", x, w[:, :3].contiguous(), scale, None)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        kernels._prepare("op", x, w, torch.rand(31), None)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        kernels._prepare("op", x, w, scale, torch.rand(33))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels._prepare("op", x, torch.cat([w, w], 1)[:, ::2], scale, None)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        kernels._prepare("op", x.to(torch.float64), w, scale, None)
+    xx, s, b, n, k = kernels._prepare("op", x.t().contiguous().t(), w, scale.double(),
+                                      torch.rand(32, dtype=torch.bfloat16))
+    assert xx.is_contiguous() and s.dtype == torch.float32 and b.dtype == torch.float32
+    assert (n, k) == (32, 64)
+
+
+def test_force_path_rejects_unknown_names():
+    with pytest.raises(ValueError, match="not one of"):
+        with kernels.force_path("fast"):
+            pass
+    with kernels.force_path("tc"):
+        assert kernels._forced_path == kernels.PATHS["tc"]
+    assert kernels._forced_path == 0
+
+
+def test_import_makes_no_cuda_call():
+    code = ("import torch, terdit.kernels as k; "
+            "assert not torch.cuda.is_initialized(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=kernels.REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

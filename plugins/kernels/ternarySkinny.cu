@@ -90,14 +90,13 @@ __device__ __forceinline__ int32_t physTile(SkinnyArgs const& a, int32_t v)
 
 //! Two CTAs per SM (<= 128 registers) except where the activation registers of 4 words x MT
 //! tiles would spill under that cap; those variants run one CTA (8 warps) per SM.
-template <int MT, int R>
-constexpr int skinnyMinBlocks()
+__host__ __device__ constexpr int skinnyMinBlocks(int mt, int r)
 {
-    return (MT >= 2 && MT * R >= 4) ? 1 : 2;
+    return (mt == 4 || mt * r >= 8) ? 1 : 2;
 }
 
 template <typename T, int MT, int R>
-__global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks<MT, R>()) skinnyKernel(SkinnyArgs const a)
+__global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel(SkinnyArgs const a)
 {
     extern __shared__ float red[];
 
@@ -133,15 +132,31 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks<MT, R>()) skinnyKern
 
     T const* x = static_cast<T const*>(a.x);
 
-    for (int32_t step = wk; step < a.steps; step += a.warpsK)
+    // With kPREFETCH the next step's weights are requested before this step's math (register
+    // double buffer); the larger variants have no registers to spare for it.
+    constexpr bool kPREFETCH = MT * R <= 2;
+    uint32_t wr[R][2][4];
+    if (kPREFETCH)
     {
-        int32_t const word0 = step * kSTEP_WORDS + 4 * t;
-        uint32_t wr[R][2][4];
 #pragma unroll
         for (int r = 0; r < R; ++r)
         {
-            loadRowWords(a, rowOk[r], rowG[r], word0, wr[r][0]);
-            loadRowWords(a, rowOk[r], rowG[r] + 8, word0, wr[r][1]);
+            loadRowWords(a, rowOk[r], rowG[r], wk * kSTEP_WORDS + 4 * t, wr[r][0]);
+            loadRowWords(a, rowOk[r], rowG[r] + 8, wk * kSTEP_WORDS + 4 * t, wr[r][1]);
+        }
+    }
+
+    for (int32_t step = wk; step < a.steps; step += a.warpsK)
+    {
+        int32_t const word0 = step * kSTEP_WORDS + 4 * t;
+        uint32_t wn[R][2][4];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+        {
+            // A step past the end loads nothing (words >= kw read as zero weights).
+            int32_t const loadWord0 = kPREFETCH ? word0 + a.warpsK * kSTEP_WORDS : word0;
+            loadRowWords(a, rowOk[r], rowG[r], loadWord0, kPREFETCH ? wn[r][0] : wr[r][0]);
+            loadRowWords(a, rowOk[r], rowG[r] + 8, loadWord0, kPREFETCH ? wn[r][1] : wr[r][1]);
         }
 
 #pragma unroll
@@ -208,6 +223,17 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks<MT, R>()) skinnyKern
                     }
                 }
             }
+        }
+
+        if (kPREFETCH)
+        {
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i)
+                        wr[r][h][i] = wn[r][h][i];
         }
     }
 
@@ -295,7 +321,7 @@ struct SkinnyPlan
     int rowTiles; // R
 };
 
-//! Picks (warpsK, R) with a small cost model: waves of CTAs (2 resident per SM) times the steps
+//! Picks (warpsK, R) with a small cost model: waves of CTAs (1 or 2 resident per SM) times the steps
 //! each warp walks, times the per-step cost (R row tiles plus the activation loads). On ties the
 //! larger R wins (each activation load then feeds more MMAs).
 SkinnyPlan planSkinny(int32_t nTiles, int32_t steps, int mt, bool swiglu, int numSMs)
@@ -318,7 +344,8 @@ SkinnyPlan planSkinny(int32_t nTiles, int32_t steps, int mt, bool swiglu, int nu
                 continue;
             }
             int64_t const ctas = (nTiles + tiles - 1) / tiles;
-            int64_t const waves = (ctas + 2 * numSMs - 1) / (2 * numSMs);
+            int64_t const resident = static_cast<int64_t>(skinnyMinBlocks(mt, r)) * numSMs;
+            int64_t const waves = (ctas + resident - 1) / resident;
             int64_t const walk = (steps + warpsK - 1) / warpsK;
             double const cost = static_cast<double>(waves) * walk * (r + 1.0 * mt);
             if (cost < bestCost || (cost == bestCost && tiles >= best.rowTiles * (kWARPS / best.warpsK)))

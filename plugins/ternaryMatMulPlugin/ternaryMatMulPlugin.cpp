@@ -1,0 +1,560 @@
+#include "ternaryMatMulPlugin.h"
+
+#include "ternaryMatmul.h"
+
+#include <cstring>
+#include <exception>
+#include <iostream>
+#include <mutex>
+#include <new>
+
+using nvinfer1::DimsExprs;
+using nvinfer1::DynamicPluginTensorDesc;
+using nvinfer1::ILogger;
+using nvinfer1::PluginField;
+using nvinfer1::PluginFieldCollection;
+using nvinfer1::PluginFieldType;
+using nvinfer1::PluginTensorDesc;
+
+namespace terdit
+{
+namespace plugin
+{
+namespace
+{
+
+// FieldType mirrors PluginFieldType so a field type converts by value.
+static_assert(static_cast<int32_t>(FieldType::kFLOAT16) == static_cast<int32_t>(PluginFieldType::kFLOAT16), "");
+static_assert(static_cast<int32_t>(FieldType::kFLOAT32) == static_cast<int32_t>(PluginFieldType::kFLOAT32), "");
+static_assert(static_cast<int32_t>(FieldType::kFLOAT64) == static_cast<int32_t>(PluginFieldType::kFLOAT64), "");
+static_assert(static_cast<int32_t>(FieldType::kINT8) == static_cast<int32_t>(PluginFieldType::kINT8), "");
+static_assert(static_cast<int32_t>(FieldType::kINT16) == static_cast<int32_t>(PluginFieldType::kINT16), "");
+static_assert(static_cast<int32_t>(FieldType::kINT32) == static_cast<int32_t>(PluginFieldType::kINT32), "");
+static_assert(static_cast<int32_t>(FieldType::kCHAR) == static_cast<int32_t>(PluginFieldType::kCHAR), "");
+static_assert(static_cast<int32_t>(FieldType::kDIMS) == static_cast<int32_t>(PluginFieldType::kDIMS), "");
+static_assert(static_cast<int32_t>(FieldType::kUNKNOWN) == static_cast<int32_t>(PluginFieldType::kUNKNOWN), "");
+static_assert(static_cast<int32_t>(FieldType::kBF16) == static_cast<int32_t>(PluginFieldType::kBF16), "");
+static_assert(static_cast<int32_t>(FieldType::kINT64) == static_cast<int32_t>(PluginFieldType::kINT64), "");
+static_assert(static_cast<int32_t>(FieldType::kFP8) == static_cast<int32_t>(PluginFieldType::kFP8), "");
+static_assert(static_cast<int32_t>(FieldType::kINT4) == static_cast<int32_t>(PluginFieldType::kINT4), "");
+static_assert(static_cast<int32_t>(FieldType::kFP4) == static_cast<int32_t>(PluginFieldType::kFP4), "");
+static_assert(kMAX_DIMS == nvinfer1::Dims::MAX_DIMS, "");
+
+//! The ILoggerFinder handed over by TensorRT through setLoggerFinder.
+class LoggerFinderHolder
+{
+public:
+    void set(nvinfer1::ILoggerFinder* finder) noexcept
+    {
+        std::lock_guard<std::mutex> lock(mMutex);
+        if (mFinder == nullptr)
+        {
+            mFinder = finder;
+        }
+    }
+
+    ILogger* find() noexcept
+    {
+        std::lock_guard<std::mutex> lock(mMutex);
+        try
+        {
+            return mFinder == nullptr ? nullptr : mFinder->findLogger();
+        }
+        catch (...)
+        {
+            return nullptr;
+        }
+    }
+
+private:
+    std::mutex mMutex;
+    nvinfer1::ILoggerFinder* mFinder{nullptr};
+};
+
+LoggerFinderHolder gLoggerFinder;
+
+void logMessage(ILogger::Severity severity, char const* message) noexcept
+{
+    if (ILogger* logger = gLoggerFinder.find())
+    {
+        logger->log(severity, message);
+        return;
+    }
+    // No TensorRT logger (static registration, or a host that never called setLoggerFinder).
+    try
+    {
+        std::cerr << "[" << kTERNARY_MATMUL_NAME << "] " << message << std::endl;
+    }
+    catch (...)
+    {
+    }
+}
+
+//! Logs the exception in flight as "<what> (in <where>)"; to be called only from a catch block.
+void logCurrentException(char const* where) noexcept
+{
+    try
+    {
+        throw;
+    }
+    catch (std::exception const& e)
+    {
+        try
+        {
+            std::string const message = std::string{e.what()} + " (in " + where + ")";
+            logMessage(ILogger::Severity::kERROR, message.c_str());
+        }
+        catch (...)
+        {
+            logMessage(ILogger::Severity::kERROR, e.what());
+        }
+    }
+    catch (...)
+    {
+        logMessage(ILogger::Severity::kERROR, where);
+    }
+}
+
+TensorType toTensorType(nvinfer1::DataType type) noexcept
+{
+    switch (type)
+    {
+    case nvinfer1::DataType::kFLOAT: return TensorType::kFLOAT;
+    case nvinfer1::DataType::kHALF: return TensorType::kHALF;
+    case nvinfer1::DataType::kBF16: return TensorType::kBF16;
+    case nvinfer1::DataType::kINT32: return TensorType::kINT32;
+    default: return TensorType::kOTHER;
+    }
+}
+
+terdit::DataType toKernelType(TensorType type)
+{
+    switch (type)
+    {
+    case TensorType::kFLOAT: return terdit::DataType::kFLOAT;
+    case TensorType::kHALF: return terdit::DataType::kHALF;
+    case TensorType::kBF16: return terdit::DataType::kBF16;
+    default: break;
+    }
+    throw TernaryMatMulError(std::string{kTERNARY_MATMUL_NAME} + ": input X has type " + tensorTypeName(type)
+        + "; supported activation types are float32, float16 and bfloat16");
+}
+
+Shape toShape(nvinfer1::Dims const& dims)
+{
+    if (dims.nbDims < 0 || dims.nbDims > nvinfer1::Dims::MAX_DIMS)
+    {
+        throw TernaryMatMulError(
+            std::string{kTERNARY_MATMUL_NAME} + ": invalid rank " + std::to_string(dims.nbDims) + " from TensorRT");
+    }
+    return Shape(dims.d, dims.d + dims.nbDims);
+}
+
+Shape toShape(DimsExprs const& dims)
+{
+    if (dims.nbDims < 0 || dims.nbDims > nvinfer1::Dims::MAX_DIMS)
+    {
+        throw TernaryMatMulError(
+            std::string{kTERNARY_MATMUL_NAME} + ": invalid rank " + std::to_string(dims.nbDims) + " from TensorRT");
+    }
+    Shape shape;
+    for (int32_t i = 0; i < dims.nbDims; ++i)
+    {
+        nvinfer1::IDimensionExpr const* d = dims.d[i];
+        shape.push_back(d != nullptr && d->isConstant() ? d->getConstantValue() : kDYNAMIC_DIM);
+    }
+    return shape;
+}
+
+void requireNonNull(void const* pointer, char const* what)
+{
+    if (pointer == nullptr)
+    {
+        throw TernaryMatMulError(std::string{kTERNARY_MATMUL_NAME} + ": TensorRT passed a null " + what);
+    }
+}
+
+//! Checks the shapes and types of a resolved I/O set (configurePlugin, onShapeChange).
+template <typename GetDesc>
+void checkIO(TernaryMatMulAttrs const& attrs, int32_t nbInputs, int32_t nbOutputs, GetDesc getDesc)
+{
+    checkIOCounts(nbInputs, nbOutputs);
+    std::vector<Shape> shapes;
+    TensorFormatDesc formats[5];
+    for (int32_t i = 0; i < nbInputs + nbOutputs; ++i)
+    {
+        PluginTensorDesc const& desc = getDesc(i);
+        formats[i] = {toTensorType(desc.type), desc.format == nvinfer1::TensorFormat::kLINEAR};
+        if (i < nbInputs)
+        {
+            shapes.push_back(toShape(desc.dims));
+        }
+    }
+    checkInputShapes(attrs, shapes);
+    Shape const expected = outputShape(attrs, shapes[0]);
+    Shape const actual = toShape(getDesc(nbInputs).dims);
+    for (size_t axis = 0; axis < expected.size() && actual.size() == expected.size(); ++axis)
+    {
+        if (actual[axis] != expected[axis] && actual[axis] != kDYNAMIC_DIM && expected[axis] != kDYNAMIC_DIM)
+        {
+            throw TernaryMatMulError(std::string{kTERNARY_MATMUL_NAME} + ": output Y dimension "
+                + std::to_string(axis) + " is " + std::to_string(actual[axis]) + ", expected "
+                + std::to_string(expected[axis]));
+        }
+    }
+    if (actual.size() != expected.size())
+    {
+        throw TernaryMatMulError(std::string{kTERNARY_MATMUL_NAME} + ": output Y has rank "
+            + std::to_string(actual.size()) + ", expected " + std::to_string(expected.size()));
+    }
+    findFormat(formats, nbInputs, nbOutputs);
+}
+
+std::string describe(TernaryMatMulAttrs const& attrs)
+{
+    return "K=" + std::to_string(attrs.k) + " N=" + std::to_string(attrs.n);
+}
+
+} // namespace
+
+TernaryMatMulPlugin::TernaryMatMulPlugin(TernaryMatMulAttrs const& attrs)
+    : mAttrs(attrs)
+    , mDescription(describe(attrs))
+{
+    validateAttrs(mAttrs);
+}
+
+nvinfer1::IPluginCapability* TernaryMatMulPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
+{
+    switch (type)
+    {
+    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+}
+
+nvinfer1::IPluginV3* TernaryMatMulPlugin::clone() noexcept
+{
+    try
+    {
+        return new TernaryMatMulPlugin(*this);
+    }
+    catch (...)
+    {
+        logCurrentException("clone");
+    }
+    return nullptr;
+}
+
+char const* TernaryMatMulPlugin::getPluginName() const noexcept
+{
+    return kTERNARY_MATMUL_NAME;
+}
+
+char const* TernaryMatMulPlugin::getPluginVersion() const noexcept
+{
+    return kTERNARY_MATMUL_VERSION;
+}
+
+char const* TernaryMatMulPlugin::getPluginNamespace() const noexcept
+{
+    return kTERNARY_MATMUL_NAMESPACE;
+}
+
+int32_t TernaryMatMulPlugin::configurePlugin(
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    try
+    {
+        requireNonNull(in, "input description");
+        requireNonNull(out, "output description");
+        checkIO(mAttrs, nbInputs, nbOutputs,
+            [&](int32_t i) -> PluginTensorDesc const& { return i < nbInputs ? in[i].desc : out[i - nbInputs].desc; });
+        mNbInputs = nbInputs;
+        return 0;
+    }
+    catch (...)
+    {
+        logCurrentException("configurePlugin");
+    }
+    return -1;
+}
+
+int32_t TernaryMatMulPlugin::getOutputDataTypes(
+    nvinfer1::DataType* outputTypes, int32_t nbOutputs, nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept
+{
+    try
+    {
+        checkIOCounts(nbInputs, nbOutputs);
+        requireNonNull(outputTypes, "output type array");
+        requireNonNull(inputTypes, "input type array");
+        outputType(toTensorType(inputTypes[0]));
+        outputTypes[0] = inputTypes[0];
+        return 0;
+    }
+    catch (...)
+    {
+        logCurrentException("getOutputDataTypes");
+    }
+    return -1;
+}
+
+int32_t TernaryMatMulPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
+    DimsExprs const* /* shapeInputs */, int32_t /* nbShapeInputs */, DimsExprs* outputs, int32_t nbOutputs,
+    nvinfer1::IExprBuilder& exprBuilder) noexcept
+{
+    try
+    {
+        checkIOCounts(nbInputs, nbOutputs);
+        requireNonNull(inputs, "input shape array");
+        requireNonNull(outputs, "output shape array");
+        std::vector<Shape> shapes;
+        for (int32_t i = 0; i < nbInputs; ++i)
+        {
+            shapes.push_back(toShape(inputs[i]));
+        }
+        checkInputShapes(mAttrs, shapes);
+        // Y keeps X's leading dimension expressions, so a dynamic batch stays symbolic.
+        DimsExprs const& x = inputs[0];
+        DimsExprs& y = outputs[0];
+        y.nbDims = x.nbDims;
+        for (int32_t axis = 0; axis + 1 < x.nbDims; ++axis)
+        {
+            y.d[axis] = x.d[axis];
+        }
+        y.d[x.nbDims - 1] = exprBuilder.constant(mAttrs.n);
+        requireNonNull(y.d[x.nbDims - 1], "expression for N");
+        return 0;
+    }
+    catch (...)
+    {
+        logCurrentException("getOutputShapes");
+    }
+    return -1;
+}
+
+bool TernaryMatMulPlugin::supportsFormatCombination(
+    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
+{
+    try
+    {
+        requireNonNull(inOut, "tensor description array");
+        checkIOCounts(nbInputs, nbOutputs);
+        TensorFormatDesc formats[5]{};
+        // Only inOut[0..pos] hold valid values at this point.
+        for (int32_t i = 0; i <= pos && i < nbInputs + nbOutputs; ++i)
+        {
+            formats[i] = {toTensorType(inOut[i].desc.type), inOut[i].desc.format == nvinfer1::TensorFormat::kLINEAR};
+        }
+        return plugin::supportsFormatCombination(pos, formats, nbInputs, nbOutputs);
+    }
+    catch (...)
+    {
+        logCurrentException("supportsFormatCombination");
+    }
+    return false;
+}
+
+int32_t TernaryMatMulPlugin::getNbOutputs() const noexcept
+{
+    return 1;
+}
+
+size_t TernaryMatMulPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* /* inputs */, int32_t /* nbInputs */,
+    DynamicPluginTensorDesc const* /* outputs */, int32_t /* nbOutputs */) const noexcept
+{
+    return 0;
+}
+
+char const* TernaryMatMulPlugin::getTimingCacheID() noexcept
+{
+    return mDescription.c_str();
+}
+
+char const* TernaryMatMulPlugin::getMetadataString() noexcept
+{
+    return mDescription.c_str();
+}
+
+int32_t TernaryMatMulPlugin::onShapeChange(
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    try
+    {
+        requireNonNull(in, "input description");
+        requireNonNull(out, "output description");
+        checkIO(mAttrs, nbInputs, nbOutputs,
+            [&](int32_t i) -> PluginTensorDesc const& { return i < nbInputs ? in[i] : out[i - nbInputs]; });
+        rowsOf(in[0].dims.d, in[0].dims.nbDims);
+        mNbInputs = nbInputs;
+        return 0;
+    }
+    catch (...)
+    {
+        logCurrentException("onShapeChange");
+    }
+    return -1;
+}
+
+int32_t TernaryMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
+    void const* const* inputs, void* const* outputs, void* /* workspace */, cudaStream_t stream) noexcept
+{
+    try
+    {
+        if (mNbInputs != 3 && mNbInputs != 4)
+        {
+            throw TernaryMatMulError(std::string{kTERNARY_MATMUL_NAME}
+                + ": enqueue before configurePlugin/onShapeChange told the plugin its inputs");
+        }
+        requireNonNull(inputDesc, "input description");
+        requireNonNull(outputDesc, "output description");
+        requireNonNull(inputs, "input pointer array");
+        requireNonNull(outputs, "output pointer array");
+        TernaryMatmulParams params;
+        params.x = inputs[0];
+        params.w = static_cast<int32_t const*>(inputs[1]);
+        params.scale = static_cast<float const*>(inputs[2]);
+        params.bias = mNbInputs == 4 ? static_cast<float const*>(inputs[3]) : nullptr;
+        params.y = outputs[0];
+        params.m = rowsOf(inputDesc[0].dims.d, inputDesc[0].dims.nbDims);
+        params.n = mAttrs.n;
+        params.k = mAttrs.k;
+        params.dtype = toKernelType(toTensorType(inputDesc[0].type));
+        params.epilogue = Epilogue::kNONE;
+        cudaError_t const status = launchTernaryMatmul(params, stream);
+        if (status != cudaSuccess)
+        {
+            char const* reason = ternaryMatmulCheck(params);
+            std::string const message = std::string{kTERNARY_MATMUL_NAME} + " enqueue (" + mDescription
+                + ", M=" + std::to_string(params.m) + "): " + cudaGetErrorName(status)
+                + (reason != nullptr ? std::string{": "} + reason : std::string{});
+            logMessage(ILogger::Severity::kERROR, message.c_str());
+        }
+        return static_cast<int32_t>(status);
+    }
+    catch (...)
+    {
+        logCurrentException("enqueue");
+    }
+    return static_cast<int32_t>(cudaErrorInvalidValue);
+}
+
+nvinfer1::IPluginV3* TernaryMatMulPlugin::attachToContext(nvinfer1::IPluginResourceContext* /* context */) noexcept
+{
+    return clone();
+}
+
+PluginFieldCollection const* TernaryMatMulPlugin::getFieldsToSerialize() noexcept
+{
+    try
+    {
+        mFieldsToSerialize.clear();
+        for (int32_t i = 0; i < kNB_FIELDS; ++i)
+        {
+            FieldSpec const& spec = kFIELD_SPECS[i];
+            mFieldsToSerialize.emplace_back(
+                spec.name, fieldValue(mAttrs, i), static_cast<PluginFieldType>(spec.type), spec.length);
+        }
+        mFCToSerialize.nbFields = static_cast<int32_t>(mFieldsToSerialize.size());
+        mFCToSerialize.fields = mFieldsToSerialize.data();
+        return &mFCToSerialize;
+    }
+    catch (...)
+    {
+        logCurrentException("getFieldsToSerialize");
+    }
+    return nullptr;
+}
+
+TernaryMatMulPluginCreator::TernaryMatMulPluginCreator()
+{
+    for (FieldSpec const& spec : kFIELD_SPECS)
+    {
+        mFieldNames.emplace_back(spec.name, nullptr, static_cast<PluginFieldType>(spec.type), spec.length);
+    }
+    mFC.nbFields = static_cast<int32_t>(mFieldNames.size());
+    mFC.fields = mFieldNames.data();
+}
+
+char const* TernaryMatMulPluginCreator::getPluginName() const noexcept
+{
+    return kTERNARY_MATMUL_NAME;
+}
+
+char const* TernaryMatMulPluginCreator::getPluginVersion() const noexcept
+{
+    return kTERNARY_MATMUL_VERSION;
+}
+
+char const* TernaryMatMulPluginCreator::getPluginNamespace() const noexcept
+{
+    return kTERNARY_MATMUL_NAMESPACE;
+}
+
+PluginFieldCollection const* TernaryMatMulPluginCreator::getFieldNames() noexcept
+{
+    return &mFC;
+}
+
+nvinfer1::IPluginV3* TernaryMatMulPluginCreator::createPlugin(
+    char const* name, PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept
+{
+    std::string where;
+    try
+    {
+        where = std::string{"createPlugin for node '"} + (name != nullptr ? name : "") + "'";
+        if (phase != nvinfer1::TensorRTPhase::kBUILD && phase != nvinfer1::TensorRTPhase::kRUNTIME)
+        {
+            throw TernaryMatMulError(
+                std::string{kTERNARY_MATMUL_NAME} + ": unknown phase " + std::to_string(static_cast<int32_t>(phase)));
+        }
+        requireNonNull(fc, "field collection");
+        std::vector<FieldView> views;
+        for (int32_t i = 0; fc->fields != nullptr && i < fc->nbFields; ++i)
+        {
+            PluginField const& field = fc->fields[i];
+            views.push_back({field.name, field.data, static_cast<FieldType>(field.type), field.length});
+        }
+        // A null array with a positive count reaches parseFields as such, and is rejected there.
+        FieldView const* fields = fc->fields == nullptr ? nullptr : views.data();
+        return new TernaryMatMulPlugin(parseFields(fields, fc->nbFields));
+    }
+    catch (...)
+    {
+        logCurrentException(where.empty() ? "createPlugin" : where.c_str());
+    }
+    return nullptr;
+}
+
+#if TERDIT_PLUGIN_STATIC_REGISTRATION
+// For trtexec --staticPlugins: registers the creator while the library loads (needs libnvinfer's
+// getPluginRegistry in the host process). Use getCreators (--dynamicPlugins) otherwise, not both.
+REGISTER_TENSORRT_PLUGIN(TernaryMatMulPluginCreator);
+#endif
+
+} // namespace plugin
+} // namespace terdit
+
+extern "C" void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
+{
+    terdit::plugin::gLoggerFinder.set(finder);
+}
+
+extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
+{
+    try
+    {
+        static terdit::plugin::TernaryMatMulPluginCreator sCreator;
+        static nvinfer1::IPluginCreatorInterface* const kCREATORS[] = {&sCreator};
+        nbCreators = 1;
+        return kCREATORS;
+    }
+    catch (...)
+    {
+        terdit::plugin::logCurrentException("getCreators");
+    }
+    nbCreators = 0;
+    return nullptr;
+}

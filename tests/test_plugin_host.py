@@ -1,0 +1,158 @@
+"""Builds the TernaryMatMul plugin's C++ tests with CMake and runs them with ctest, on the CPU.
+
+- Always: the TensorRT-free plugin logic (field validation, shape rules, format table), built
+  without CUDA, and the written contract TernaryMatMul_PluginConfig.yaml against the logic's tables.
+- With TensorRT headers (env TensorRT_ROOT, or third_party/TensorRT holding the OSS repository's
+  include/) and nvcc: the plugin library itself, its exported symbols, and the dlopen host test.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT = ROOT / "plugins" / "ternaryMatMulPlugin" / "TernaryMatMul_PluginConfig.yaml"
+JOBS = str(max(1, min(4, os.cpu_count() or 1)))
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="needs cmake and a C++ compiler",
+)
+
+
+def _run(cmd, timeout):
+    result = subprocess.run(
+        [str(c) for c in cmd], check=False, capture_output=True, text=True, timeout=timeout
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{output[-6000:]}"
+    return output
+
+
+def _tensorrt_root():
+    env = os.environ.get("TensorRT_ROOT")
+    root = Path(env) if env else ROOT / "third_party" / "TensorRT"
+    return root if (root / "include" / "NvInferRuntime.h").is_file() else None
+
+
+@pytest.fixture(scope="module")
+def logic_build(tmp_path_factory):
+    build = tmp_path_factory.mktemp("plugin-logic-build")
+    configure = _run(
+        [
+            "cmake",
+            "-S",
+            ROOT,
+            "-B",
+            build,
+            "-DTERDIT_BUILD_KERNELS=OFF",
+            "-DTERDIT_WARNINGS_AS_ERRORS=ON",
+        ],
+        timeout=120,
+    )
+    _run(["cmake", "--build", build, "-j", JOBS], timeout=300)
+    return build, configure
+
+
+def test_logic_tests_build_and_pass_without_cuda_or_tensorrt(logic_build):
+    build, configure = logic_build
+    assert "TerDiT kernels: skipped (TERDIT_BUILD_KERNELS=OFF)" in configure
+    assert "TernaryMatMul TensorRT plugin: skipped" in configure
+    output = _run(["ctest", "--test-dir", build, "--output-on-failure"], timeout=120)
+    assert "ternaryMatMulLogicTest" in output
+    assert "100% tests passed, 0 tests failed out of 1" in output
+
+
+def test_contract_yaml_matches_the_plugin_logic(logic_build):
+    build, _ = logic_build
+    out = _run([build / "ternaryMatMulLogicTest", "--contract-json"], timeout=60)
+    logic = json.loads(out)
+    contract = yaml.safe_load(CONTRACT.read_text())
+
+    assert contract["name"] == logic["name"] == "TernaryMatMul"
+    assert contract["interface"] == "IPluginV3"
+    assert contract["onnx_domain"] == "terdit"
+    assert list(contract["versions"]) == [logic["version"]] == ["1"]
+    version = contract["versions"][logic["version"]]
+    assert version["plugin_namespace"] == logic["namespace"] == ""
+    assert version["inputs"] == logic["inputs"]
+    assert version["optional_inputs"] == logic["optional_inputs"]
+    assert version["outputs"] == logic["outputs"]
+
+    fields = logic["fields"]
+    assert version["plugin_fields"] == [f["name"] for f in fields]
+    assert version["plugin_field_types"] == {f["name"]: f["type"] for f in fields}
+    assert version["plugin_field_length"] == {f["name"]: f["length"] for f in fields}
+    for f in fields:
+        assert version["attribute_types"][f["name"]] == "int"
+        assert version["attribute_options"][f["name"]] == {
+            "min": logic["size_multiple"],
+            "multiple_of": logic["size_multiple"],
+        }
+    assert version["attribute_values"] == {
+        "plugin_version": logic["version"],
+        "plugin_namespace": logic["namespace"],
+    }
+    assert set(version["attributes_required"]) == set(version["attributes"])
+    assert set(version["attributes"]) == {f["name"] for f in fields} | {
+        "plugin_version",
+        "plugin_namespace",
+    }
+    assert set(version["attribute_types"]) == set(version["attributes"])
+
+    assert version["configs"] == logic["formats"]
+    for role in ("X", "W", "scale", "bias"):
+        assert sorted(version["input_types"][role]) == sorted(
+            {row[role] for row in logic["formats"].values()}
+        )
+    assert all(row["Y"] == row["X"] for row in logic["formats"].values())
+    assert version["input_dims"]["W"] == f"N, ceil(K / {logic['codes_per_word']})"
+
+
+def test_plugin_library_and_host_tests_with_tensorrt_headers(tmp_path):
+    trt_root = _tensorrt_root()
+    if trt_root is None:
+        pytest.skip(
+            "TensorRT headers not found: set TensorRT_ROOT, or extract include/ of the TensorRT "
+            "OSS repository into third_party/TensorRT (the plain-logic test above still ran)"
+        )
+    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file():
+        pytest.skip("nvcc not found: the plugin library links the CUDA kernels")
+    configure = _run(
+        [
+            "cmake",
+            "-S",
+            ROOT,
+            "-B",
+            tmp_path,
+            f"-DTensorRT_ROOT={trt_root}",
+            "-DTERDIT_WARNINGS_AS_ERRORS=ON",
+        ],
+        timeout=300,
+    )
+    assert "TernaryMatMul TensorRT plugin: building against TensorRT headers" in configure
+    targets = ["terdit_trt_plugin", "ternaryMatMulHostTest", "ternaryMatMulLogicTest"]
+    _run(["cmake", "--build", tmp_path, "-j", JOBS, "--target", *targets], timeout=900)
+    output = _run(
+        ["ctest", "--test-dir", tmp_path, "--output-on-failure", "-R", "^ternaryMatMul"],
+        timeout=300,
+    )
+    for name in ("ternaryMatMulLogicTest", "ternaryMatMulPluginExports", "ternaryMatMulHostTest"):
+        assert name in output
+    assert "100% tests passed, 0 tests failed out of 3" in output
+
+    nm = subprocess.run(
+        ["nm", "-D", "--defined-only", tmp_path / "libterdit_trt_plugin.so"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert sorted(line.split()[-1] for line in nm.stdout.splitlines() if line.strip()) == [
+        "getCreators",
+        "setLoggerFinder",
+    ]

@@ -7,7 +7,8 @@ adaLN of all blocks) and M in {2, 16, 512, 2048, 8192}, in bf16, times
   official  the official path: unpack the 2-bit HQQ uint8 weight elementwise, alpha * (codes - 1)
             in fp32, cast to bf16, F.linear (what the release does every forward)
 with triton.testing.do_bench (L2 flushed before every rep, medians), plus the stacked-adaLN
-comparison: one stacked call vs 32 (or 16) separate cuBLAS adaLN calls at M=2.
+comparison: one stacked call vs 32 (or 16) separate cuBLAS adaLN calls at M=2. On Hopper the
+opt-in wgmma kernel is timed too for M > 32 (its own columns).
 
     python bench/kernels.py            # full run (about a minute on an H200)
     python bench/kernels.py --quick    # smoke run
@@ -66,6 +67,8 @@ class Row:
     ours_tflops: float
     ours_weight_gbps: float
     rel_err_vs_cublas: float
+    wgmma_us: Optional[float] = None  # the opt-in sm_90a kernel (M > 32 on Hopper only)
+    wgmma_rel_err_vs_cublas: Optional[float] = None
 
 
 def layer_shapes(models: Sequence[str]) -> List[Shape]:
@@ -121,7 +124,8 @@ class Layer:
         return F.linear(x, w, self.bias_bf16)
 
 
-def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure) -> List[Row]:
+def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure,
+                 with_wgmma: bool = False) -> List[Row]:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows = []
     for shape in shapes:
@@ -129,21 +133,33 @@ def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure) -> L
         for m in m_values:
             x = torch.randn(m, shape.k, generator=gen, device=DEVICE).to(torch.bfloat16)
             out = torch.empty(m, shape.n, device=DEVICE, dtype=torch.bfloat16)
-            ours_us = measure(lambda: layer.ours(x, out))
             # Sanity check on the first tokens (a full fp32 copy of the largest output is 19 GB).
             head = min(m, 64)
             ref = layer.cublas(x[:head]).float()
-            rel = float((out[:head].float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+            def rel_err():
+                return float((out[:head].float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+            ours_us = measure(lambda: layer.ours(x, out))
+            rel = rel_err()
+            wg_us = wg_rel = None
+            if with_wgmma and m > 32:
+                out.fill_(float("nan"))
+                with kernels.force_path("wgmma"):
+                    wg_us = measure(lambda: layer.ours(x, out))
+                wg_rel = rel_err()
             del ref
             cublas_us = measure(lambda: layer.cublas(x))
             official_us = measure(lambda: layer.official(x))
             flops = 2.0 * m * shape.n * shape.k
             rows.append(Row(shape.model, shape.layer, shape.n, shape.k, m, ours_us, cublas_us,
                             official_us, cublas_us / ours_us, official_us / ours_us,
-                            flops / ours_us * 1e-6, shape.n * shape.k / 4 / ours_us * 1e-3, rel))
+                            flops / ours_us * 1e-6, shape.n * shape.k / 4 / ours_us * 1e-3, rel,
+                            wg_us, wg_rel))
+            wg_text = "" if wg_us is None else f"  wgmma {wg_us:9.1f} us (rel_err {wg_rel:.1e})"
             print(f"  {shape.model:5s} {shape.layer:14s} N={shape.n:6d} K={shape.k:5d} M={m:5d}: "
                   f"ours {ours_us:9.1f} us  cublas {cublas_us:9.1f} us  official "
-                  f"{official_us:9.1f} us  rel_err {rel:.1e}", flush=True)
+                  f"{official_us:9.1f} us  rel_err {rel:.1e}{wg_text}", flush=True)
             del x, out
         del layer
         torch.cuda.empty_cache()
@@ -180,13 +196,17 @@ def markdown(gpu: str, rows: Sequence[Row], stacked: Sequence[Dict[str, float]])
     lines = [f"# TernaryMatMul kernels on {gpu}", "",
              "bf16, medians of triton.testing.do_bench (L2 flushed), microseconds.", "",
              "| model | layer | N | K | M | ours | cuBLAS bf16 | official unpack | x cuBLAS "
-             "| x official | ours TFLOP/s | ours weight GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| x official | ours TFLOP/s | ours weight GB/s | ours rel err | wgmma (opt-in) "
+             "| wgmma x cuBLAS | wgmma rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        wg = ("| - | - | -" if r.wgmma_us is None else
+              f"| {r.wgmma_us:.1f} | {r.cublas_us / r.wgmma_us:.2f} | "
+              f"{r.wgmma_rel_err_vs_cublas:.1e}")
         lines.append(f"| {r.model} | {r.layer} | {r.n} | {r.k} | {r.m} | {r.ours_us:.1f} | "
                      f"{r.cublas_us:.1f} | {r.official_us:.1f} | {r.speedup_vs_cublas:.2f} | "
                      f"{r.speedup_vs_official:.2f} | {r.ours_tflops:.1f} | "
-                     f"{r.ours_weight_gbps:.0f} |")
+                     f"{r.ours_weight_gbps:.0f} | {r.rel_err_vs_cublas:.1e} {wg} |")
     if stacked:
         lines += ["", "Stacked adaLN (one GEMM for all blocks) vs one cuBLAS bf16 call per block:", "",
                   "| model | M | blocks | ours stacked | cuBLAS separate | cuBLAS stacked "
@@ -230,7 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs), torch "
           f"{torch.__version__}, library {kernels.library_path()}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows = bench_layers(layer_shapes(models), m_values, measure)
+    with_wgmma = torch.cuda.get_device_capability()[0] == 9
+    rows = bench_layers(layer_shapes(models), m_values, measure, with_wgmma)
     stacked = [bench_stacked_adaln(model, 2, measure) for model in models]
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")

@@ -31,7 +31,7 @@ pytestmark = [
 ]
 cuda_only = pytest.mark.skipif(DRY_RUN, reason="CUDA-specific (dry run on CPU)")
 
-PATHS = ["auto", "skinny", "tc", "generic"]
+PATHS = ["auto", "skinny", "tc", "generic", "wgmma"]  # wgmma runs tc off sm_90
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKEN_M = [1, 2, 7, 16, 33, 128, 512, 1000, 2048]
 COND_M = [1, 2, 7, 16, 33]  # adaLN layers see M = batch
@@ -130,8 +130,13 @@ def assert_close(ours, ref, lowp, what):
 
 @pytest.mark.parametrize("model,layer,n,k,bias,ms", LAYER_CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in LAYER_CASES])
-@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-def test_layer_shapes(model, layer, n, k, bias, ms, dtype):
+@pytest.mark.parametrize("dtype,path", [("bf16", "auto"), ("fp16", "auto"), ("fp32", "auto"),
+                                        ("bf16", "wgmma")])
+def test_layer_shapes(model, layer, n, k, bias, ms, dtype, path):
+    if path == "wgmma":
+        ms = [m for m in ms if m > 32]  # the large-M kernel
+        if not ms:
+            pytest.skip("no M > 32 for this layer")
     if dtype != "bf16" and model != "600M":
         pytest.skip("fp16 / fp32 are swept on the 600M shapes (bf16 covers 4.2B)")
     if dtype == "fp32" and layer not in ("wo", "adaln"):
@@ -140,13 +145,13 @@ def test_layer_shapes(model, layer, n, k, bias, ms, dtype):
         if model != "600M" or layer == "adaln_stacked":
             pytest.skip("dry run: large shapes only on the GPU")
         ms = [m for m in ms if m <= 33]
-    g = gen(zlib.crc32(f"{model}-{layer}-{dtype}".encode()))
+    g = gen(zlib.crc32(f"{model}-{layer}-{dtype}-{path}".encode()))
     t, w, scale, b = make_weights(n, k, g, bias)
     for m in ms:
         x = make_x(m, k, DTYPES[dtype], g)
-        ours = run(x, w, scale, b)
+        ours = run(x, w, scale, b, path=path)
         ref, lowp = reference(x, t, scale, b)
-        assert_close(ours, ref, lowp, f"{model} {layer} N={n} K={k} M={m} {dtype}")
+        assert_close(ours, ref, lowp, f"{model} {layer} N={n} K={k} M={m} {dtype} path={path}")
 
 
 # ---- every kernel family on odd shapes -----------------------------------------------------------
@@ -298,7 +303,8 @@ def test_rejects_bad_sizes():
 
 
 @cuda_only
-@pytest.mark.parametrize("path,m", [("skinny", 2), ("skinny", 16), ("tc", 512), ("generic", 64)])
+@pytest.mark.parametrize("path,m", [("skinny", 2), ("skinny", 16), ("tc", 512), ("generic", 64),
+                                    ("wgmma", 300)])
 def test_cuda_graph_capture(path, m):
     g = gen(6000)
     n, k = 256, 512
@@ -338,9 +344,9 @@ def test_side_stream():
 
 
 @cuda_only
-@pytest.mark.parametrize("path", ["tc", "generic"])
+@pytest.mark.parametrize("path", ["tc", "generic", "wgmma"])
 def test_m_beyond_one_grid(path):
-    # More token tiles than gridDim.y allows (65535 x 128 for tc, 65535 x 64 for generic):
+    # More token tiles than gridDim.y allows (65535 x 128 for tc / wgmma, 65535 x 64 for generic):
     # the launcher splits M.
     g = gen(8000)
     n, k = 16, 16

@@ -230,11 +230,13 @@ struct LaunchContext
     TernaryMatmulParams p;
     int numSMs;
     bool vecW; //!< W rows are 16-byte aligned (K % 64 == 0 and W 16-byte aligned)
+    int ccMajor; //!< compute capability of the current device
 };
 
 cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream);
+cudaError_t launchWgmma(LaunchContext const& ctx, cudaStream_t stream);
 
 //! Largest M one skinny launch handles (four 8-token MMA tiles).
 constexpr int64_t kSKINNY_MAX_M = 32;

@@ -7,10 +7,11 @@
  *   |---------------------------------------------|----------------------------------------|
  *   | m == 0                                      | nothing                                |
  *   | dtype float32, or X / Y not 16-byte aligned | generic  (FFMA, fp32, 64x64 tiles)     |
- *   | path forced (params.path / env)             | that kernel                            |
+ *   | path forced (params.path / env)             | that kernel (wgmma: sm_90 only, else tc)|
  *   | m <= 32                                     | skinny   (swap-AB mma.sync, split-K)   |
  *   | m > 32                                      | tc       (mma.sync, 4-stage cp.async)  |
  *
+ * wgmma (sm_90a warpgroup MMA) is opt-in until it has been validated on a Hopper GPU.
  * 16-byte weight loads are used when K % 64 == 0 and W is 16-byte aligned, 4-byte loads otherwise.
  */
 #include "ternaryCommon.cuh"
@@ -222,11 +223,16 @@ KernelPath pathFromEnv()
     {
         return KernelPath::kGENERIC;
     }
+    if (std::strcmp(env, "wgmma") == 0)
+    {
+        return KernelPath::kWGMMA;
+    }
     return KernelPath::kAUTO;
 }
 
-//! Multiprocessor count of the current device, cached per device.
-int multiprocessorCount(int device)
+//! A device attribute, cached per device (the launcher runs on every call).
+template <cudaDeviceAttr kATTR>
+int deviceAttribute(int device)
 {
     constexpr int kMAX_DEVICES = 64;
     static int cache[kMAX_DEVICES] = {};
@@ -234,16 +240,16 @@ int multiprocessorCount(int device)
     {
         return cache[device];
     }
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
+    int value = 0;
+    if (cudaDeviceGetAttribute(&value, kATTR, device) != cudaSuccess || value <= 0)
     {
-        sms = 1;
+        value = 1;
     }
     if (device >= 0 && device < kMAX_DEVICES)
     {
-        cache[device] = sms;
+        cache[device] = value;
     }
-    return sms;
+    return value;
 }
 
 bool aligned16(void const* p)
@@ -318,9 +324,9 @@ char const* ternaryMatmulCheck(TernaryMatmulParams const& p)
             "multiple of 16 each)", p.n);
         return msg;
     }
-    if (static_cast<int32_t>(p.path) < 0 || static_cast<int32_t>(p.path) > 3)
+    if (static_cast<int32_t>(p.path) < 0 || static_cast<int32_t>(p.path) > 4)
     {
-        std::snprintf(msg, size, "path=%d is not one of 0 (auto), 1 (skinny), 2 (tc), 3 (generic)",
+        std::snprintf(msg, size, "path=%d is not one of 0 (auto), 1 (skinny), 2 (tc), 3 (generic), 4 (wgmma)",
             static_cast<int>(p.path));
         return msg;
     }
@@ -348,7 +354,8 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
     {
         return err;
     }
-    kernels::LaunchContext ctx{params, kernels::multiprocessorCount(device), false};
+    kernels::LaunchContext ctx{params, kernels::deviceAttribute<cudaDevAttrMultiProcessorCount>(device), false,
+        kernels::deviceAttribute<cudaDevAttrComputeCapabilityMajor>(device)};
     ctx.vecW = params.k % 64 == 0 && kernels::aligned16(params.w);
 
     KernelPath path = params.path == KernelPath::kAUTO ? kernels::pathFromEnv() : params.path;
@@ -360,10 +367,15 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
     {
         path = params.m <= kernels::kSKINNY_MAX_M ? KernelPath::kSKINNY : KernelPath::kTC;
     }
+    if (path == KernelPath::kWGMMA && ctx.ccMajor != 9)
+    {
+        path = KernelPath::kTC; // the wgmma kernel is built for sm_90a only
+    }
     switch (path)
     {
     case KernelPath::kSKINNY: return kernels::launchSkinny(ctx, stream);
     case KernelPath::kTC: return kernels::launchTensorCore(ctx, stream);
+    case KernelPath::kWGMMA: return kernels::launchWgmma(ctx, stream);
     default: return kernels::launchGeneric(ctx, stream);
     }
 }

@@ -40,14 +40,16 @@ enum class Epilogue : int32_t
 
 //! Which kernel family runs the product. kAUTO picks from the dispatch table (README.md); the others
 //! force one family (for tests and benchmarks). When kAUTO is given, the environment variable
-//! TERDIT_KERNEL_PATH (auto | skinny | tc | generic) may force a family too. float32 X always runs
-//! the generic kernel, and so do X / Y pointers that are not 16-byte aligned.
+//! TERDIT_KERNEL_PATH (auto | skinny | tc | generic | wgmma) may force a family too. float32 X always
+//! runs the generic kernel, and so do X / Y pointers that are not 16-byte aligned; kWGMMA runs the tc
+//! kernel on GPUs other than sm_90.
 enum class KernelPath : int32_t
 {
     kAUTO = 0,
     kSKINNY = 1,  //!< small M: weight-streaming tensor-core kernel, split-K inside the CTA
     kTC = 2,      //!< large M: tiled tensor-core kernel with a cp.async pipeline
     kGENERIC = 3, //!< any dtype / alignment: fp32 FFMA kernel (the float32 path)
+    kWGMMA = 4,   //!< large M on sm_90a: warpgroup MMA, decoded weights in registers (opt-in)
 };
 
 struct TernaryMatmulParams

@@ -31,6 +31,7 @@ constexpr int kGEN_TILE = 64;
 constexpr int kGEN_BK = 16;
 constexpr int kGEN_THREADS = 256;
 constexpr int kMAX_GRID_Y = 65535;
+static_assert(kGEN_TILE * kGEN_BK % kGEN_THREADS == 0, "X tile loads in whole rounds");
 
 struct GenericArgs
 {

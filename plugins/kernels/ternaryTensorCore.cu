@@ -26,6 +26,8 @@ constexpr int kBN = 128;
 constexpr int kBK = 64;
 constexpr int kSTAGES = 4;
 constexpr int kMAX_GRID_Y = 65535;
+static_assert(64 * 8 % kTC_THREADS == 0 && kBN * 4 % kTC_THREADS == 0 && kBN <= kTC_THREADS,
+    "stage loads assume whole rounds of the CTA's threads");
 
 struct TcArgs
 {

@@ -30,6 +30,8 @@ constexpr int kWG_TOKENS = 128; //!< tokens per CTA (the wgmma N)
 constexpr int kWG_BK = 64;
 constexpr int kWG_STAGES = 4;
 constexpr int kWG_MAX_GRID_Y = 65535;
+static_assert(kWG_TOKENS * 8 % kWG_THREADS == 0 && 128 * 4 % kWG_THREADS == 0,
+    "stage loads assume whole rounds of the CTA's threads");
 
 struct WgArgs
 {
@@ -210,10 +212,9 @@ __device__ __forceinline__ void wgLoadStage(WgArgs const& a, uint32_t stage, int
     int32_t const word0 = kt * (kWG_BK / 16);
     if (a.vecW)
     {
-#pragma unroll
-        for (int it = 0; it < wgFeatures<MW>() / kWG_THREADS; ++it)
+        // One 16-byte copy per weight row (128 or 256 rows, 256 threads).
+        for (int sr = tid; sr < wgFeatures<MW>(); sr += kWG_THREADS)
         {
-            int const sr = tid + it * kWG_THREADS;
             int32_t const row = wgPhysRow<MW>(a, fb, sr);
             bool const ok = row >= 0 && word0 < a.kw;
             uint32_t const* src = ok ? a.w + static_cast<int64_t>(row) * a.kw + word0 : a.w;

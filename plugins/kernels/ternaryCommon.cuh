@@ -1,7 +1,6 @@
 /*
  * Device helpers shared by the TernaryMatMul kernels: element traits, the 2-bit -> bf16/fp16
- * decoders, and thin wrappers over the PTX instructions the kernels use (mma.sync, ldmatrix,
- * cp.async, non-coherent vector loads).
+ * decoders and the launch plumbing (PTX wrappers: ternaryPtx.cuh).
  */
 #pragma once
 
@@ -11,6 +10,7 @@
 #include <cuda_runtime_api.h>
 
 #include "ternaryMatmul.h"
+#include "ternaryPtx.cuh"
 
 namespace terdit
 {
@@ -127,94 +127,9 @@ __device__ __forceinline__ uint32_t decodeAdjacentPair(uint32_t nibble)
     return Elem<T>::sub2(v, Elem<T>::kOFFSET0);
 }
 
-// ---- PTX wrappers ----------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-    uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-    uint32_t a3, uint32_t b0, uint32_t b1)
-{
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-    uint32_t b0, uint32_t b1)
-{
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldmatrixX4(uint32_t (&r)[4], uint32_t smemAddr)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smemAddr));
-}
-
 __device__ __forceinline__ uint32_t smemAddress(void const* p)
 {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-//! 16-byte async copy; `srcBytes` = 0 fills the destination with zeros and reads nothing.
-__device__ __forceinline__ void cpAsync16(uint32_t dst, void const* src, uint32_t srcBytes)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(srcBytes));
-}
-
-//! 4-byte async copy with the same zero-fill rule.
-__device__ __forceinline__ void cpAsync4(uint32_t dst, void const* src, uint32_t srcBytes)
-{
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(srcBytes));
-}
-
-__device__ __forceinline__ void cpAsyncCommit()
-{
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-
-template <int N>
-__device__ __forceinline__ void cpAsyncWait()
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-//! Streaming 16-byte load of weights: read once, so keep them out of L1 (X stays there).
-__device__ __forceinline__ uint4 ldgStream16(void const* p)
-{
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ uint32_t ldgStream4(void const* p)
-{
-    uint32_t r;
-    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(r) : "l"(p));
-    return r;
-}
-
-//! Cached 16-byte load of activations (re-read by the other warps and CTAs of the SM).
-__device__ __forceinline__ uint4 ldgCached16(void const* p)
-{
-    uint4 r;
-    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
 }
 
 __device__ __forceinline__ float silu(float v)

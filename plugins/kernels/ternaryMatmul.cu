@@ -8,8 +8,9 @@
  *   | m == 0                                      | nothing                                |
  *   | dtype float32, or X / Y not 16-byte aligned | generic  (FFMA, fp32, 64x64 tiles)     |
  *   | path forced (params.path / env)             | that kernel (wgmma: sm_90 only, else tc)|
- *   | m <= 32                                     | skinny   (swap-AB mma.sync, split-K)   |
- *   | m > 32                                      | tc       (mma.sync, 4-stage cp.async)  |
+ *   | m <= 32, or m <= 64 and < 1 tc column block  | skinny   (swap-AB mma.sync, split-K)   |
+ *   |   per SM                                    |                                        |
+ *   | otherwise                                   | tc       (mma.sync, 4-stage cp.async)  |
  *
  * wgmma (sm_90a warpgroup MMA) is opt-in until it has been validated on a Hopper GPU.
  * 16-byte weight loads are used when K % 64 == 0 and W is 16-byte aligned, 4-byte loads otherwise.
@@ -366,7 +367,12 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
     }
     else if (path == KernelPath::kAUTO)
     {
-        path = params.m <= kernels::kSKINNY_MAX_M ? KernelPath::kSKINNY : KernelPath::kTC;
+        // Up to 2 x 32 tokens, two skinny launches beat tc when tc's 128-feature column blocks
+        // would leave SMs idle (narrow layers).
+        int64_t const colBlocks = (static_cast<int64_t>(params.n) + 127) / 128; // SwiGLU: (n / 2) / 64 blocks
+        bool const skinny = params.m <= kernels::kSKINNY_MAX_M
+            || (params.m <= 2 * kernels::kSKINNY_MAX_M && colBlocks < ctx.numSMs);
+        path = skinny ? KernelPath::kSKINNY : KernelPath::kTC;
     }
     if (path == KernelPath::kWGMMA && ctx.ccMajor != 9)
     {

@@ -82,7 +82,7 @@ def cases(quick):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lib", type=Path)
-    parser.add_argument("--paths", default="skinny,tc,wgmma,generic")
+    parser.add_argument("--paths", default="auto,skinny,tc,wgmma,generic")
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)

@@ -33,19 +33,22 @@ def drive(lib, *args, sms):
     return proc.stdout
 
 
-def test_emulated_kernels_quick(emulated_lib):
-    # 2 "SMs": the skinny planner picks its widest CTAs (R = 4 / 2).
-    out = drive(emulated_lib, "--quick", sms=2)
+def test_emulated_kernels_bf16(emulated_lib):
+    # 2 "SMs": the quick shapes then reach every skinny (MT, R) instantiation.
+    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc,wgmma,generic", sms=2)
     assert " 0 failed" in out
 
 
-def test_emulated_generic_float32(emulated_lib):
-    out = drive(emulated_lib, "--quick", "--paths", "auto,generic", "--dtypes", "fp32", sms=2)
+def test_emulated_kernels_fp16_fp32(emulated_lib):
+    # fp16 decoders (word pairs: skinny; adjacent pairs: tc and wgmma) and the float32 path.
+    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc", "--dtypes", "fp16", sms=2)
+    assert " 0 failed" in out
+    out = drive(emulated_lib, "--quick", "--paths", "auto", "--dtypes", "fp32", sms=2)
     assert " 0 failed" in out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sms", [1, 132])
-def test_emulated_kernels_full(emulated_lib, sms):
-    out = drive(emulated_lib, sms=sms)
+def test_emulated_kernels_full(emulated_lib):
+    # Every family incl. auto, bf16 and fp16, all shapes and M values (several minutes).
+    out = drive(emulated_lib, sms=1)
     assert " 0 failed" in out

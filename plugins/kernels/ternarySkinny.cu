@@ -328,7 +328,7 @@ SkinnyPlan planSkinny(int32_t nTiles, int32_t steps, int mt, bool swiglu, int nu
 {
     SkinnyPlan best{1, 1};
     double bestCost = 1e300;
-    int const maxR = (mt >= 4) ? 2 : 4;
+    int const maxR = mt == 1 ? 4 : 2; // R = 4 with 16+ tokens would run one CTA per SM and never wins
     for (int warpsK = 1; warpsK <= kWARPS; warpsK *= 2)
     {
         if (warpsK > 1 && warpsK > steps)
@@ -382,7 +382,6 @@ cudaError_t dispatchSkinny(SkinnyArgs const& a, int mt, int r, cudaStream_t stre
     TERDIT_SKINNY_CASE(1, 4)
     TERDIT_SKINNY_CASE(2, 1)
     TERDIT_SKINNY_CASE(2, 2)
-    TERDIT_SKINNY_CASE(2, 4)
     TERDIT_SKINNY_CASE(4, 1)
     TERDIT_SKINNY_CASE(4, 2)
 #undef TERDIT_SKINNY_CASE

@@ -14,16 +14,17 @@ that use them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .io import atomic_write_bytes as _atomic_write_bytes
+from .io import sha256_file as file_sha256
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_PRECISION = "fp32"
@@ -126,14 +127,6 @@ def sidecar_path(plan_path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(plan_path)}.json")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_record(
     environment: EngineEnvironment,
     *,
@@ -162,22 +155,6 @@ def build_record(
     }
 
 
-def _atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Writes `data` to a temporary file beside `path`, then renames it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_plan(
     plan_path: Path, plan: bytes | bytearray | memoryview, record: Mapping[str, Any]
 ) -> Path:
@@ -187,8 +164,8 @@ def write_plan(
     plan_path = Path(plan_path)
     if record.get("plan_sha256") != hashlib.sha256(plan).hexdigest():
         raise ValueError("record['plan_sha256'] is not the sha256 of the plan being written")
-    _atomic_write(plan_path, plan)
-    _atomic_write(
+    _atomic_write_bytes(plan_path, plan)
+    _atomic_write_bytes(
         sidecar_path(plan_path), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     )
     return plan_path

@@ -10,22 +10,20 @@ import argparse
 import ctypes
 import json
 import mmap
-import os
 import re
 import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .config import OFFICIAL_NAMES, TerDiTConfig
-from .io_utils import atomic_directory, atomic_write, atomic_write_text
+from .io_utils import atomic_directory, atomic_write
 from .model import TerDiT
-from .ternary import (TernaryLinear, check_k16, codes_to_hqq, hqq_to_k16, k16_to_codes, k16_words,
-                      pack_k16, ternarize)
+from .ternary import (TernaryLinear, check_k16, codes_to_hqq, hqq_to_k16, k16_to_codes, pack_k16, ternarize)
 
 FORMAT_NAME = "terdit"
 FORMAT_VERSION = 1

@@ -6,7 +6,6 @@ Module and parameter names follow the official model so that state dicts map one
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -239,7 +238,7 @@ class TerDiT(nn.Module):
         c, p = self.cfg.out_channels, self.cfg.patch_size
         h = w = self.cfg.input_size // p
         x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = x.permute(0, 5, 1, 3, 2, 4)                                 # einsum nhwpqc->nchpwq
         return x.reshape(x.shape[0], c, h * p, w * p)                   # (N, 2C, H, W)
 
     def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -270,7 +269,8 @@ def guide(out: Tensor, cfg_scale, mode: str, in_channels: int) -> Tensor:
     """Classifier-free guidance over a [cond; uncond] batch of model outputs (N, 2C, H, W)."""
     n_guided = 3 if mode == "official" else in_channels
     eps, rest = out[:, :n_guided], out[:, n_guided:]
-    cond, uncond = eps.chunk(2, dim=0)
+    n = out.shape[0] // 2
+    cond, uncond = eps[:n], eps[n:]
     half = uncond + cfg_scale * (cond - uncond)
     return torch.cat([torch.cat([half, half], 0), rest], dim=1)
 

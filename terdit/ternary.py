@@ -165,9 +165,14 @@ def k16_to_hqq(words: Tensor, k: int) -> Tensor:
 def ternary_linear_ref(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor] = None
                        ) -> Tensor:
     """Y = X @ (scale * T)^T + bias, computed in fp32 and returned in X's dtype."""
-    k = x.shape[-1]
-    t = unpack_k16(w, k, torch.float32)
-    y = (x.float() @ t.t()) * scale.float()
+    k, n = x.shape[-1], w.shape[0]
+    xf = x.float()
+    rows = max(1, (1 << 24) // max(k, 1))  # unpack at most ~16M weights at a time
+    if n <= rows:
+        y = (xf @ unpack_k16(w, k, torch.float32).t()) * scale.float()
+    else:
+        y = torch.cat([(xf @ unpack_k16(w[i:i + rows], k, torch.float32).t())
+                       * scale[i:i + rows].float() for i in range(0, n, rows)], dim=-1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -289,14 +294,22 @@ class TernaryLinear(nn.Module):
         self.alphas.copy_(torch.where(gamma > 0, gamma, fallback).expand_as(self.alphas))
 
     def _apply(self, fn, recurse=True):
-        # Keep `scale` in fp32 under model.to(dtype) / .half(); follow device moves only.
-        scale = self._buffers.pop("scale", None)
+        # Packed layers keep `scale` and `bias` in fp32 (the kernel contract) under
+        # model.to(dtype) / .half(); they follow device moves only.
+        if not self.packed:
+            return super()._apply(fn, recurse)
+        kept = {"scale": self._buffers.pop("scale")}
+        if self.bias is not None:
+            kept["bias"] = self._parameters.pop("bias")
         try:
             super()._apply(fn, recurse)
         finally:
-            if scale is not None:
-                target = fn(torch.empty(0, device=scale.device))
-                self._buffers["scale"] = scale.to(target.device)
+            device = fn(torch.empty(0, device=kept["scale"].device)).device
+            self._buffers["scale"] = kept["scale"].to(device)
+            if "bias" in kept:
+                b = kept["bias"]
+                self._parameters["bias"] = nn.Parameter(b.data.to(device),
+                                                        requires_grad=b.requires_grad)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -304,6 +317,24 @@ class TernaryLinear(nn.Module):
             return ternary_matmul(x, self.codes, self.scale, self.bias)
         w = self.alphas * ternarize_ste(self.weight)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @classmethod
+    def from_packed(cls, codes: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int
+                    ) -> "TernaryLinear":
+        """A packed layer holding the given k16 codes, fp32 scale [N] and optional bias."""
+        n = codes.shape[0]
+        layer = cls(in_features, n, bias is not None, packed=True, device="meta")
+        layer.codes = codes.contiguous()
+        layer.scale = scale.float().contiguous()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return layer
+
+    def swiglu(self, x: Tensor) -> Tensor:
+        """silu(A[..., :H]) * A[..., H:] of this layer's output A (a packed w1|w3 layer)."""
+        if not self.packed or self.bias is not None:
+            raise ValueError("swiglu() needs a packed layer without bias (a fused w1|w3)")
+        return ternary_matmul_swiglu(x, self.codes, self.scale)
 
     # ---- conversions ----
     @torch.no_grad()

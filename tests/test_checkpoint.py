@@ -1,18 +1,15 @@
 import argparse
-import io
 import json
 import os
 import pickle
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
 
 from terdit import (CheckpointError, TerDiT, TerDiTConfig, load_checkpoint, save_checkpoint,
                     save_official, save_torch)
-from terdit.ternary import ZERO_WORD, pack_model_, ternarize
-from tests.official_layout import (hqq_pack, official_forward, official_forward_with_cfg,
+from terdit.ternary import pack_model_, ternarize
+from tests.official_layout import (official_forward, official_forward_with_cfg,
                                    random_official_state, write_official_dir)
 
 TINY_OFFICIAL = "DiT_Llama_600M_patch2"
@@ -195,7 +192,7 @@ def test_save_refuses_overwrite(tmp_path):
 
 
 def test_save_official_refuses_per_channel_scales(tmp_path):
-    state = _small_official(tmp_path / "ck")
+    _small_official(tmp_path / "ck")
     model = load_checkpoint(tmp_path / "ck").model
     model.layers[0].attention.wq.scale[0] += 1
     with pytest.raises(ValueError, match="per-channel"):

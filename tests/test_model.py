@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from terdit import TerDiT, TerDiTConfig, TernaryLinear, guide, pack_model_
+from terdit import TerDiT, TerDiTConfig, guide, pack_model_
 from terdit.model import apply_rope, rope_tables
 
 

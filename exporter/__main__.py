@@ -1,0 +1,86 @@
+"""python -m exporter CHECKPOINT -o OUTDIR: lower a ternary DiT to ONNX (terdit::TernaryMatMul)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .export import CFG_CHOICES, DTYPES, ExportError, ExportOptions, export
+
+DEFAULTS = ExportOptions()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m exporter",
+        description="Lower a ternary DiT checkpoint to ONNX. Every ternary linear becomes one "
+                    "terdit::TernaryMatMul node (2-bit k16 weights in int32), runnable as-is in "
+                    "ONNX Runtime through a local function and mapped to the TensorRT plugin.",
+        epilog="Output: OUTDIR/model.onnx (+ model.onnx.data for large models), "
+               "OUTDIR/manifest.json (config, contract, sha256s, options, validation, versions) "
+               "and, with --vae, OUTDIR/vae_decoder.onnx.")
+    p.add_argument("checkpoint", help="official TerDiT release directory (model_args.pth + "
+                   "consolidated*.pth), a TerDiT Deploy directory (config.json + "
+                   "model.safetensors), or a .pt/.pth file")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULTS.dtype,
+                   help="compute dtype inside the graph; graph I/O stays float32 (default: %(default)s)")
+    p.add_argument("--cfg", choices=CFG_CHOICES, default=DEFAULTS.cfg,
+                   help="fold classifier-free guidance into the graph: inputs x/t/y for B images "
+                        "plus a scalar cfg_scale; 'official' guides eps channels 0..2 as the TerDiT "
+                        "release does, 'standard' all eps channels (default: %(default)s)")
+    fuse = p.add_mutually_exclusive_group()
+    fuse.add_argument("--fuse", dest="fuse", action="store_true", default=DEFAULTS.fuse,
+                      help="fuse q/k/v and w1/w3, and stack all blocks' adaLN linears into one "
+                           "TernaryMatMul (default)")
+    fuse.add_argument("--no-fuse", dest="fuse", action="store_false",
+                      help="one TernaryMatMul per ternary linear, as in the checkpoint")
+    p.add_argument("--no-function", dest="function", action="store_false", default=True,
+                   help="omit the portable local function (TensorRT older than 10.7 would inline "
+                        "it instead of using the plugin); such files need the plugin to run")
+    p.add_argument("--no-validate", dest="validate", action="store_false", default=True,
+                   help="skip the checker and the ONNX-vs-PyTorch comparison")
+    p.add_argument("--validate-batches", type=int, nargs="+", default=list(DEFAULTS.validate_batches),
+                   metavar="B", help="batch sizes of the validation runs (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="validation passes when max|onnx - torch_fp32| / max|torch_fp32| <= "
+                        "TOLERANCE + 3 x PyTorch's own error at --dtype (default: 1e-4 fp32, "
+                        "5e-3 fp16/bf16)")
+    p.add_argument("--vae", metavar="DIR", default=None,
+                   help="also export the decoder of a diffusers AutoencoderKL in local DIR to "
+                        "vae_decoder.onnx (latent / scaling_factor inside the graph)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
+                     help="official directories: use the EMA weights (default when present)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false",
+                     help="official directories: use the non-EMA weights")
+    tern = p.add_mutually_exclusive_group()
+    tern.add_argument("--from-ternary", dest="ternary", action="store_true", default=None,
+                      help="official directories: use the packed *_ternary file (default when present)")
+    tern.add_argument("--from-fp", dest="ternary", action="store_false",
+                      help="official directories: ternarize the fp consolidated file instead")
+    p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                   help="store weights in model.onnx.data (auto: above 1 GiB)")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the validation inputs")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = ExportOptions(
+            dtype=args.dtype, cfg=args.cfg, fuse=args.fuse, function=args.function,
+            validate=args.validate, validate_batches=tuple(args.validate_batches),
+            tolerance=args.tolerance, vae=args.vae, overwrite=args.overwrite, ema=args.ema,
+            ternary=args.ternary, seed=args.seed,
+            external_data={"auto": None, "yes": True, "no": False}[args.external_data])
+        export(args.checkpoint, args.output, options)
+    except (ExportError, ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The terdit::TernaryMatMul op contract (version 1) on the ONNX side.
+
+The written contract is plugins/ternaryMatMulPlugin/TernaryMatMul_PluginConfig.yaml; the
+exporter's nodes and the TensorRT plugin creator are both tested against it. This module holds:
+- the `onnx.defs.OpSchema` (registered so onnx.checker's full check accepts the nodes),
+- the portable local function `terdit.TernaryMatMul` (standard-op decode) that lets ONNX Runtime,
+  onnx.reference and polygraphy run an exported file with no custom library,
+- an `onnx.reference` OpRun implementing the op directly (independent of the function).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import FunctionProto, TensorProto, helper
+from onnx.defs import OpSchema
+
+DOMAIN = "terdit"
+OP_TYPE = "TernaryMatMul"
+OP_VERSION = 1
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = ""
+GRAPH_OPSET = 20
+CONTRACT_VERSION = 1
+ATTRIBUTES = ("K", "N", "plugin_version", "plugin_namespace")
+ACTIVATION_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
+
+
+def register_schema() -> None:
+    """Register terdit::TernaryMatMul v1 with onnx (idempotent)."""
+    try:
+        onnx.defs.get_schema(OP_TYPE, OP_VERSION, DOMAIN)
+        return
+    except onnx.defs.SchemaError:
+        pass
+    P = OpSchema.FormalParameter
+    schema = OpSchema(
+        OP_TYPE, DOMAIN, OP_VERSION,
+        doc="Y = X @ (scale * T)^T + bias with ternary T in the k16 layout: int32 "
+            "[N, ceil(K/16)], weight (n, k) in word k/16 at bits 2*(k%16), code = w + 1.",
+        inputs=[P("X", "T", "activations [..., K]"),
+                P("W", "tensor(int32)", "k16 codes [N, ceil(K/16)]"),
+                P("scale", "tensor(float)", "per-output-channel scale [N]"),
+                P("bias", "tensor(float)", "bias [N]",
+                  param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[P("Y", "T", "[..., N]")],
+        type_constraints=[("T", list(ACTIVATION_TYPES), "activation types")],
+        attributes=[OpSchema.Attribute("K", OpSchema.AttrType.INT, "input features"),
+                    OpSchema.Attribute("N", OpSchema.AttrType.INT, "output features"),
+                    OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING,
+                                       "TensorRT plugin version, \"1\""),
+                    OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING,
+                                       "TensorRT plugin namespace, \"\"")])
+    onnx.defs.register_schema(schema)
+
+
+def node_attributes(k: int, n: int) -> dict:
+    return {"K": int(k), "N": int(n), "plugin_version": PLUGIN_VERSION,
+            "plugin_namespace": PLUGIN_NAMESPACE}
+
+
+def _ref_attr(name: str, ref: str, typ) -> onnx.AttributeProto:
+    attr = onnx.AttributeProto()
+    attr.name, attr.ref_attr_name, attr.type = name, ref, typ
+    return attr
+
+
+def ternary_matmul_function() -> FunctionProto:
+    """terdit.TernaryMatMul as a local function of standard opset-20 ops.
+
+    Decoding uses only INT32 Mod (fmod=0: result has the divisor's sign) and exact Div: with
+    D = 4^j, code_j = ((W - W mod D) / D) mod 4 for j = 0..15, which is correct for words whose
+    bit 31 is set too (D divides 2^32). Computation is fp32 (Gemm), the result is cast back to
+    X's type. The optional bias maps onto Gemm's optional C input.
+    """
+    i32 = lambda name, vals: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT32,
+                                                         [len(vals)], vals))
+    i64 = lambda name, vals: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
+                                                         [len(vals)], vals))
+    k_scalar = helper.make_node("Constant", [], ["k_scalar"])
+    k_scalar.attribute.append(_ref_attr("value_int", "K", onnx.AttributeProto.INT))
+    n_scalar = helper.make_node("Constant", [], ["n_scalar"])
+    n_scalar.attribute.append(_ref_attr("value_int", "N", onnx.AttributeProto.INT))
+    nodes = [
+        k_scalar, n_scalar,
+        i64("axis0", [0]), i64("axis1", [1]), i64("axis2", [2]), i64("minus1", [-1]),
+        i64("zero", [0]),
+        helper.make_node("Unsqueeze", ["k_scalar", "axis0"], ["k1"]),
+        helper.make_node("Unsqueeze", ["n_scalar", "axis0"], ["n1"]),
+        # X -> fp32 [M, K]
+        helper.make_node("Cast", ["X"], ["x32"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["minus1", "k1"], ["x2_shape"], axis=0),
+        helper.make_node("Reshape", ["x32", "x2_shape"], ["x2"]),
+        # W [N, KW] -> codes [N, KW, 16]
+        helper.make_node("Unsqueeze", ["W", "axis2"], ["w3"]),
+        i32("pow4", [4 ** j for j in range(16)]),
+        i32("four", [4]), i32("one_i", [1]),
+        helper.make_node("Mod", ["w3", "pow4"], ["low"], fmod=0),
+        helper.make_node("Sub", ["w3", "low"], ["high"]),
+        helper.make_node("Div", ["high", "pow4"], ["shifted"]),
+        helper.make_node("Mod", ["shifted", "four"], ["codes"], fmod=0),
+        helper.make_node("Sub", ["codes", "one_i"], ["tern_i"]),
+        helper.make_node("Cast", ["tern_i"], ["tern3"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["n1", "minus1"], ["t_shape"], axis=0),
+        helper.make_node("Reshape", ["tern3", "t_shape"], ["tern_pad"]),
+        helper.make_node("Slice", ["tern_pad", "zero", "k1", "axis1"], ["tern"]),
+        helper.make_node("Unsqueeze", ["scale", "axis1"], ["scale_col"]),
+        helper.make_node("Mul", ["tern", "scale_col"], ["w_eff"]),
+        helper.make_node("Gemm", ["x2", "w_eff", "bias"], ["y2"], transB=1),
+        helper.make_node("Shape", ["X"], ["lead"], end=-1),
+        helper.make_node("Concat", ["lead", "n1"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["y2", "y_shape"], ["y32"]),
+        helper.make_node("CastLike", ["y32", "X"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, OP_TYPE, ["X", "W", "scale", "bias"], ["Y"], nodes,
+        opset_imports=[helper.make_opsetid("", GRAPH_OPSET)], attributes=list(ATTRIBUTES),
+        doc_string="Portable decode of terdit::TernaryMatMul v1 (k16 ternary weights).")
+
+
+def decode_k16_numpy(w: np.ndarray, k: int) -> np.ndarray:
+    """k16 int32 [N, KW] -> ternary float32 [N, k] (numpy, for the reference OpRun)."""
+    b = np.ascontiguousarray(w.astype("<i4")).view(np.uint8)           # 4 codes per byte
+    codes = (b[..., None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
+    codes = codes.reshape(w.shape[0], -1)[:, :k]
+    if (codes == 3).any():
+        raise ValueError("TernaryMatMul: code 3 in W")
+    return codes.astype(np.float32) - 1.0
+
+
+def reference_ops():
+    """[OpRun] implementing terdit::TernaryMatMul for onnx.reference.ReferenceEvaluator."""
+    from onnx.reference.op_run import OpRun
+
+    class TernaryMatMul(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, X, W, scale, bias=None, K=None, N=None, plugin_version=None,
+                 plugin_namespace=None):
+            if W.shape[0] != N or X.shape[-1] != K:
+                raise ValueError(f"TernaryMatMul: K={K}, N={N} disagree with X {X.shape} / "
+                                 f"W {W.shape}")
+            x = X.astype(np.float32).reshape(-1, int(K))
+            y = np.empty((x.shape[0], int(N)), np.float32)
+            rows = max(1, (1 << 24) // max(int(K), 1))  # decode ~16M weights at a time
+            for n0 in range(0, int(N), rows):
+                t = decode_k16_numpy(W[n0:n0 + rows], int(K))
+                y[:, n0:n0 + rows] = x @ (t * scale[n0:n0 + rows, None]).T
+            if bias is not None:
+                y += bias
+            return (y.reshape(*X.shape[:-1], int(N)).astype(X.dtype),)
+
+    return [TernaryMatMul]

@@ -1,0 +1,235 @@
+"""Samplers over the IDDPM noise schedule, in numpy (no torch needed by the ORT/TensorRT paths).
+
+All three follow the diffusers scheduler shape: `set_timesteps(n)`, then for each entry of
+`timesteps` call the model and `step(model_output, i, sample, noise)`.
+
+- DDPM: the official IDDPM `p_sample` with LEARNED_RANGE variance over the respaced process
+  (`space_timesteps(1000, "N")`), step for step; per-step noise is supplied by the caller.
+- DDIM: the official `ddim_sample` over `"ddimN"` respacing (eta 0 = deterministic).
+- DPM-Solver++(2M): multistep second order in data prediction (Lu et al. 2022, Alg. 2), on
+  diffusers' "linspace" timestep schedule with a final step to sigma = 0.
+
+Coefficients are computed in float64 and cast to float32 before use, as the official
+`_extract_into_tensor` does, and the arithmetic is float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+NUM_TRAIN_STEPS = 1000
+SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+
+
+def linear_betas(num_steps: int = NUM_TRAIN_STEPS) -> np.ndarray:
+    """IDDPM's linear schedule: 1e-4 .. 0.02 scaled to 1000 steps (float64)."""
+    scale = 1000 / num_steps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
+    """The official respacing rule: "N" or "N1,N2,.." (sections strided with rounding) or
+    "ddimN" (the fixed integer stride of the DDIM paper)."""
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot take exactly {desired} DDIM steps from {num_timesteps} "
+                             f"with an integer stride; choose a divisor-friendly step count")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, steps = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            steps.append(start + round(cur))
+            cur += stride
+        start += size
+    return set(steps)
+
+
+@dataclass
+class RespacedSchedule:
+    """The respaced process: betas over the kept timesteps and the map to original indices."""
+
+    timestep_map: np.ndarray   # original timestep of each respaced index (int64)
+    betas: np.ndarray          # float64
+
+    @classmethod
+    def create(cls, use_timesteps, base_betas: Optional[np.ndarray] = None) -> "RespacedSchedule":
+        base = linear_betas() if base_betas is None else base_betas
+        alphas_cumprod = np.cumprod(1.0 - base)
+        last, new_betas, tmap = 1.0, [], []
+        for i, ac in enumerate(alphas_cumprod):
+            if i in use_timesteps:
+                new_betas.append(1 - ac / last)
+                last = ac
+                tmap.append(i)
+        return cls(np.array(tmap, dtype=np.int64), np.array(new_betas, dtype=np.float64))
+
+    def __post_init__(self) -> None:
+        b = self.betas
+        self.alphas_cumprod = np.cumprod(1.0 - b)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        ac, acp = self.alphas_cumprod, self.alphas_cumprod_prev
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
+        self.posterior_variance = b * (1.0 - acp) / (1.0 - ac)
+        # log of the posterior variance, its 0 at t = 0 replaced by the next value
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = b * np.sqrt(acp) / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(1.0 - b) / (1.0 - ac)
+        self.log_betas = np.log(b)
+
+    def __len__(self) -> int:
+        return len(self.betas)
+
+
+def _f32(a: np.ndarray, i: int) -> np.float32:
+    return np.float32(a[i])
+
+
+def split_output(model_output: np.ndarray, channels: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(eps, variance values or None) of a model output with C or 2C channels."""
+    if model_output.shape[1] == 2 * channels:
+        return model_output[:, :channels], model_output[:, channels:]
+    return model_output, None
+
+
+class DDPMScheduler:
+    """IDDPM ancestral sampling (`p_sample_loop`), learned-range variance, no clipping."""
+
+    name = "ddpm"
+    needs_noise = True
+
+    def __init__(self) -> None:
+        self.schedule: Optional[RespacedSchedule] = None
+        self.timesteps = np.zeros(0, np.int64)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self.schedule = RespacedSchedule.create(space_timesteps(NUM_TRAIN_STEPS, str(num_steps)))
+        self.timesteps = self.schedule.timestep_map[::-1].copy()   # model-facing timesteps
+        self._indices = np.arange(len(self.schedule))[::-1]
+
+    def pred_xstart(self, x: np.ndarray, eps: np.ndarray, i: int) -> np.ndarray:
+        s = self.schedule
+        return _f32(s.sqrt_recip_alphas_cumprod, i) * x - _f32(s.sqrt_recipm1_alphas_cumprod, i) * eps
+
+    def step(self, model_output: np.ndarray, step_index: int, x: np.ndarray,
+             noise: Optional[np.ndarray] = None) -> np.ndarray:
+        s = self.schedule
+        i = int(self._indices[step_index])
+        eps, var = split_output(model_output, x.shape[1])
+        if var is None:
+            raise ValueError("the DDPM sampler needs a learned-sigma model (2C output channels); "
+                             "use --sampler ddim or dpm-solver")
+        x0 = self.pred_xstart(x, eps, i)
+        mean = _f32(s.posterior_mean_coef1, i) * x0 + _f32(s.posterior_mean_coef2, i) * x
+        if i == 0:
+            return mean.astype(np.float32)
+        frac = (var + 1) / 2
+        log_var = frac * _f32(s.log_betas, i) + (1 - frac) * _f32(s.posterior_log_variance_clipped, i)
+        if noise is None:
+            raise ValueError("DDPM steps need noise")
+        return (mean + np.exp(0.5 * log_var) * noise).astype(np.float32)
+
+
+class DDIMScheduler(DDPMScheduler):
+    """The official `ddim_sample` on `"ddimN"` respacing; eta=0 is deterministic."""
+
+    name = "ddim"
+
+    def __init__(self, eta: float = 0.0) -> None:
+        super().__init__()
+        if eta < 0:
+            raise ValueError(f"eta={eta} must be >= 0")
+        self.eta = eta
+        self.needs_noise = eta > 0
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self.schedule = RespacedSchedule.create(space_timesteps(NUM_TRAIN_STEPS, f"ddim{num_steps}"))
+        self.timesteps = self.schedule.timestep_map[::-1].copy()
+        self._indices = np.arange(len(self.schedule))[::-1]
+
+    def step(self, model_output: np.ndarray, step_index: int, x: np.ndarray,
+             noise: Optional[np.ndarray] = None) -> np.ndarray:
+        s = self.schedule
+        i = int(self._indices[step_index])
+        eps_model, _ = split_output(model_output, x.shape[1])
+        x0 = self.pred_xstart(x, eps_model, i)
+        # eps re-derived from x0, as the official code does
+        eps = (_f32(s.sqrt_recip_alphas_cumprod, i) * x - x0) / _f32(s.sqrt_recipm1_alphas_cumprod, i)
+        ab, abp = _f32(s.alphas_cumprod, i), _f32(s.alphas_cumprod_prev, i)
+        sigma = np.float32(self.eta) * np.sqrt((1 - abp) / (1 - ab)) * np.sqrt(1 - ab / abp)
+        mean = x0 * np.sqrt(abp) + np.sqrt(1 - abp - sigma ** 2) * eps
+        if i == 0 or self.eta == 0:
+            return mean.astype(np.float32)
+        if noise is None:
+            raise ValueError("DDIM with eta > 0 needs noise")
+        return (mean + sigma * noise).astype(np.float32)
+
+
+class DPMSolverScheduler:
+    """DPM-Solver++(2M) in data prediction over the discrete schedule; first order at the first
+    step and at the last (to sigma = 0, where the second-order term vanishes)."""
+
+    name = "dpm-solver"
+    needs_noise = False
+
+    def __init__(self) -> None:
+        ac = np.cumprod(1.0 - linear_betas())
+        self.alpha_t = np.sqrt(ac)
+        self.sigma_t = np.sqrt(1 - ac)
+        self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
+        self.timesteps = np.zeros(0, np.int64)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        if num_steps < 1:
+            raise ValueError("num_steps must be >= 1")
+        ts = np.linspace(0, NUM_TRAIN_STEPS - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+        self.timesteps = ts
+        self._prev_x0: Optional[np.ndarray] = None
+        self._prev_lambda: Optional[float] = None
+
+    def step(self, model_output: np.ndarray, step_index: int, x: np.ndarray,
+             noise: Optional[np.ndarray] = None) -> np.ndarray:
+        t = int(self.timesteps[step_index])
+        last = step_index == len(self.timesteps) - 1
+        eps, _ = split_output(model_output, x.shape[1])
+        a_s, s_s = self.alpha_t[t], self.sigma_t[t]
+        x0 = ((x - np.float32(s_s) * eps) / np.float32(a_s)).astype(np.float32)   # data prediction
+        lam_s = self.lambda_t[t]
+        if last:   # final step to sigma = 0: x_0 = x0 (alpha = 1, sigma = 0)
+            out = x0
+        else:
+            t_next = int(self.timesteps[step_index + 1])
+            a_t, s_t, lam_t = self.alpha_t[t_next], self.sigma_t[t_next], self.lambda_t[t_next]
+            h = lam_t - lam_s
+            if self._prev_x0 is None:
+                d = x0
+            else:
+                r = (lam_s - self._prev_lambda) / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self._prev_x0      # eq. (2M)
+            out = np.float32(s_t / s_s) * x - np.float32(a_t * math.expm1(-h)) * d
+        self._prev_x0, self._prev_lambda = x0, lam_s
+        return out.astype(np.float32)
+
+
+def make_scheduler(name: str, eta: float = 0.0):
+    if name == "ddpm":
+        return DDPMScheduler()
+    if name == "ddim":
+        return DDIMScheduler(eta)
+    if name == "dpm-solver":
+        return DPMSolverScheduler()
+    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")

@@ -1,0 +1,129 @@
+"""The runtime's numpy samplers against independent implementations: diffusers' schedulers and
+(where written) terdit.diffusion, the torch port of the official IDDPM code."""
+import numpy as np
+import pytest
+import torch
+
+from runtime.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler, RespacedSchedule,
+                                linear_betas, space_timesteps)
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def test_space_timesteps_official_examples():
+    assert space_timesteps(300, [10, 15, 20]) == space_timesteps(300, "10,15,20")
+    assert len(space_timesteps(1000, "250")) == 250
+    assert sorted(space_timesteps(1000, "ddim50"))[:3] == [0, 20, 40]
+    assert sorted(space_timesteps(1000, "ddim50"))[-1] == 980
+    steps = sorted(space_timesteps(1000, "250"))
+    assert steps[:4] == [0, 4, 8, 12] and steps[-1] == 999
+    assert sorted(space_timesteps(100, "10")) == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    with pytest.raises(ValueError, match="DDIM"):
+        space_timesteps(1000, "ddim37")
+
+
+def test_respaced_betas_keep_alphas_cumprod():
+    base_ac = np.cumprod(1 - linear_betas())
+    s = RespacedSchedule.create(space_timesteps(1000, "50"))
+    assert np.allclose(s.alphas_cumprod, base_ac[s.timestep_map], rtol=1e-12)
+    assert s.posterior_log_variance_clipped[0] == s.posterior_log_variance_clipped[1]
+
+
+def _rel(a, b):
+    """Max error relative to the output scale (float32 rounding: ~1e-6)."""
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
+def _model(x, t, channels_out):
+    """A deterministic stand-in for a network: smooth in x and t."""
+    g = np.sin(0.37 * x + t / 300.0).astype(np.float32)
+    return np.concatenate([g, np.tanh(x[:, : channels_out - x.shape[1]])], axis=1) \
+        if channels_out > x.shape[1] else g
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+def test_ddim_matches_diffusers(steps):
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ours = DDIMScheduler(eta=0.0)
+    ours.set_timesteps(steps)
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                  beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
+                                  steps_offset=0, timestep_spacing="leading")
+    ref.set_timesteps(steps)
+    assert np.array_equal(ours.timesteps, ref.timesteps.numpy())
+    x, xr = x0.copy(), torch.from_numpy(x0.copy())
+    for k, t in enumerate(ours.timesteps):
+        x = ours.step(_model(x, t, 8), k, x)
+        xr = ref.step(torch.from_numpy(_model(xr.numpy(), t, 4)), int(t), xr, eta=0.0).prev_sample
+    assert _rel(x, xr.numpy()) < 1e-5
+
+
+def test_ddpm_matches_diffusers_with_learned_range():
+    steps = 25
+    rng = np.random.default_rng(1)
+    x0 = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    noises = rng.standard_normal((steps, 2, 4, 8, 8)).astype(np.float32)
+    ours = DDPMScheduler()
+    ours.set_timesteps(steps)
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                  beta_schedule="linear", clip_sample=False,
+                                  variance_type="learned_range")
+    ref.set_timesteps(timesteps=[int(t) for t in ours.timesteps])
+    x, xr = x0.copy(), torch.from_numpy(x0.copy())
+    for k, t in enumerate(ours.timesteps):
+        x = ours.step(_model(x, t, 8), k, x, noises[k])
+        out = torch.from_numpy(_model(xr.numpy(), t, 8))
+
+        class G:  # diffusers draws its noise from a generator; feed it ours
+            def __init__(self, n):
+                self.n = n
+
+        import diffusers.schedulers.scheduling_ddpm as mod
+        orig = mod.randn_tensor
+        mod.randn_tensor = lambda shape, generator=None, device=None, dtype=None: torch.from_numpy(noises[k]).to(dtype)
+        try:
+            xr = ref.step(out, int(t), xr).prev_sample
+        finally:
+            mod.randn_tensor = orig
+    assert _rel(x, xr.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+def test_dpm_solver_matches_diffusers(steps):
+    rng = np.random.default_rng(2)
+    x0 = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ours = DPMSolverScheduler()
+    ours.set_timesteps(steps)
+    ref = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+        algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon",
+        thresholding=False, lower_order_final=True, final_sigmas_type="zero",
+        timestep_spacing="linspace")
+    ref.set_timesteps(steps)
+    assert np.array_equal(ours.timesteps, ref.timesteps.numpy())
+    x, xr = x0.copy(), torch.from_numpy(x0.copy())
+    for k, t in enumerate(ours.timesteps):
+        x = ours.step(_model(x, t, 8), k, x)
+        xr = ref.step(torch.from_numpy(_model(xr.numpy(), t, 4)), int(t), xr).prev_sample
+    assert _rel(x, xr.numpy()) < 1e-5
+
+
+def test_ddim_eta_needs_and_uses_noise():
+    s = DDIMScheduler(eta=1.0)
+    s.set_timesteps(10)
+    x = np.ones((1, 4, 2, 2), np.float32)
+    out = _model(x, s.timesteps[0], 8)
+    a = s.step(out, 0, x, np.zeros_like(x))
+    b = s.step(out, 0, x, np.ones_like(x))
+    assert not np.allclose(a, b)
+    with pytest.raises(ValueError, match="needs noise"):
+        s.step(out, 0, x, None)
+
+
+def test_ddpm_needs_learned_sigma():
+    s = DDPMScheduler()
+    s.set_timesteps(5)
+    x = np.ones((1, 4, 2, 2), np.float32)
+    with pytest.raises(ValueError, match="learned-sigma"):
+        s.step(np.ones_like(x), 0, x, np.zeros_like(x))

@@ -23,6 +23,7 @@ import json
 import re
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -89,7 +90,7 @@ def timer(rep_ms: float, warmup_ms: float) -> Callable[[Callable[[], object]], f
     try:
         from triton.testing import do_bench
     except ImportError as e:  # pragma: no cover - triton ships with CUDA builds of torch
-        raise SystemExit(f"bench/kernels.py needs triton (triton.testing.do_bench): {e}")
+        raise SystemExit(f"bench/kernels.py needs triton (triton.testing.do_bench): {e}") from e
 
     def measure(fn):
         return 1e3 * float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
@@ -124,6 +125,10 @@ class Layer:
         return F.linear(x, w, self.bias_bf16)
 
 
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure,
                  with_wgmma: bool = False) -> List[Row]:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -136,21 +141,16 @@ def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure,
             # Sanity check on the first tokens (a full fp32 copy of the largest output is 19 GB).
             head = min(m, 64)
             ref = layer.cublas(x[:head]).float()
-
-            def rel_err():
-                return float((out[:head].float() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-            ours_us = measure(lambda: layer.ours(x, out))
-            rel = rel_err()
+            ours_us = measure(partial(layer.ours, x, out))
+            rel = relative_error(out[:head], ref)
             wg_us = wg_rel = None
             if with_wgmma and m > 32:
                 out.fill_(float("nan"))
                 with kernels.force_path("wgmma"):
-                    wg_us = measure(lambda: layer.ours(x, out))
-                wg_rel = rel_err()
-            del ref
-            cublas_us = measure(lambda: layer.cublas(x))
-            official_us = measure(lambda: layer.official(x))
+                    wg_us = measure(partial(layer.ours, x, out))
+                wg_rel = relative_error(out[:head], ref)
+            cublas_us = measure(partial(layer.cublas, x))
+            official_us = measure(partial(layer.official, x))
             flops = 2.0 * m * shape.n * shape.k
             rows.append(Row(shape.model, shape.layer, shape.n, shape.k, m, ours_us, cublas_us,
                             official_us, cublas_us / ours_us, official_us / ours_us,
@@ -160,14 +160,15 @@ def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure,
             print(f"  {shape.model:5s} {shape.layer:14s} N={shape.n:6d} K={shape.k:5d} M={m:5d}: "
                   f"ours {ours_us:9.1f} us  cublas {cublas_us:9.1f} us  official "
                   f"{official_us:9.1f} us  rel_err {rel:.1e}{wg_text}", flush=True)
-            del x, out
-        del layer
+            x = out = ref = None  # free before the next size
+        layer = None
         torch.cuda.empty_cache()
     return rows
 
 
 def bench_stacked_adaln(model: str, m: int, measure) -> Dict[str, float]:
-    """One stacked adaLN GEMM (all blocks share the condition input) vs one cuBLAS call per block."""
+    """One stacked adaLN GEMM (all blocks share the condition input) vs one cuBLAS call per
+    block."""
     dim, _, blocks = MODELS[model]
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     n, k = 6 * dim, 1024
@@ -180,7 +181,7 @@ def bench_stacked_adaln(model: str, m: int, measure) -> Dict[str, float]:
     out = torch.empty(m, blocks * n, device=DEVICE, dtype=torch.bfloat16)
 
     def separate():
-        for w, b in zip(per_block, per_bias):
+        for w, b in zip(per_block, per_bias, strict=True):
             F.linear(x, w, b)
 
     res = {"model": model, "m": m, "blocks": blocks, "n_per_block": n, "k": k,
@@ -208,12 +209,14 @@ def markdown(gpu: str, rows: Sequence[Row], stacked: Sequence[Dict[str, float]])
                      f"{r.speedup_vs_official:.2f} | {r.ours_tflops:.1f} | "
                      f"{r.ours_weight_gbps:.0f} | {r.rel_err_vs_cublas:.1e} {wg} |")
     if stacked:
-        lines += ["", "Stacked adaLN (one GEMM for all blocks) vs one cuBLAS bf16 call per block:", "",
+        lines += ["", "Stacked adaLN (one GEMM for all blocks) vs one cuBLAS bf16 call per block:",
+                  "",
                   "| model | M | blocks | ours stacked | cuBLAS separate | cuBLAS stacked "
                   "| x separate | x cuBLAS stacked |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in stacked:
-            lines.append(f"| {s['model']} | {s['m']} | {s['blocks']} | {s['ours_stacked_us']:.1f} | "
+            lines.append(f"| {s['model']} | {s['m']} | {s['blocks']} | "
+                         f"{s['ours_stacked_us']:.1f} | "
                          f"{s['cublas_separate_us']:.1f} | {s['cublas_stacked_us']:.1f} | "
                          f"{s['speedup_vs_separate']:.2f} | {s['speedup_vs_cublas_stacked']:.2f} |")
     return "\n".join(lines) + "\n"

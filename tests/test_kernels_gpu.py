@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from terdit import kernels
-from terdit.ternary import pack_k16, swiglu_ref, ternary_linear_ref
+from terdit.ternary import pack_k16, ternary_linear_ref
 
 DRY_RUN = os.environ.get("TERDIT_KERNEL_TEST_DRY_RUN") == "1"
 DEVICE = "cpu" if DRY_RUN else "cuda"
@@ -225,7 +225,7 @@ def test_registered_ops(dtype):
 @cuda_only
 def test_registered_op_matches_cpu_reference_op():
     g = gen(3100)
-    t, w, scale, b = make_weights(64, 64, g, bias=True)
+    _, w, scale, b = make_weights(64, 64, g, bias=True)
     x = make_x(9, 64, torch.bfloat16, g)
     gpu = torch.ops.terdit.ternary_matmul(x, w, scale, b).float().cpu()
     cpu = torch.ops.terdit.ternary_matmul(x.cpu(), w.cpu(), scale.cpu(), b.cpu()).float()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import TerDiT, attend, modulate, rms_norm
+from .model import TerDiT, attend, modulate, patchify, rms_norm, unpatchify
 from .ternary import TernaryLinear
 
 
@@ -63,7 +63,6 @@ class FusedTerDiT(nn.Module):
         self.cfg = model.cfg
         self.x_embedder, self.t_embedder = model.x_embedder, model.t_embedder
         self.y_embedder, self.final_layer = model.y_embedder, model.final_layer
-        self.patchify, self.unpatchify = model.patchify, model.unpatchify
         blocks = list(model.layers)
         self.ada = _cat_packed([b.adaLN_modulation[1] for b in blocks], with_bias=True)
         self.ada_norm = nn.Parameter(torch.stack([b.adaLN_modulation[2].weight.detach()
@@ -82,6 +81,12 @@ class FusedTerDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.x_embedder.weight.dtype
+
+    def patchify(self, x: Tensor) -> Tensor:
+        return patchify(x, self.cfg)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        return unpatchify(x, self.cfg)
 
     def modulation(self, c: Tensor) -> Tensor:
         """All blocks' adaLN outputs in one GEMM: (N, L, 6D)."""

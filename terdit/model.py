@@ -225,21 +225,10 @@ class TerDiT(nn.Module):
 
     # ---- shape plumbing ----
     def patchify(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        p = self.cfg.patch_size
-        if (h, w) != (self.cfg.input_size, self.cfg.input_size) or c != self.cfg.in_channels:
-            raise ValueError(f"x has shape {tuple(x.shape)}; this model takes "
-                             f"(N, {self.cfg.in_channels}, {self.cfg.input_size}, "
-                             f"{self.cfg.input_size})")
-        x = x.view(n, c, h // p, p, w // p, p)
-        return x.permute(0, 2, 4, 1, 3, 5).flatten(-3).flatten(1, 2)    # (N, T, C*p*p)
+        return patchify(x, self.cfg)
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        c, p = self.cfg.out_channels, self.cfg.patch_size
-        h = w = self.cfg.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = x.permute(0, 5, 1, 3, 2, 4)                                 # einsum nhwpqc->nchpwq
-        return x.reshape(x.shape[0], c, h * p, w * p)                   # (N, 2C, H, W)
+        return unpatchify(x, self.cfg)
 
     def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x = self.x_embedder(self.patchify(x.to(self.dtype)))            # (N, T, D)
@@ -273,6 +262,26 @@ def guide(out: Tensor, cfg_scale, mode: str, in_channels: int) -> Tensor:
     cond, uncond = eps[:n], eps[n:]
     half = uncond + cfg_scale * (cond - uncond)
     return torch.cat([torch.cat([half, half], 0), rest], dim=1)
+
+
+def patchify(x: Tensor, cfg: TerDiTConfig) -> Tensor:
+    """(N, C, H, W) -> tokens (N, T, C*p*p), each flattened in (C, ph, pw) order (official)."""
+    n, c, h, w = x.shape
+    p = cfg.patch_size
+    if (h, w) != (cfg.input_size, cfg.input_size) or c != cfg.in_channels:
+        raise ValueError(f"x has shape {tuple(x.shape)}; this model takes "
+                         f"(N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size})")
+    x = x.view(n, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).flatten(-3).flatten(1, 2)        # (N, T, C*p*p)
+
+
+def unpatchify(x: Tensor, cfg: TerDiTConfig) -> Tensor:
+    """tokens (N, T, p*p*C') read in (ph, pw, C') order -> (N, C', H, W) (official)."""
+    c, p = cfg.out_channels, cfg.patch_size
+    h = w = cfg.input_size // p
+    x = x.reshape(x.shape[0], h, w, p, p, c)
+    x = x.permute(0, 5, 1, 3, 2, 4)                                     # einsum nhwpqc->nchpwq
+    return x.reshape(x.shape[0], c, h * p, w * p)                       # (N, C', H, W)
 
 
 class _FloatLinear(nn.Linear):

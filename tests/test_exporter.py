@@ -244,3 +244,35 @@ def test_polygraphy_runs_the_file(tiny_ckpt, tmp_path):
     proc = subprocess.run([exe, "run", str(tmp_path / "o" / "model.onnx"), "--onnxrt"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_nodes_follow_the_written_contract(one_layer_ckpt, tmp_path):
+    """The exporter and the plugin creator are both checked against the same YAML contract."""
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((ROOT / "plugins" / "ternaryMatMulPlugin" /
+                          "TernaryMatMul_PluginConfig.yaml").read_text())
+    spec = doc["versions"][contract.PLUGIN_VERSION]
+    assert doc["name"] == contract.OP_TYPE and doc["onnx_domain"] == contract.DOMAIN
+    assert spec["plugin_namespace"] == contract.PLUGIN_NAMESPACE
+    assert list(spec["attributes"]) == list(contract.ATTRIBUTES)
+    export(one_layer_ckpt, tmp_path / "o", ExportOptions(dtype="fp16", validate=False), **QUIET)
+    m = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+             onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT32: "int32"}
+    kind = {int: onnx.AttributeProto.INT, str: onnx.AttributeProto.STRING}
+    for node in _nodes(tmp_path / "o" / "model.onnx"):
+        assert len(node.input) <= len(spec["inputs"]) and list(node.output) and len(node.output) == 1
+        attrs = {a.name: a for a in node.attribute}
+        assert set(spec["attributes_required"]) <= set(attrs)
+        for name, typ in spec["attribute_types"].items():
+            assert attrs[name].type == kind[{"int": int, "string": str}[typ]]
+        for name, value in spec["attribute_values"].items():
+            assert onnx.helper.get_attribute_value(attrs[name]).decode() == value
+        k, n = attrs["K"].i, attrs["N"].i
+        for rule, v in (("K", k), ("N", n)):
+            opts = spec["attribute_options"][rule]
+            assert v >= opts["min"] and v % opts["multiple_of"] == 0
+        w = inits[node.input[1]]
+        assert types[w.data_type] in spec["input_types"]["W"] and list(w.dims) == [n, (k + 15) // 16]
+        assert types[inits[node.input[2]].data_type] in spec["input_types"]["scale"]

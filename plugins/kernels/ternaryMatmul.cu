@@ -232,6 +232,14 @@ KernelPath pathFromEnv()
     return KernelPath::kAUTO;
 }
 
+//! The large-M kernel under kAUTO: TERDIT_LARGE_M_KERNEL=wgmma picks the sm_90a wgmma kernel,
+//! anything else (the default) the mma.sync tc kernel.
+KernelPath largeMFromEnv()
+{
+    char const* env = std::getenv("TERDIT_LARGE_M_KERNEL");
+    return env != nullptr && std::strcmp(env, "wgmma") == 0 ? KernelPath::kWGMMA : KernelPath::kTC;
+}
+
 //! A device attribute, cached per device (the launcher runs on every call).
 template <cudaDeviceAttr kATTR>
 int deviceAttribute(int device)
@@ -372,7 +380,7 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
         int64_t const colBlocks = (static_cast<int64_t>(params.n) + 127) / 128; // SwiGLU: (n / 2) / 64 blocks
         bool const skinny = params.m <= kernels::kSKINNY_MAX_M
             || (params.m <= 2 * kernels::kSKINNY_MAX_M && colBlocks < ctx.numSMs);
-        path = skinny ? KernelPath::kSKINNY : KernelPath::kTC;
+        path = skinny ? KernelPath::kSKINNY : kernels::largeMFromEnv();
     }
     if (path == KernelPath::kWGMMA && ctx.ccMajor != 9)
     {

@@ -1,0 +1,421 @@
+"""End-to-end speed of one denoising forward and of a 50-step DDIM sample (GPU).
+
+    python bench/e2e.py [--models 600M 4.2B] [--images 1 8] [--quick]
+
+For TerDiT-600M and 4.2B shapes (random weights in the official layout), 256x256 (32x32 latents),
+1 and 8 images with classifier-free guidance (batch 2 and 16), it times in one run:
+  ours            fused TernaryMatMul kernels + compiled blocks + CUDA graph (bf16)
+  ours-wgmma      the same with the sm_90a wgmma kernel for the token GEMMs (Hopper only)
+  ours-fp8        the same with FP8 activations on the token GEMMs (W1.58A8)
+  bf16-eager      dense bf16 DiT, eager PyTorch
+  bf16-compiled   dense bf16 DiT, torch.compile'd blocks + CUDA graph (the strongest peer)
+  official        the official deployment: unpack 2-bit HQQ codes to float, then F.linear
+Reports ms per forward (median, triton do_bench), ms per DDIM-50 sample (runtime pipeline with the
+numpy scheduler), images/s, weight memory and peak memory; JSON + markdown + a bar chart under
+bench/results/. FP8 accuracy: output and DDIM-50 final-latent error vs the weight-only path.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from terdit import TerDiT, TerDiTConfig  # noqa: E402
+from terdit.accel import AcceleratedTerDiT  # noqa: E402
+from terdit.fused import FusedTerDiT  # noqa: E402
+from terdit.ternary import TernaryLinear, codes_to_k16, k16_to_hqq  # noqa: E402
+
+MODELS = {"600M": "TerDiT-600M", "4.2B": "TerDiT-4.2B"}
+# --dry-run: the whole script on the CPU with tiny models (no kernels, compile or graphs), to
+# check it end to end where no GPU is at hand; its numbers mean nothing.
+DRY = {"on": False}
+
+
+def device() -> str:
+    return "cpu" if DRY["on"] else "cuda"
+
+
+def sync() -> None:
+    if not DRY["on"]:
+        torch.cuda.synchronize()
+
+
+def model_config(label: str) -> TerDiTConfig:
+    if DRY["on"]:
+        return TerDiTConfig.from_name("TerDiT-tiny", num_classes=1000)
+    return TerDiTConfig.from_name(MODELS[label])
+PATHS = ("ours", "ours-wgmma", "ours-fp8", "bf16-eager", "bf16-compiled", "official")
+
+
+# ---- model builders ---------------------------------------------------------------------------
+
+def random_packed(cfg: TerDiTConfig, seed: int = 0) -> TerDiT:
+    """A packed TerDiT on the GPU with random codes 0..2 and alpha ~ 1/sqrt(K)."""
+    torch.manual_seed(seed)
+    with torch.device(device()):
+        model = TerDiT(cfg, packed=True)
+        for m in model.ternary_layers():
+            codes = torch.randint(0, 3, (m.out_features, m.in_features), dtype=torch.uint8)
+            m.codes.copy_(codes_to_k16(codes))
+            m.scale.fill_(1.0 / m.in_features ** 0.5)
+            if m.bias is not None:
+                torch.nn.init.normal_(m.bias, std=0.02)
+        for name, p in model.named_parameters():
+            if "adaLN_modulation.2" in name or name.endswith("norm.weight"):
+                continue
+            if p.dim() >= 2 and not name.startswith("y_embedder"):
+                torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+class OfficialUnpackLinear(torch.nn.Module):
+    """The official inference layer: 2-bit HQQ uint8 (N/4, K) + one alpha, unpacked to float on
+    every forward (hqq's unpack_2bit_u8, written with torch ops), then F.linear."""
+
+    def __init__(self, layer: TernaryLinear) -> None:
+        super().__init__()
+        self.register_buffer("weight", k16_to_hqq(layer.codes, layer.in_features))
+        self.register_buffer("alphas", layer.scale[:1].clone())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+
+    def forward(self, x):
+        w = self.weight
+        codes = torch.cat([(w & 0xC0) >> 6, (w & 0x30) >> 4, (w & 0x0C) >> 2, w & 0x03], 0)
+        w = (self.alphas * (codes.to(torch.float) - 1.0)).to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def official_model(packed: TerDiT) -> TerDiT:
+    import copy
+    model = copy.deepcopy(packed)
+    def swap(mod):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, TernaryLinear):
+                setattr(mod, name, OfficialUnpackLinear(child))
+            else:
+                swap(child)
+    swap(model)
+    return model.to(torch.bfloat16).eval()
+
+
+def dense_model(cfg: TerDiTConfig) -> TerDiT:
+    torch.manual_seed(1)
+    with torch.device(device()):
+        model = TerDiT(cfg.replace(ternary=False))
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and not name.startswith("y_embedder"):
+                torch.nn.init.normal_(p, std=0.02)
+    return model.to(torch.bfloat16).eval()
+
+
+class CompiledGraphed:
+    """torch.compile'd blocks + one CUDA graph per batch size, for the dense bf16 peer."""
+
+    def __init__(self, model: TerDiT) -> None:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.model = model
+        self.block = torch.compile(lambda blk, h, c, cos, sin: blk(h, c, cos, sin),
+                                   fullgraph=True, dynamic=False,
+                                   backend="aot_eager" if DRY["on"] else "inductor")
+        self.graphs = {}
+
+    def eager(self, x, t, y):
+        m = self.model
+        h, c = m.embed(x, t, y)
+        for blk in m.layers:
+            h = self.block(blk, h, c, m.rope_cos, m.rope_sin)
+        return m.unpatchify(m.final_layer(h, c))
+
+    @torch.no_grad()
+    def __call__(self, x, t, y):
+        if DRY["on"]:
+            return self.eager(x, t, y)
+        n = x.shape[0]
+        if n not in self.graphs:
+            static = (x.clone(), t.clone(), y.clone())
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self.eager(*static)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = self.eager(*static)
+            self.graphs[n] = (g, static, out)
+        g, static, out = self.graphs[n]
+        for dst, src in zip(static, (x, t, y)):
+            dst.copy_(src)
+        g.replay()
+        return out
+
+
+def module_bytes(*mods) -> int:
+    seen, total = set(), 0
+    for mod in mods:
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ---- measurement --------------------------------------------------------------------------------
+
+def inputs(cfg, images: int, seed: int = 0):
+    dev = device()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    n = 2 * images
+    x = torch.randn(images, cfg.in_channels, cfg.input_size, cfg.input_size, device=dev, generator=g)
+    x = torch.cat([x, x])
+    t = torch.full((n,), 500.0, device=dev)
+    y = torch.cat([torch.randint(0, cfg.num_classes, (images,), device=dev, generator=g),
+                   torch.full((images,), cfg.null_class, device=dev)])
+    return x, t, y
+
+
+def time_forward(fn, args, quick: bool) -> float:
+    if DRY["on"]:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(times))
+    import triton.testing
+    return float(triton.testing.do_bench(lambda: fn(*args), warmup=25 if quick else 100,
+                                         rep=50 if quick else 300, return_mode="median"))
+
+
+def ddim_sample(fn, cfg, images: int, steps: int = 50, seed: int = 0):
+    """(seconds, final latents) of a DDIM run through the runtime pipeline."""
+    from runtime import Pipeline, SampleOptions
+    from runtime.backends import ModelInfo
+
+    class Adapter:
+        name = "bench"
+        info = ModelInfo(cfg.to_dict(), "bench", "")
+
+        @torch.no_grad()
+        def forward(self, x, t, y, cfg_scale=None):
+            dev = device()
+            out = fn(torch.from_numpy(x).to(dev), torch.from_numpy(t).to(dev),
+                     torch.from_numpy(y).to(dev))
+            return out.float().cpu().numpy()
+
+    pipe = Pipeline(Adapter())
+    opts = SampleOptions(steps=steps, sampler="ddim", cfg_scale=4.0, seed=seed, batch_size=images)
+    labels = [(17 * i) % cfg.num_classes for i in range(images)]
+    pipe.sample(list(range(images)), labels, SampleOptions(steps=2, sampler="ddim", batch_size=images))
+    sync()
+    t0 = time.perf_counter()
+    lat = pipe.sample(list(range(images)), labels, opts)
+    sync()
+    return time.perf_counter() - t0, lat
+
+
+def measure(name, fn, weight_bytes, cfg, images, quick, do_ddim):
+    args = inputs(cfg, images)
+    sync()
+    if DRY["on"]:
+        fn(*args)
+        out = fn(*args).clone()
+        peak = weight_bytes
+    else:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(*args)  # first call: compile / capture (a CUDA graph's pool is allocated here)
+        out = fn(*args).clone()
+        torch.cuda.synchronize()
+        # weights + all the path allocated beyond them (activations, graph pool, workspaces)
+        peak = (torch.cuda.max_memory_allocated() - base + weight_bytes
+                - out.numel() * out.element_size())
+    ms = time_forward(fn, args, quick)
+    row = {"path": name, "images": images, "batch": 2 * images, "ms_per_forward": round(ms, 3),
+           "weight_gib": round(weight_bytes / 2**30, 3), "peak_gib": round(peak / 2**30, 3)}
+    lat = None
+    if do_ddim:
+        sec, lat = ddim_sample(fn, cfg, images)
+        row.update(ms_per_ddim50=round(sec * 1e3, 1), images_per_s=round(images / sec, 3))
+    return row, out, lat
+
+
+@torch.no_grad()
+def run_model(label: str, images_list, quick: bool, paths, log) -> list[dict]:
+    cfg = model_config(label)
+    rows = []
+    graphs = not DRY["on"]
+    backend = "aot_eager" if DRY["on"] else "inductor"
+    packed = random_packed(cfg)
+    ours_model = FusedTerDiT(packed).to(torch.bfloat16)
+    results = {}
+
+    def add(path, images, factory_or_fn, wbytes):
+        if path not in paths:
+            return
+        try:
+            row, out, lat = measure(path, factory_or_fn, wbytes, cfg, images, quick, do_ddim=True)
+            row["model"] = label
+            rows.append(row)
+            results[(path, images)] = (out, lat)
+            log(f"{label:5} {path:14} images={images}: {row['ms_per_forward']:.2f} ms/forward, "
+                f"DDIM-50 {row.get('ms_per_ddim50', float('nan')):.0f} ms, peak {row['peak_gib']:.2f} GiB")
+        except Exception as err:  # noqa: BLE001 - one failing path must not stop the others
+            rows.append({"model": label, "path": path, "images": images, "error": f"{type(err).__name__}: {err}"})
+            log(f"{label} {path} images={images}: FAILED {type(err).__name__}: {err}")
+            traceback.print_exc()
+
+    ours = AcceleratedTerDiT(ours_model, compile=True, cuda_graphs=graphs, compile_backend=backend)
+    wb = module_bytes(ours_model)
+    for n in images_list:
+        add("ours", n, ours, wb)
+    if "ours-wgmma" in paths and not DRY["on"] and torch.cuda.get_device_capability()[0] == 9:
+        # the same weights with the sm_90a wgmma kernel for the token GEMMs (captured with it)
+        os.environ["TERDIT_LARGE_M_KERNEL"] = "wgmma"
+        try:
+            ours_w = AcceleratedTerDiT(FusedTerDiT(packed).to(torch.bfloat16), compile=True,
+                                       cuda_graphs=True)
+            for n in images_list:
+                add("ours-wgmma", n, ours_w, wb)
+            del ours_w
+        finally:
+            os.environ.pop("TERDIT_LARGE_M_KERNEL", None)
+    if "ours-fp8" in paths:
+        try:
+            fp8_model = FusedTerDiT(random_packed(cfg)).to(torch.bfloat16)
+            fp8 = AcceleratedTerDiT(fp8_model, compile=True, cuda_graphs=graphs, fp8=True,
+                                    compile_backend=backend)
+            wb8 = module_bytes(fp8_model)
+            for n in images_list:
+                add("ours-fp8", n, fp8, wb8)
+            del fp8, fp8_model
+        except Exception as err:  # noqa: BLE001
+            rows.append({"model": label, "path": "ours-fp8", "error": f"{type(err).__name__}: {err}"})
+            traceback.print_exc()
+    if "official" in paths:
+        off = official_model(packed)
+        for n in images_list:
+            add("official", n, off, module_bytes(off))
+        del off
+    del ours, ours_model, packed
+    gc.collect()
+    if not DRY["on"]:
+        torch.cuda.empty_cache()
+    if "bf16-eager" in paths or "bf16-compiled" in paths:
+        dense = dense_model(cfg)
+        wd = module_bytes(dense)
+        for n in images_list:
+            add("bf16-eager", n, lambda x, t, y: dense(x, t, y), wd)
+        comp = CompiledGraphed(dense)
+        for n in images_list:
+            add("bf16-compiled", n, comp, wd)
+        del dense, comp
+    gc.collect()
+    if not DRY["on"]:
+        torch.cuda.empty_cache()
+    # FP8 accuracy vs the weight-only path (same random codes: seed 0 in random_packed)
+    for n in images_list:
+        if ("ours", n) in results and ("ours-fp8", n) in results:
+            (o1, l1), (o2, l2) = results[("ours", n)], results[("ours-fp8", n)]
+            rel = (o2.float() - o1.float()).abs() / o1.float().abs().max()
+            lat_rel = np.abs(l2 - l1) / np.abs(l1).max()
+            rows.append({"model": label, "path": "fp8-accuracy", "images": n,
+                         "output_max_rel": float(rel.max()), "output_mean_rel": float(rel.mean()),
+                         "ddim50_latent_max_rel": float(lat_rel.max()),
+                         "ddim50_latent_mean_rel": float(lat_rel.mean())})
+    return rows
+
+
+def write_results(rows, out_dir: Path, meta: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"e2e-{meta['gpu'].replace(' ', '_')}-{meta['date']}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"# End-to-end, {meta['gpu']}, {meta['date']} (torch {meta['torch']})", "",
+             "256x256 (32x32 latents, 256 tokens/image), CFG batch = 2 x images. ms per forward: "
+             "median of triton do_bench (L2 flushed). DDIM-50: runtime pipeline, numpy scheduler, "
+             "host<->device copies included.", "",
+             "| model | path | images | ms/forward | ms/DDIM-50 | images/s | weights GiB | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ms_per_forward" in r:
+            lines.append(f"| {r['model']} | {r['path']} | {r['images']} | {r['ms_per_forward']:.2f} | "
+                         f"{r.get('ms_per_ddim50', float('nan')):.0f} | {r.get('images_per_s', float('nan')):.2f} | "
+                         f"{r['weight_gib']:.2f} | {r['peak_gib']:.2f} |")
+        elif "error" in r:
+            lines.append(f"| {r['model']} | {r['path']} | {r.get('images', '')} | failed: {r['error'][:80]} | | | | |")
+    acc = [r for r in rows if r.get("path") == "fp8-accuracy"]
+    if acc:
+        lines += ["", "FP8 mode vs weight-only (same weights and noise):", "",
+                  "| model | images | output max rel | output mean rel | DDIM-50 latents max rel | mean rel |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['images']} | {r['output_max_rel']:.2e} | {r['output_mean_rel']:.2e} | "
+                  f"{r['ddim50_latent_max_rel']:.2e} | {r['ddim50_latent_mean_rel']:.2e} |" for r in acc]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        data = [r for r in rows if "ms_per_forward" in r]
+        groups = sorted({(r["model"], r["images"]) for r in data})
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
+        for ax, (m, n) in zip(axes[0], groups):
+            sel = [r for r in data if r["model"] == m and r["images"] == n]
+            ax.bar([r["path"] for r in sel], [r["ms_per_forward"] for r in sel],
+                   color=["#1f77b4" if r["path"].startswith("ours") else "#999999" for r in sel])
+            ax.set_title(f"TerDiT-{m}, {n} image(s) + CFG")
+            ax.set_ylabel("ms per forward")
+            ax.tick_params(axis="x", rotation=45)
+        fig.suptitle(f"{meta['gpu']} {meta['date']}")
+        fig.tight_layout()
+        fig.savefig(stem.with_suffix(".png"), dpi=110)
+    except Exception as err:  # noqa: BLE001
+        print(f"chart skipped: {err}")
+    return stem
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["600M", "4.2B"])
+    p.add_argument("--images", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the script on the CPU with tiny models (checks the script only)")
+    args = p.parse_args(argv)
+    DRY["on"] = args.dry_run
+    if not args.dry_run and not torch.cuda.is_available():
+        print("bench/e2e.py needs a CUDA GPU (or --dry-run)", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        meta = {"gpu": "dry-run-cpu", "date": datetime.date.today().isoformat(),
+                "torch": torch.__version__, "cuda": None, "sms": None}
+    else:
+        meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                "torch": torch.__version__, "cuda": torch.version.cuda,
+                "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    print(f"GPU: {meta['gpu']}")
+    rows = []
+    t0 = time.time()
+    for label in args.models:
+        rows += run_model(label, args.images, args.quick, set(args.paths), print)
+        stem = write_results(rows, args.out, {**meta, "seconds": round(time.time() - t0, 1)})
+    print(Path(stem.with_suffix(".md")).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

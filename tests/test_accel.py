@@ -1,0 +1,56 @@
+"""CPU checks of the fast path's Python side (the CUDA parts run in tests/test_accel_gpu.py)."""
+import pytest
+import torch
+
+from terdit import TerDiT, TerDiTConfig, pack_model_
+from terdit.accel import AcceleratedTerDiT, Fp8Linear, output_error
+from terdit.fused import FusedTerDiT
+
+
+def _fused(seed=0):
+    torch.manual_seed(seed)
+    model = TerDiT(TerDiTConfig.from_name("TerDiT-tiny", qk_norm=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return FusedTerDiT(pack_model_(model).eval())
+
+
+def _inputs(n=3):
+    return torch.randn(n, 4, 8, 8), torch.rand(n) * 999, torch.randint(0, 10, (n,))
+
+
+def test_compiled_blocks_trace_in_one_graph_and_match():
+    model = _fused()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        ref = model(x, t, y)
+    fast = AcceleratedTerDiT(model, compile=True, cuda_graphs=False, compile_backend="aot_eager")
+    assert output_error(fast(x, t, y), ref) < 1e-5
+
+
+def test_fp8_linear_matches_its_definition():
+    layer = _fused().layers[0].qkv
+    f8 = Fp8Linear(layer)
+    assert f8.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(f8.weight.float(), layer.ternary_values().float())  # exact in e4m3
+    x = torch.randn(2, 5, layer.in_features)
+    s = x.abs().amax(-1, keepdim=True) / 448.0
+    xq = (x / s).to(torch.float8_e4m3fn).float() * s
+    expect = (xq @ layer.effective_weight().t()).to(torch.bfloat16).float()
+    assert output_error(f8(x), expect) < 1e-2
+    assert output_error(f8(x), layer(x)) < 0.1  # e4m3 keeps ~3 significant bits per token value
+
+
+def test_fp8_mode_runs_the_whole_model():
+    x, t, y = _inputs()
+    with torch.no_grad():
+        ref = _fused()(x, t, y)
+    fast = AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, fp8=True)
+    assert all(isinstance(b.qkv, Fp8Linear) and isinstance(b.w13, Fp8Linear) for b in fast.model.layers)
+    assert output_error(fast(x, t, y), ref) < 0.1
+
+
+def test_cuda_graphs_need_cuda():
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=True)

@@ -7,6 +7,7 @@ For TerDiT-600M and 4.2B shapes (random weights in the official layout), 256x256
   ours            fused TernaryMatMul kernels + compiled blocks + CUDA graph (bf16)
   ours-wgmma      the same with the sm_90a wgmma kernel for the token GEMMs (Hopper only)
   ours-fp8        the same with FP8 activations on the token GEMMs (W1.58A8)
+  ours-fp8-fast   ours-fp8 with cuBLASLt's fast FP8 accumulation
   bf16-eager      dense bf16 DiT, eager PyTorch
   bf16-compiled   dense bf16 DiT, torch.compile'd blocks + CUDA graph (the strongest peer)
   official        the official deployment: unpack 2-bit HQQ codes to float, then F.linear
@@ -57,7 +58,8 @@ def model_config(label: str) -> TerDiTConfig:
     if DRY["on"]:
         return TerDiTConfig.from_name("TerDiT-tiny", num_classes=1000)
     return TerDiTConfig.from_name(MODELS[label])
-PATHS = ("ours", "ours-wgmma", "ours-fp8", "bf16-eager", "bf16-compiled", "official")
+PATHS = ("ours", "ours-wgmma", "ours-fp8", "ours-fp8-fast", "bf16-eager", "bf16-compiled",
+         "official")
 
 
 # ---- model builders ---------------------------------------------------------------------------
@@ -293,17 +295,19 @@ def run_model(label: str, images_list, quick: bool, paths, log) -> list[dict]:
             del ours_w
         finally:
             os.environ.pop("TERDIT_LARGE_M_KERNEL", None)
-    if "ours-fp8" in paths:
+    for name, fast in (("ours-fp8", False), ("ours-fp8-fast", True)):
+        if name not in paths:
+            continue
         try:
             fp8_model = FusedTerDiT(random_packed(cfg)).to(torch.bfloat16)
             fp8 = AcceleratedTerDiT(fp8_model, compile=True, cuda_graphs=graphs, fp8=True,
-                                    compile_backend=backend)
+                                    fp8_fast_accum=fast, compile_backend=backend)
             wb8 = module_bytes(fp8_model)
             for n in images_list:
-                add("ours-fp8", n, fp8, wb8)
+                add(name, n, fp8, wb8)
             del fp8, fp8_model
         except Exception as err:  # noqa: BLE001
-            rows.append({"model": label, "path": "ours-fp8", "error": f"{type(err).__name__}: {err}"})
+            rows.append({"model": label, "path": name, "error": f"{type(err).__name__}: {err}"})
             traceback.print_exc()
     if "official" in paths:
         off = official_model(packed)
@@ -328,11 +332,13 @@ def run_model(label: str, images_list, quick: bool, paths, log) -> list[dict]:
         torch.cuda.empty_cache()
     # FP8 accuracy vs the weight-only path (same random codes: seed 0 in random_packed)
     for n in images_list:
-        if ("ours", n) in results and ("ours-fp8", n) in results:
-            (o1, l1), (o2, l2) = results[("ours", n)], results[("ours-fp8", n)]
+        for name in ("ours-fp8", "ours-fp8-fast"):
+            if ("ours", n) not in results or (name, n) not in results:
+                continue
+            (o1, l1), (o2, l2) = results[("ours", n)], results[(name, n)]
             rel = (o2.float() - o1.float()).abs() / o1.float().abs().max()
             lat_rel = np.abs(l2 - l1) / np.abs(l1).max()
-            rows.append({"model": label, "path": "fp8-accuracy", "images": n,
+            rows.append({"model": label, "path": "fp8-accuracy", "mode": name, "images": n,
                          "output_max_rel": float(rel.max()), "output_mean_rel": float(rel.mean()),
                          "ddim50_latent_max_rel": float(lat_rel.max()),
                          "ddim50_latent_mean_rel": float(lat_rel.mean())})
@@ -359,10 +365,11 @@ def write_results(rows, out_dir: Path, meta: dict) -> Path:
     acc = [r for r in rows if r.get("path") == "fp8-accuracy"]
     if acc:
         lines += ["", "FP8 mode vs weight-only (same weights and noise):", "",
-                  "| model | images | output max rel | output mean rel | DDIM-50 latents max rel | mean rel |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['images']} | {r['output_max_rel']:.2e} | {r['output_mean_rel']:.2e} | "
-                  f"{r['ddim50_latent_max_rel']:.2e} | {r['ddim50_latent_mean_rel']:.2e} |" for r in acc]
+                  "| model | mode | images | output max rel | output mean rel | DDIM-50 latents max rel | mean rel |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r.get('mode', 'ours-fp8')} | {r['images']} | {r['output_max_rel']:.2e} | "
+                  f"{r['output_mean_rel']:.2e} | {r['ddim50_latent_max_rel']:.2e} | "
+                  f"{r['ddim50_latent_mean_rel']:.2e} |" for r in acc]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

@@ -76,6 +76,8 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
     io_.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     io_.add_argument("--fp8", action="store_true",
                      help="torch backend on CUDA: FP8 activations on the token GEMMs (W1.58A8)")
+    io_.add_argument("--fp8-fast-accum", action="store_true",
+                     help="with --fp8: cuBLASLt fast FP8 accumulation (faster, less exact)")
     io_.add_argument("--no-compile", dest="compile", action="store_false",
                      help="torch backend on CUDA: do not torch.compile the blocks")
     io_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -150,7 +152,8 @@ def sample_main(args) -> int:
                 device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         backend = open_backend(args.model, args.backend, plugin=args.plugin, device=device,
                                dtype=args.dtype, threads=args.threads, compile=args.compile,
-                               cuda_graphs=args.cuda_graphs, fp8=args.fp8)
+                               cuda_graphs=args.cuda_graphs, fp8=args.fp8,
+                               fp8_fast_accum=args.fp8_fast_accum)
         labels = _labels(args, backend.info)
         model_path = Path(args.model)
         vae = None

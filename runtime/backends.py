@@ -139,7 +139,7 @@ class TorchBackend:
 
     def __init__(self, path: str | os.PathLike, device: Optional[str] = None,
                  dtype: Optional[str] = None, compile: bool = True, cuda_graphs: bool = True,
-                 fp8: bool = False) -> None:
+                 fp8: bool = False, fp8_fast_accum: bool = False) -> None:
         try:
             import torch
             from terdit import load_checkpoint
@@ -176,7 +176,7 @@ class TorchBackend:
         if self.kernels == "cuda":
             from terdit.accel import AcceleratedTerDiT
             self._run = AcceleratedTerDiT(self.model, compile=compile, cuda_graphs=cuda_graphs,
-                                          fp8=fp8)
+                                          fp8=fp8, fp8_fast_accum=fp8_fast_accum)
         files = [p for p in loaded.files if Path(p).is_file()]
         from .io import sha256_file
         sha = sha256_file(files[-1]) if files else ""
@@ -241,4 +241,5 @@ def open_backend(model: str | os.PathLike, backend: Optional[str] = None, **kwar
         return TrtBackend(path, kwargs.get("plugin"))
     return TorchBackend(path, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
                         compile=kwargs.get("compile", True),
-                        cuda_graphs=kwargs.get("cuda_graphs", True), fp8=kwargs.get("fp8", False))
+                        cuda_graphs=kwargs.get("cuda_graphs", True), fp8=kwargs.get("fp8", False),
+                        fp8_fast_accum=kwargs.get("fp8_fast_accum", False))

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The project's GPU run (device tool), in two back-to-back calls on one warm machine:
-#   run(command="bash scripts/gpu_check.sh tests", carry=["build/kernels"], timeout_s=420)
-#   run(command="bash scripts/gpu_check.sh e2e",   carry=["build/kernels"], timeout_s=330)
+#   run(command="bash scripts/gpu_check.sh kernels", carry=["build/kernels"], timeout_s=300)
+#   run(command="bash scripts/gpu_check.sh fast",    carry=["build/kernels"], timeout_s=480)
 # `all` runs both parts in one call. Results and the log go to $OUT (or bench/results).
-#   tests: load the kernel library built here (rebuild there if it does not load), GPU tests of
-#          the kernels and of the fast backend, then bench/kernels.py
-#   e2e:   bench/e2e.py (per forward and per DDIM-50 sample, all paths, FP8 accuracy)
+#   kernels: load the kernel library built here (rebuild there if it does not load), the kernel
+#            GPU tests, then bench/kernels.py
+#   fast:    GPU tests of the fast backend, then bench/e2e.py (per forward and per DDIM-50
+#            sample, all paths, FP8 accuracy)
 # Every stage has its own time limit; a failing stage does not stop the next one.
 set -u
 cd "$(dirname "$0")/.."
@@ -28,19 +29,18 @@ fi
 export TERDIT_KERNELS_LIB=$(realpath "$lib")
 per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 200")
 
-if [ "$part" = tests ] || [ "$part" = all ]; then
+pytest_args="-q -rs --tb=short -p no:cacheprovider -p no:logging -m gpu $per_test"
+if [ "$part" = kernels ] || [ "$part" = all ]; then
     stage "GPU tests: kernels"
-    timeout 140 python3 -m pytest -q -rs -m gpu -p no:cacheprovider $per_test tests/test_kernels_gpu.py 2>&1 \
-        | tail -40 | tee -a "$log"
-    stage "GPU tests: fast backend"
-    timeout 160 python3 -m pytest -q -rs -m gpu -p no:cacheprovider -s $per_test tests/test_accel_gpu.py 2>&1 \
-        | grep -v "^$" | tail -30 | tee -a "$log"
+    timeout 140 python3 -m pytest $pytest_args tests/test_kernels_gpu.py 2>&1 | tail -40 | tee -a "$log"
     stage "bench/kernels.py"
     timeout 90 python3 bench/kernels.py --out-dir "$out" 2>&1 | tail -70 | tee -a "$log"
 fi
-if [ "$part" = e2e ] || [ "$part" = all ]; then
+if [ "$part" = fast ] || [ "$part" = all ]; then
+    stage "GPU tests: fast backend"
+    timeout 170 python3 -m pytest $pytest_args -s tests/test_accel_gpu.py 2>&1 | tail -60 | tee -a "$log"
     stage "bench/e2e.py"
-    timeout 300 python3 bench/e2e.py --quick --out "$out" 2>&1 | tail -60 | tee -a "$log"
+    timeout 280 python3 bench/e2e.py --quick --out "$out" 2>&1 | tail -60 | tee -a "$log"
 fi
 stage "done"
 ls -la "$out" | tee -a "$log"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fused import FusedTerDiT
-from .ternary import TernaryLinear, unpack_k16
+from .ternary import TernaryLinear, apply_keep_fp32, unpack_k16
 
 E4M3_MAX = 448.0
 
@@ -23,23 +23,17 @@ E4M3_MAX = 448.0
 class Fp8Linear(nn.Module):
     """y = (q(x) @ T^T) * s_x * scale + bias with q = per-token e4m3 quantisation."""
 
-    def __init__(self, layer: TernaryLinear) -> None:
+    def __init__(self, layer: TernaryLinear, fast_accum: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.fast_accum = fast_accum  # cuBLASLt fast accumulation: faster, less exact sums
         t = unpack_k16(layer.codes, layer.in_features, torch.float32)
         self.register_buffer("weight", t.to(torch.float8_e4m3fn))       # (N, K), exact
         self.register_buffer("scale", layer.scale.float().reshape(1, -1).contiguous())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
 
     def _apply(self, fn, recurse=True):
-        kept = {k: self._buffers.pop(k) for k in ("weight", "scale", "bias")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            device = fn(torch.empty(0, device=kept["scale"].device)).device
-            for k, v in kept.items():
-                self._buffers[k] = None if v is None else v.to(device)
-        return self
+        return apply_keep_fp32(self, fn, recurse, buffers=("weight", "scale", "bias"))
 
     def _mm(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -48,7 +42,7 @@ class Fp8Linear(nn.Module):
         s_x = amax / E4M3_MAX                                              # (M, 1)
         xq = (x2.float() / s_x).to(torch.float8_e4m3fn)
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=s_x, scale_b=self.scale,
-                             bias=None, out_dtype=torch.bfloat16)
+                             bias=None, out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -62,11 +56,11 @@ class Fp8Linear(nn.Module):
         return F.silu(a[..., :h]) * a[..., h:]
 
 
-def to_fp8_(model: FusedTerDiT) -> FusedTerDiT:
+def to_fp8_(model: FusedTerDiT, fast_accum: bool = False) -> FusedTerDiT:
     """Swap the token GEMMs of every block to FP8 activations (in place)."""
     for block in model.layers:
         for name in ("qkv", "wo", "w13", "w2"):
-            setattr(block, name, Fp8Linear(getattr(block, name)))
+            setattr(block, name, Fp8Linear(getattr(block, name), fast_accum))
     return model
 
 
@@ -75,10 +69,12 @@ class AcceleratedTerDiT:
 
     compile: torch.compile each block (they share one compiled graph).
     cuda_graphs: capture embedding + blocks + final layer once per batch size and replay it.
+    fp8: FP8 activations on the token GEMMs; fp8_fast_accum: cuBLASLt's fast accumulation.
     """
 
     def __init__(self, model: FusedTerDiT, compile: bool = True, cuda_graphs: bool = True,
-                 fp8: bool = False, compile_backend: str = "inductor") -> None:
+                 fp8: bool = False, fp8_fast_accum: bool = False,
+                 compile_backend: str = "inductor") -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         if self.device.type == "cuda":
@@ -88,7 +84,7 @@ class AcceleratedTerDiT:
             raise ValueError(f"CUDA graphs need the model on a CUDA device (it is on "
                              f"{self.device}); pass cuda_graphs=False")
         if fp8:
-            to_fp8_(self.model)
+            to_fp8_(self.model, fp8_fast_accum)
             self.model.to(self.device)
         self.fp8 = fp8
         self.cuda_graphs = cuda_graphs

@@ -142,9 +142,10 @@ def _empty_model(cfg: TerDiTConfig, packed: bool) -> TerDiT:
 
 def _finish(model: TerDiT, state: dict[str, Tensor]) -> TerDiT:
     model.load_state_dict(state, strict=True, assign=True)
-    from .model import rope_tables
-    cos, sin = rope_tables(model.cfg.head_dim, model.cfg.num_tokens)
-    model.rope_cos, model.rope_sin = cos, sin
+    # non-persistent tables were built on the meta device: compute them for real
+    from .model import rope_tables, timestep_frequencies
+    model.rope_cos, model.rope_sin = rope_tables(model.cfg.head_dim, model.cfg.num_tokens)
+    model.t_embedder.freqs = timestep_frequencies(model.t_embedder.freq_dim)
     return model.eval()
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import TerDiT, attend, modulate, patchify, rms_norm, unpatchify
-from .ternary import TernaryLinear
+from .ternary import TernaryLinear, apply_keep_fp32
 
 
 def _cat_packed(layers: list[TernaryLinear], with_bias: bool) -> TernaryLinear:
@@ -73,10 +73,7 @@ class FusedTerDiT(nn.Module):
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.rope_cos = self.rope_cos.float()
-        self.rope_sin = self.rope_sin.float()
-        return self
+        return apply_keep_fp32(self, fn, recurse, buffers=("rope_cos", "rope_sin"))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TerDiTConfig
-from .ternary import TernaryLinear
+from .ternary import TernaryLinear, apply_keep_fp32
 
 CFG_MODES = ("official", "standard")
 
@@ -39,11 +39,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return y.to(x.dtype)
 
 
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding [cos, sin] of fractional timesteps, fp32 (GLIDE / DiT)."""
+def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """The sinusoidal embedding's frequencies, computed on the CPU in fp32 as the official code
+    does (a buffer, so a forward makes no host-to-device copy and can be graph-captured)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs.to(t.device)[None]
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_embedding(t: Tensor, freqs: Tensor, dim: int = 256) -> Tensor:
+    """Sinusoidal embedding [cos, sin] of fractional timesteps, fp32 (GLIDE / DiT)."""
+    args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -77,9 +82,13 @@ class TimestepEmbedder(nn.Module):
         nn.init.normal_(self.mlp[2].weight, std=0.02)
         nn.init.zeros_(self.mlp[0].bias)
         nn.init.zeros_(self.mlp[2].bias)
+        self.register_buffer("freqs", timestep_frequencies(freq_dim), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        return apply_keep_fp32(self, fn, recurse, buffers=("freqs",))
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = timestep_embedding(t, self.freq_dim)
+        freq = timestep_embedding(t, self.freqs, self.freq_dim)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -206,10 +215,7 @@ class TerDiT(nn.Module):
 
     # rope tables are fp32 whatever the model dtype
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.rope_cos = self.rope_cos.float()
-        self.rope_sin = self.rope_sin.float()
-        return self
+        return apply_keep_fp32(self, fn, recurse, buffers=("rope_cos", "rope_sin"))
 
     def ternary_layers(self) -> list[TernaryLinear]:
         return [m for m in self.modules() if isinstance(m, TernaryLinear)]

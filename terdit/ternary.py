@@ -248,6 +248,24 @@ def _(x, w, scale):
 
 # ---- the layer -------------------------------------------------------------------------------
 
+def apply_keep_fp32(module: nn.Module, fn, recurse: bool, buffers=(), params=()) -> nn.Module:
+    """nn.Module._apply that moves the named buffers / parameters to fn's device but keeps
+    their dtype (fp32 tables and scales must survive model.to(bfloat16))."""
+    kept = {name: module._buffers.pop(name) for name in buffers if name in module._buffers}
+    kept_p = {name: module._parameters.pop(name) for name in params
+              if module._parameters.get(name) is not None}
+    try:
+        nn.Module._apply(module, fn, recurse)
+    finally:
+        ref = next((t for t in list(kept.values()) + list(kept_p.values()) if t is not None), None)
+        device = fn(torch.empty(0, device=ref.device)).device if ref is not None else None
+        for name, t in kept.items():
+            module._buffers[name] = None if t is None else t.to(device)
+        for name, p in kept_p.items():
+            module._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=p.requires_grad)
+    return module
+
+
 class TernaryLinear(nn.Module):
     """A linear layer with ternary weights, in one of two states.
 
@@ -298,19 +316,7 @@ class TernaryLinear(nn.Module):
         # model.to(dtype) / .half(); they follow device moves only.
         if not self.packed:
             return super()._apply(fn, recurse)
-        kept = {"scale": self._buffers.pop("scale")}
-        if self.bias is not None:
-            kept["bias"] = self._parameters.pop("bias")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            device = fn(torch.empty(0, device=kept["scale"].device)).device
-            self._buffers["scale"] = kept["scale"].to(device)
-            if "bias" in kept:
-                b = kept["bias"]
-                self._parameters["bias"] = nn.Parameter(b.data.to(device),
-                                                        requires_grad=b.requires_grad)
-        return self
+        return apply_keep_fp32(self, fn, recurse, buffers=("scale",), params=("bias",))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed:

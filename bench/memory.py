@@ -101,7 +101,7 @@ def main(argv=None) -> int:
               "python": platform.python_version(),
               "date": datetime.date.today().isoformat()}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"memory-{args.model}-{result['date']}"
+    stem = args.out / f"memory-{args.model}{'-validate' if args.validate else ''}-{result['date']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Peak RSS, synthetic official-layout {args.model} ({size:.2f} GiB on disk), "
              f"{result['date']}", "", "| step | peak RSS (GiB) | wall (s) |", "|---|---|---|"]

@@ -10,7 +10,8 @@ continues bit-identically and N ranks train the same model as one.
 Output layout (OUT = --out):
   OUT/checkpoints/step_XXXXXXX/{model,ema}/     our checkpoint dirs (latent weights)
   OUT/checkpoints/step_XXXXXXX/train_state.safetensors + train_state.json
-  OUT/final/                                    the EMA model (packed for ternary by default)
+  OUT/final/                                    the EMA model (packed for ternary by default;
+                                                --final-from live: the last step's weights)
   OUT/log.jsonl, OUT/loss.png, OUT/samples/step_XXXXXXX.png
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 FINAL_WEIGHTS = ("packed", "latent")
+FINAL_FROM = ("ema", "live")
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 
@@ -75,6 +77,7 @@ class TrainConfig:
     sample_steps: int = 50                 # DDIM steps of the previews
     sample_cfg: float = 1.0
     final_weights: str = "packed"
+    final_from: str = "ema"                # which weights OUT/final holds
     strategy: str = "ddp"
     precision: str = "auto"                # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
@@ -86,6 +89,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, choices in (("strategy", STRATEGIES), ("precision", PRECISIONS),
                               ("device", DEVICES), ("final_weights", FINAL_WEIGHTS),
+                              ("final_from", FINAL_FROM),
                               ("data", DATASETS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of "
@@ -569,15 +573,19 @@ def train(tc: TrainConfig, dataset: Optional[ArrayDataset] = None) -> Path:
         bar.close()
 
     final = out / "final"
-    ema_params = ema.full_state()
+    if tc.final_from == "ema":
+        final_params = ema.full_state()
+    else:
+        final_params = {n: _full(p).detach().cpu() for n, p in _unwrap(wrapped).named_parameters()}
     if d.main:
-        ema_model = model_from_params(cfg, ema_params)
+        final_model = model_from_params(cfg, final_params)
         if cfg.ternary and tc.final_weights == "packed":
             from .ternary import pack_model_
-            pack_model_(ema_model)
-        save_checkpoint(ema_model, final, overwrite=True,
-                        metadata={"step": tc.steps, "role": "ema", "ema_decay": tc.ema_decay,
-                                  "train_config": tc.to_dict()})
+            pack_model_(final_model)
+        meta = {"step": tc.steps, "role": tc.final_from, "train_config": tc.to_dict()}
+        if tc.final_from == "ema":
+            meta["ema_decay"] = tc.ema_decay
+        save_checkpoint(final_model, final, overwrite=True, metadata=meta)
     d.barrier()
     return final
 
@@ -646,7 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-cfg", type=float, default=d.sample_cfg,
                    help="guidance scale of the previews")
     p.add_argument("--final-weights", default=d.final_weights, choices=FINAL_WEIGHTS,
-                   help="form of the ternary EMA model in OUT/final")
+                   help="form of the ternary model in OUT/final")
+    p.add_argument("--final-from", default=d.final_from, choices=FINAL_FROM,
+                   help="OUT/final holds the EMA or the live (last-step) weights")
     p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES,
                    help="multi-rank strategy under torchrun")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)

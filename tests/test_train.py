@@ -92,6 +92,12 @@ def test_trained_checkpoint_packs_to_valid_ternary_codes(tmp_path):
     assert final_model.packed
     sd_final, sd_packed = final_model.state_dict(), packed.state_dict()
     assert all(torch.equal(sd_final[k], sd_packed[k]) for k in sd_packed)
+    # --final-from live: the last step's weights, here finalised again through a resume
+    live = train(tiny_config(tmp_path / "run", steps=3, lr=1e-2, resume="latest",
+                             final_from="live", final_weights="latent"), tiny_dataset())
+    sd_live = load_checkpoint(live).model.state_dict()
+    sd_step = params(tmp_path / "run" / "checkpoints" / "step_0000003" / "model")
+    assert all(torch.equal(sd_live[k], sd_step[k]) for k in sd_step)
 
 
 def test_fp_twin_and_init_from(tmp_path):

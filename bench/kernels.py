@@ -8,7 +8,8 @@ adaLN of all blocks) and M in {2, 16, 512, 2048, 8192}, in bf16, times
             in fp32, cast to bf16, F.linear (what the release does every forward)
 with triton.testing.do_bench (L2 flushed before every rep, medians), plus the stacked-adaLN
 comparison: one stacked call vs 32 (or 16) separate cuBLAS adaLN calls at M=2. On Hopper the
-opt-in wgmma kernel is timed too for M > 32 (its own columns).
+opt-in large-M kernels are timed too for M > 32, each in its own columns: wgmma, wgmma2 (the
+launcher's tile choice) and wgmma2 with each tile configuration forced (TERDIT_WGMMA2_TILE).
 
     python bench/kernels.py            # full run (about a minute on an H200)
     python bench/kernels.py --quick    # smoke run
@@ -18,8 +19,10 @@ Writes bench/results/kernels-<gpu>-<date>.{json,md} and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -42,6 +45,7 @@ DEVICE = "cuda"
 M_VALUES = (2, 16, 512, 2048, 8192)
 QUICK_M_VALUES = (2, 512)
 MODELS = {"600M": (1536, 4096, 16), "4.2B": (3072, 8192, 32)}  # dim, FFN hidden, blocks
+WGMMA2_TILES = ("128x256", "256x128", "128x128")  # TERDIT_WGMMA2_TILE values
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class Row:
     rel_err_vs_cublas: float
     wgmma_us: Optional[float] = None  # the opt-in sm_90a kernel (M > 32 on Hopper only)
     wgmma_rel_err_vs_cublas: Optional[float] = None
+    wgmma2_us: Optional[float] = None  # the pipelined sm_90a kernel, launcher's tile choice
+    wgmma2_rel_err_vs_cublas: Optional[float] = None
+    wgmma2_tile_us: Optional[Dict[str, float]] = None  # each tile configuration forced
+    wgmma2_tile_max_rel_err: Optional[float] = None
 
 
 def layer_shapes(models: Sequence[str]) -> List[Shape]:
@@ -129,6 +137,20 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+@contextlib.contextmanager
+def env(name: str, value: str):
+    """Sets an environment variable the kernel launcher reads on every call."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure,
                  with_wgmma: bool = False) -> List[Row]:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -143,20 +165,34 @@ def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure,
             ref = layer.cublas(x[:head]).float()
             ours_us = measure(partial(layer.ours, x, out))
             rel = relative_error(out[:head], ref)
-            wg_us = wg_rel = None
+            wg_us = wg_rel = wg2_us = wg2_rel = wg2_tiles = wg2_tile_err = None
             if with_wgmma and m > 32:
                 out.fill_(float("nan"))
                 with kernels.force_path("wgmma"):
                     wg_us = measure(partial(layer.ours, x, out))
                 wg_rel = relative_error(out[:head], ref)
+                out.fill_(float("nan"))
+                with kernels.force_path("wgmma2"):
+                    wg2_us = measure(partial(layer.ours, x, out))
+                wg2_rel = relative_error(out[:head], ref)
+                wg2_tiles, errs = {}, []
+                for tile in WGMMA2_TILES:
+                    out.fill_(float("nan"))
+                    with kernels.force_path("wgmma2"), env("TERDIT_WGMMA2_TILE", tile):
+                        wg2_tiles[tile] = measure(partial(layer.ours, x, out))
+                    errs.append(relative_error(out[:head], ref))
+                wg2_tile_err = max(errs)
             cublas_us = measure(partial(layer.cublas, x))
             official_us = measure(partial(layer.official, x))
             flops = 2.0 * m * shape.n * shape.k
             rows.append(Row(shape.model, shape.layer, shape.n, shape.k, m, ours_us, cublas_us,
                             official_us, cublas_us / ours_us, official_us / ours_us,
                             flops / ours_us * 1e-6, shape.n * shape.k / 4 / ours_us * 1e-3, rel,
-                            wg_us, wg_rel))
-            wg_text = "" if wg_us is None else f"  wgmma {wg_us:9.1f} us (rel_err {wg_rel:.1e})"
+                            wg_us, wg_rel, wg2_us, wg2_rel, wg2_tiles, wg2_tile_err))
+            wg_text = "" if wg_us is None else (
+                f"  wgmma {wg_us:9.1f} us (rel_err {wg_rel:.1e})  wgmma2 {wg2_us:9.1f} us (rel_err "
+                f"{wg2_rel:.1e}; tiles " + " ".join(f"{t} {v:.1f}" for t, v in wg2_tiles.items())
+                + f", max rel_err {wg2_tile_err:.1e})")
             print(f"  {shape.model:5s} {shape.layer:14s} N={shape.n:6d} K={shape.k:5d} M={m:5d}: "
                   f"ours {ours_us:9.1f} us  cublas {cublas_us:9.1f} us  official "
                   f"{official_us:9.1f} us  rel_err {rel:.1e}{wg_text}", flush=True)
@@ -198,12 +234,18 @@ def markdown(gpu: str, rows: Sequence[Row], stacked: Sequence[Dict[str, float]])
              "bf16, medians of triton.testing.do_bench (L2 flushed), microseconds.", "",
              "| model | layer | N | K | M | ours | cuBLAS bf16 | official unpack | x cuBLAS "
              "| x official | ours TFLOP/s | ours weight GB/s | ours rel err | wgmma (opt-in) "
-             "| wgmma x cuBLAS | wgmma rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| wgmma x cuBLAS | wgmma rel err | wgmma2 (opt-in) | wgmma2 x cuBLAS | wgmma2 rel err "
+             + "".join(f"| wgmma2 {t} " for t in WGMMA2_TILES) + "| wgmma2 tiles max rel err |",
+             "|---" * (20 + len(WGMMA2_TILES)) + "|"]
     for r in rows:
         wg = ("| - | - | -" if r.wgmma_us is None else
               f"| {r.wgmma_us:.1f} | {r.cublas_us / r.wgmma_us:.2f} | "
               f"{r.wgmma_rel_err_vs_cublas:.1e}")
+        wg += ((" | - | - | -" + " | -" * len(WGMMA2_TILES) + " | -") if r.wgmma2_us is None else
+               f" | {r.wgmma2_us:.1f} | {r.cublas_us / r.wgmma2_us:.2f} | "
+               f"{r.wgmma2_rel_err_vs_cublas:.1e} | "
+               + " | ".join(f"{r.wgmma2_tile_us[t]:.1f}" for t in WGMMA2_TILES)
+               + f" | {r.wgmma2_tile_max_rel_err:.1e}")
         lines.append(f"| {r.model} | {r.layer} | {r.n} | {r.k} | {r.m} | {r.ours_us:.1f} | "
                      f"{r.cublas_us:.1f} | {r.official_us:.1f} | {r.speedup_vs_cublas:.2f} | "
                      f"{r.speedup_vs_official:.2f} | {r.ours_tflops:.1f} | "

@@ -1,8 +1,8 @@
 """The real TernaryMatMul kernel sources run on the CPU (tests/kernel_emu): every kernel family
-(skinny, tc, wgmma, generic) against the fp64 reference, with poisoned outputs, fenced buffers,
-misaligned weights, K / N / M tails and SwiGLU. This checks the kernels' index math and data flow
-under the emulator's model of mma.sync / ldmatrix / cp.async / wgmma, not the GPU itself (that is
-tests/test_kernels_gpu.py)."""
+(skinny, tc, wgmma, wgmma2, generic) against the fp64 reference, with poisoned outputs, fenced
+buffers, misaligned weights, K / N / M tails and SwiGLU. This checks the kernels' index math and
+data flow under the emulator's model of mma.sync / ldmatrix / cp.async / wgmma (asynchronous,
+retired by wgmma.wait_group), not the GPU itself (that is tests/test_kernels_gpu.py)."""
 from __future__ import annotations
 
 import os
@@ -34,14 +34,17 @@ def drive(lib, *args, sms):
 
 
 def test_emulated_kernels_bf16(emulated_lib):
-    # 2 "SMs": the quick shapes then reach every skinny (MT, R) instantiation.
-    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc,wgmma,generic", sms=2)
+    # 2 "SMs": the quick shapes then reach every skinny (MT, R) instantiation; wgmma2 cycles its
+    # three tile configurations over the cases.
+    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc,wgmma,wgmma2@cycle,generic", sms=2)
     assert " 0 failed" in out
 
 
 def test_emulated_kernels_fp16_fp32(emulated_lib):
-    # fp16 decoders (word pairs: skinny; adjacent pairs: tc and wgmma) and the float32 path.
-    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc", "--dtypes", "fp16", sms=2)
+    # fp16 decoders (word pairs: skinny; adjacent pairs: tc and wgmma; fragment pairs: wgmma2)
+    # and the float32 path.
+    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc,wgmma2@cycle", "--dtypes", "fp16",
+                sms=2)
     assert " 0 failed" in out
     out = drive(emulated_lib, "--quick", "--paths", "auto", "--dtypes", "fp32", sms=2)
     assert " 0 failed" in out
@@ -49,6 +52,7 @@ def test_emulated_kernels_fp16_fp32(emulated_lib):
 
 @pytest.mark.slow
 def test_emulated_kernels_full(emulated_lib):
-    # Every family incl. auto, bf16 and fp16, all shapes and M values (several minutes).
+    # Every family incl. auto and every wgmma2 tile configuration, bf16 and fp16, all shapes
+    # and M values (several minutes).
     out = drive(emulated_lib, sms=1)
     assert " 0 failed" in out

@@ -31,7 +31,8 @@ pytestmark = [
 ]
 cuda_only = pytest.mark.skipif(DRY_RUN, reason="CUDA-specific (dry run on CPU)")
 
-PATHS = ["auto", "skinny", "tc", "generic", "wgmma"]  # wgmma runs tc off sm_90
+PATHS = ["auto", "skinny", "tc", "generic", "wgmma", "wgmma2"]  # wgmma, wgmma2 run tc off sm_90
+WGMMA2_TILES = ["128x256", "256x128", "128x128"]  # TERDIT_WGMMA2_TILE (features x tokens per CTA)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKEN_M = [1, 2, 7, 16, 33, 128, 512, 1000, 2048]
 COND_M = [1, 2, 7, 16, 33]  # adaLN layers see M = batch
@@ -131,9 +132,9 @@ def assert_close(ours, ref, lowp, what):
 @pytest.mark.parametrize("model,layer,n,k,bias,ms", LAYER_CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in LAYER_CASES])
 @pytest.mark.parametrize("dtype,path", [("bf16", "auto"), ("fp16", "auto"), ("fp32", "auto"),
-                                        ("bf16", "wgmma")])
+                                        ("bf16", "wgmma"), ("bf16", "wgmma2")])
 def test_layer_shapes(model, layer, n, k, bias, ms, dtype, path):
-    if path == "wgmma":
+    if path in ("wgmma", "wgmma2"):
         ms = [m for m in ms if m > 32]  # the large-M kernel
         if not ms:
             pytest.skip("no M > 32 for this layer")
@@ -172,6 +173,29 @@ def test_paths_odd_shapes(path, dtype):
             ref, lowp = reference(x, t, scale, b)
             assert_close(ours, ref, lowp, f"path={path} N={n} K={k} M={m} {dtype} "
                                           f"bias={b is not None}")
+
+
+# ---- every wgmma2 tile configuration -------------------------------------------------------------
+
+@pytest.mark.parametrize("tile", WGMMA2_TILES)
+def test_wgmma2_tiles(tile, monkeypatch):
+    # The launcher's cost model picks one configuration per shape; here each one is forced on the
+    # 4.2B token GEMMs, odd shapes (N / K / M tails, 4-byte weight loads) and SwiGLU.
+    monkeypatch.setenv("TERDIT_WGMMA2_TILE", tile)
+    g = gen(1500 + WGMMA2_TILES.index(tile))
+    cases = [(n, k, False, ms) for _, n, k, _, ms in LAYERS["4.2B"][:4]]
+    cases = [(n, k, sw, [m for m in ms if m in (33, 512, 1000)]) for n, k, sw, ms in cases]
+    cases += [(n, k, False, [33, 130, 300]) for n, k in ODD_NK]
+    cases += [(2 * 8192, 3072, True, [512, 1000]), (96, 80, True, [33, 300])]
+    if DRY_RUN:
+        cases = [c for c in cases if c[0] * c[1] <= 1 << 20]
+    for i, (n, k, swiglu, ms) in enumerate(cases):
+        t, w, scale, b = make_weights(n, k, g, bias=bool(i % 2) and not swiglu)
+        for m in ms:
+            x = make_x(m, k, torch.bfloat16, g)
+            ours = run(x, w, scale, b, swiglu=swiglu, path="wgmma2")
+            ref, lowp = reference(x, t, scale, b, swiglu=swiglu)
+            assert_close(ours, ref, lowp, f"wgmma2 tile={tile} N={n} K={k} M={m} swiglu={swiglu}")
 
 
 # ---- SwiGLU epilogue -----------------------------------------------------------------------------
@@ -304,7 +328,7 @@ def test_rejects_bad_sizes():
 
 @cuda_only
 @pytest.mark.parametrize("path,m", [("skinny", 2), ("skinny", 16), ("tc", 512), ("generic", 64),
-                                    ("wgmma", 300)])
+                                    ("wgmma", 300), ("wgmma2", 300)])
 def test_cuda_graph_capture(path, m):
     g = gen(6000)
     n, k = 256, 512
@@ -344,10 +368,11 @@ def test_side_stream():
 
 
 @cuda_only
-@pytest.mark.parametrize("path", ["tc", "generic", "wgmma"])
-def test_m_beyond_one_grid(path):
-    # More token tiles than gridDim.y allows (65535 x 128 for tc / wgmma, 65535 x 64 for generic):
-    # the launcher splits M.
+@pytest.mark.parametrize("path", ["tc", "generic", "wgmma", "wgmma2"])
+def test_m_beyond_one_grid(path, monkeypatch):
+    # More token tiles than gridDim.y allows (65535 x 128 for tc / wgmma / wgmma2 with 128-token
+    # tiles, 65535 x 64 for generic): the launcher splits M.
+    monkeypatch.setenv("TERDIT_WGMMA2_TILE", "128x128")
     g = gen(8000)
     n, k = 16, 16
     m = 65535 * 128 + 37

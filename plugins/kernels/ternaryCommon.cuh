@@ -48,6 +48,8 @@ struct Elem<__half>
     //! fp16: B = 1024, 256, 64 (ulp 1, 1/4, 1/16 -> code at bit 0, 2, 4 adds exactly c).
     static constexpr uint32_t kMAGIC0 = 0x64006400u, kMAGIC2 = 0x5C005C00u, kMAGIC4 = 0x54005400u;
     static constexpr uint32_t kOFFSET0 = 0x64016401u, kOFFSET2 = 0x5C045C04u, kOFFSET4 = 0x54105410u;
+    //! decodeFragPair: half 0 holds its code at bit 0 (B = 1024), half 1 at bit 2 (B = 256).
+    static constexpr uint32_t kMAGIC_FRAG = 0x5C006400u, kOFFSET_FRAG = 0x5C046401u;
     __device__ static uint32_t sub2(uint32_t a, uint32_t b)
     {
         __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
@@ -68,6 +70,8 @@ struct Elem<__nv_bfloat16>
     //! bf16: B = 128, 32, 8 (7 mantissa bits: ulp 1, 1/4, 1/16 at those exponents).
     static constexpr uint32_t kMAGIC0 = 0x43004300u, kMAGIC2 = 0x42004200u, kMAGIC4 = 0x41004100u;
     static constexpr uint32_t kOFFSET0 = 0x43014301u, kOFFSET2 = 0x42044204u, kOFFSET4 = 0x41104110u;
+    //! decodeFragPair: half 0 holds its code at bit 0 (B = 128), half 1 at bit 2 (B = 32).
+    static constexpr uint32_t kMAGIC_FRAG = 0x42004300u, kOFFSET_FRAG = 0x42044301u;
     __device__ static uint32_t sub2(uint32_t a, uint32_t b)
     {
         __nv_bfloat162 r
@@ -127,6 +131,27 @@ __device__ __forceinline__ uint32_t decodeAdjacentPair(uint32_t nibble)
     return Elem<T>::sub2(v, Elem<T>::kOFFSET0);
 }
 
+//! Byte-permute selector for decodeFragPair: byte b of the (shifted) word into bytes 0 and 2 of
+//! the result, zeros in bytes 1 and 3.
+__host__ __device__ constexpr uint32_t fragSelector(uint32_t b)
+{
+    return 0x4040u | b | (b << 8);
+}
+
+//! An mma / wgmma A-fragment register (columns c, c + 1 of one row, c even; codes at bits 2c ..
+//! 2c + 3 of the k16 word) in three instructions: `x` is the word shifted right by
+//! 4 * ((c / 2) & 1), so the two codes sit in bits 0-3 of byte c / 4 of x; `sel` =
+//! fragSelector(c / 4) copies that byte into bytes 0 and 2; the mask keeps code c at bit 0 of
+//! half 0 and code c + 1 at bit 2 of half 1 (bits 18-19), and the per-half magic / offset pair
+//! turns both into code - 1 exactly (see Elem). For lane t of an m16n8k16 / m64nNk16 A fragment:
+//! c = 2t (registers 0, 1) and 2t + 8 (registers 2, 3), one shift by 4 * (t & 1) per word.
+template <typename T>
+__device__ __forceinline__ uint32_t decodeFragPair(uint32_t x, uint32_t sel)
+{
+    uint32_t const v = (__byte_perm(x, 0u, sel) & 0x000C0003u) | Elem<T>::kMAGIC_FRAG;
+    return Elem<T>::sub2(v, Elem<T>::kOFFSET_FRAG);
+}
+
 __device__ __forceinline__ uint32_t smemAddress(void const* p)
 {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -152,6 +177,7 @@ cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchWgmma(LaunchContext const& ctx, cudaStream_t stream);
+cudaError_t launchWgmma2(LaunchContext const& ctx, cudaStream_t stream);
 
 //! Largest M one skinny launch handles (four 8-token MMA tiles).
 constexpr int64_t kSKINNY_MAX_M = 32;

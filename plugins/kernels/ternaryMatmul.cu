@@ -7,12 +7,14 @@
  *   |---------------------------------------------|----------------------------------------|
  *   | m == 0                                      | nothing                                |
  *   | dtype float32, or X / Y not 16-byte aligned | generic  (FFMA, fp32, 64x64 tiles)     |
- *   | path forced (params.path / env)             | that kernel (wgmma: sm_90 only, else tc)|
+ *   | path forced (params.path / env)             | that kernel (wgmma, wgmma2: sm_90 only, |
+ *   |                                             |   else tc)                             |
  *   | m <= 32, or m <= 64 and < 1 tc column block  | skinny   (swap-AB mma.sync, split-K)   |
  *   |   per SM                                    |                                        |
  *   | otherwise                                   | tc       (mma.sync, 4-stage cp.async)  |
  *
- * wgmma (sm_90a warpgroup MMA) is opt-in until it has been validated on a Hopper GPU.
+ * wgmma and wgmma2 (sm_90a warpgroup MMA) are opt-in (TERDIT_LARGE_M_KERNEL=wgmma | wgmma2) until
+ * the GPU bench shows them faster than tc.
  * 16-byte weight loads are used when K % 64 == 0 and W is 16-byte aligned, 4-byte loads otherwise.
  */
 #include "ternaryCommon.cuh"
@@ -229,15 +231,27 @@ KernelPath pathFromEnv()
     {
         return KernelPath::kWGMMA;
     }
+    if (std::strcmp(env, "wgmma2") == 0)
+    {
+        return KernelPath::kWGMMA2;
+    }
     return KernelPath::kAUTO;
 }
 
-//! The large-M kernel under kAUTO: TERDIT_LARGE_M_KERNEL=wgmma picks the sm_90a wgmma kernel,
-//! anything else (the default) the mma.sync tc kernel.
+//! The large-M kernel under kAUTO: TERDIT_LARGE_M_KERNEL=wgmma / wgmma2 picks an sm_90a wgmma
+//! kernel, anything else (the default) the mma.sync tc kernel.
 KernelPath largeMFromEnv()
 {
     char const* env = std::getenv("TERDIT_LARGE_M_KERNEL");
-    return env != nullptr && std::strcmp(env, "wgmma") == 0 ? KernelPath::kWGMMA : KernelPath::kTC;
+    if (env != nullptr && std::strcmp(env, "wgmma") == 0)
+    {
+        return KernelPath::kWGMMA;
+    }
+    if (env != nullptr && std::strcmp(env, "wgmma2") == 0)
+    {
+        return KernelPath::kWGMMA2;
+    }
+    return KernelPath::kTC;
 }
 
 //! A device attribute, cached per device (the launcher runs on every call).
@@ -334,10 +348,10 @@ char const* ternaryMatmulCheck(TernaryMatmulParams const& p)
             "multiple of 16 each)", p.n);
         return msg;
     }
-    if (static_cast<int32_t>(p.path) < 0 || static_cast<int32_t>(p.path) > 4)
+    if (static_cast<int32_t>(p.path) < 0 || static_cast<int32_t>(p.path) > 5)
     {
-        std::snprintf(msg, size, "path=%d is not one of 0 (auto), 1 (skinny), 2 (tc), 3 (generic), 4 (wgmma)",
-            static_cast<int>(p.path));
+        std::snprintf(msg, size, "path=%d is not one of 0 (auto), 1 (skinny), 2 (tc), 3 (generic), 4 (wgmma), "
+            "5 (wgmma2)", static_cast<int>(p.path));
         return msg;
     }
     if (p.m > 0 && (p.x == nullptr || p.w == nullptr || p.scale == nullptr || p.y == nullptr))
@@ -382,15 +396,16 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
             || (params.m <= 2 * kernels::kSKINNY_MAX_M && colBlocks < ctx.numSMs);
         path = skinny ? KernelPath::kSKINNY : kernels::largeMFromEnv();
     }
-    if (path == KernelPath::kWGMMA && ctx.ccMajor != 9)
+    if ((path == KernelPath::kWGMMA || path == KernelPath::kWGMMA2) && ctx.ccMajor != 9)
     {
-        path = KernelPath::kTC; // the wgmma kernel is built for sm_90a only
+        path = KernelPath::kTC; // the wgmma kernels are built for sm_90a only
     }
     switch (path)
     {
     case KernelPath::kSKINNY: return kernels::launchSkinny(ctx, stream);
     case KernelPath::kTC: return kernels::launchTensorCore(ctx, stream);
     case KernelPath::kWGMMA: return kernels::launchWgmma(ctx, stream);
+    case KernelPath::kWGMMA2: return kernels::launchWgmma2(ctx, stream);
     default: return kernels::launchGeneric(ctx, stream);
     }
 }

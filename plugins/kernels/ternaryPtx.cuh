@@ -157,6 +157,14 @@ __device__ __forceinline__ void wgmmaM64N128K16<__half>(float (&d)[64], uint32_t
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(descB), "n"(1));
 }
 
+//! Same instruction with the A fragment as one array: the form the pipelined kernel uses (the CPU
+//! emulator re-reads the array when the wgmma retires, so a premature overwrite shows up there).
+template <typename T>
+__device__ __forceinline__ void wgmmaM64N128K16(float (&d)[64], uint32_t const (&a)[4], uint64_t descB)
+{
+    wgmmaM64N128K16<T>(d, a[0], a[1], a[2], a[3], descB);
+}
+
 __device__ __forceinline__ void wgmmaFence()
 {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -170,6 +178,13 @@ __device__ __forceinline__ void wgmmaCommit()
 __device__ __forceinline__ void wgmmaWaitAll()
 {
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+
+//! Waits until at most N committed wgmma groups of this warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmmaWait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
 //! Makes this thread's completed cp.async writes visible to the tensor cores (async proxy).

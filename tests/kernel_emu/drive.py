@@ -1,6 +1,10 @@
 """Sweeps the emulated kernel library (see emulator.py) against the fp64 reference.
 
-    python tests/kernel_emu/drive.py LIB [--paths skinny,tc,wgmma,generic] [--quick]
+    python tests/kernel_emu/drive.py LIB [--paths skinny,tc,wgmma,wgmma2,generic] [--quick]
+
+A path may name a variant after "@": wgmma2@128x256 / @256x128 / @128x128 sets
+TERDIT_WGMMA2_TILE (the wgmma2 tile configuration) for its cases; wgmma2@cycle gives each case
+the next of the three (every configuration on a third of the cases, for the quick suite).
 
 Run as its own process: the emulator aborts on a misaligned access. TERDIT_EMU_SMS (SM count
 the dispatch sees) and TERDIT_EMU_CC_MAJOR are read from the environment. Every output buffer is
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from terdit import kernels  # noqa: E402
 from terdit.ternary import pack_k16  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WGMMA2_TILES = ("128x256", "256x128", "128x128")
 GUARD = 64  # elements of fence on each side (keeps 16-byte alignment for every dtype)
 
 
@@ -50,7 +56,9 @@ def run_case(lib, m, n, k, dtype, path, swiglu, bias, misalign_w, gen):
                                    None if b is None else b.data_ptr(), yv.data_ptr(), m, n, k,
                                    kernels._DTYPES[dtype], 1 if swiglu else 0, kernels.PATHS[path],
                                    None)
-    what = (f"path={path} {dtype} M={m} N={n} K={k} swiglu={swiglu} bias={bias} "
+    tile = os.environ.get("TERDIT_WGMMA2_TILE") if path == "wgmma2" else None
+    what = (f"path={path}{'@' + tile if tile else ''} {dtype} M={m} N={n} K={k} swiglu={swiglu} "
+            f"bias={bias} "
             f"misaligned_w={misalign_w}")
     if rc != 0:
         return f"{what}: rc={rc}"
@@ -84,16 +92,21 @@ def cases(quick, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lib", type=Path)
-    parser.add_argument("--paths", default="auto,skinny,tc,wgmma,generic")
+    parser.add_argument("--paths", default="auto,skinny,tc,wgmma,wgmma2,wgmma2@128x256,"
+                        "wgmma2@256x128,wgmma2@128x128,generic")
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     lib = kernels.open_library(args.lib)
     gen = torch.Generator().manual_seed(0)
     failures, count = [], 0
-    for path in args.paths.split(","):
+    for spec in args.paths.split(","):
+        path, _, variant = spec.partition("@")
         for dtype in args.dtypes.split(","):
             for i, (m, n, k) in enumerate(cases(args.quick, path)):
+                if path == "wgmma2":  # "" lets the launcher choose
+                    os.environ["TERDIT_WGMMA2_TILE"] = (WGMMA2_TILES[i % len(WGMMA2_TILES)]
+                                                        if variant == "cycle" else variant)
                 swiglu = n % 32 == 0 and i % 3 == 1
                 msg = run_case(lib, m, n, k, DTYPES[dtype], path, swiglu, bias=i % 2 == 0,
                                misalign_w=i % 4 == 3, gen=gen)

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "emu.h"
 
@@ -192,51 +194,93 @@ inline uint4 ldgCached16(void const* p)
 }
 
 // ---- wgmma -------------------------------------------------------------------------------------
+//
+// wgmma.mma_async is asynchronous: an issued instruction joins the open group, wgmma.commit_group
+// closes the group, wgmma.wait_group N retires every committed group but the newest N, in order.
+// The emulator performs an instruction only when it retires, which makes a kernel wrong (and
+// the sweep fail) when it reads the accumulators too early; and it fails outright when the
+// kernel overwrote the A fragment (passed as an array), the accumulators or the B tile in shared
+// memory while the instruction was in flight. Every group must begin with wgmma.fence (the
+// kernels write the A fragments before each group, and PTX requires the fence between such
+// writes and the wgmma reading them).
 
-//! wgmma.mma_async m64n128k16, A in registers (warp w of the warpgroup holds rows 16w .. 16w + 15
-//! in the mma.m16n8k16 A layout), B = 128 x 16 from shared memory via a K-major, 128-byte-swizzle
-//! descriptor, D: element 4j + e of lane (g, t) in warp w = row 16w + g (+8 for e >= 2),
-//! column 8j + 2t + (e & 1). Performed synchronously.
-template <typename T>
-inline void wgmmaM64N128K16(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t descB)
+namespace detail
+{
+//! B element (token n, column k) of a K-major, 128-byte-swizzle descriptor.
+inline uint16_t wgmmaB(uint64_t descB, unsigned n, unsigned k)
+{
+    uint32_t const start = static_cast<uint32_t>(descB & 0x3FFF) << 4;
+    uint32_t const sbo = static_cast<uint32_t>((descB >> 32) & 0x3FFF) << 4;
+    uint32_t addr = start + (n >> 3) * sbo + (n & 7) * 128 + k * 2;
+    addr ^= ((addr >> 7) & 7u) << 4; // 128-byte swizzle: 16-byte chunk ^= row within 8
+    uint16_t bits;
+    std::memcpy(&bits, emu::sharedPtr(addr), 2);
+    return bits;
+}
+
+inline std::vector<uint16_t> wgmmaBTile(uint64_t descB)
+{
+    std::vector<uint16_t> tile(128 * 16);
+    for (unsigned n = 0; n < 128; ++n)
+    {
+        for (unsigned k = 0; k < 16; ++k)
+        {
+            tile[n * 16 + k] = wgmmaB(descB, n, k);
+        }
+    }
+    return tile;
+}
+
+inline float toFloat(uint16_t bits, bool bf16)
+{
+    return bf16 ? emu::bf16ToFloat(bits) : emu::halfToFloat(bits);
+}
+
+//! Performs one retiring wgmma m64n128k16 (all 128 threads of the warpgroup call this together).
+inline void wgmmaPerform(emu::PendingMma const& op)
 {
     auto& slots = emu::tls.cta->slots;
     unsigned const tid = emu::tls.thread.x;
     unsigned const base = (tid >> 7) * 128;
+    unsigned const l = tid & 127;
+    uint32_t a[4];
+    std::memcpy(a, op.aRef != nullptr ? op.aRef : op.a, sizeof(a));
+    if (std::memcmp(a, op.a, sizeof(a)) != 0)
+    {
+        emu::fail("wgmma: A fragment registers were overwritten while the wgmma was in flight");
+    }
+    if (op.checkD && std::memcmp(op.d, op.dSnap, sizeof(op.dSnap)) != 0)
+    {
+        emu::fail("wgmma: accumulator registers were modified while the wgmma was in flight");
+    }
     auto& my = slots[tid];
-    my.u[0] = a0;
-    my.u[1] = a1;
-    my.u[2] = a2;
-    my.u[3] = a3;
-    my.desc = descB;
+    std::memcpy(my.u, a, sizeof(a));
+    my.desc = op.desc;
     emu::syncGroup();
-    if (slots[base].desc != descB)
+    if (slots[base].desc != op.desc)
     {
         emu::fail("wgmma: lanes of a warpgroup passed different descriptors");
     }
-    if ((descB >> 62) != 1 || ((descB >> 49) & 7) != 0)
+    if (l == 0 && wgmmaBTile(op.desc) != op.bSnap)
     {
-        emu::fail("wgmma: descriptor is not 128-byte swizzle with base offset 0");
+        emu::fail("wgmma: shared memory of the B tile changed while the wgmma was in flight");
     }
-    uint32_t const start = static_cast<uint32_t>(descB & 0x3FFF) << 4;
-    uint32_t const sbo = static_cast<uint32_t>((descB >> 32) & 0x3FFF) << 4;
     float A[64][16];
-    for (unsigned l = 0; l < 128; ++l)
+    for (unsigned q = 0; q < 128; ++q)
     {
-        auto const& s = slots[base + l];
-        unsigned const w = l >> 5;
-        unsigned const g = (l & 31) >> 2;
-        unsigned const t = l & 3;
+        auto const& sq = slots[base + q];
+        unsigned const w = q >> 5;
+        unsigned const g = (q & 31) >> 2;
+        unsigned const t = q & 3;
         for (int e = 0; e < 2; ++e)
         {
-            A[16 * w + g][2 * t + e] = detail::half<T>(s.u[0], e);
-            A[16 * w + g + 8][2 * t + e] = detail::half<T>(s.u[1], e);
-            A[16 * w + g][2 * t + 8 + e] = detail::half<T>(s.u[2], e);
-            A[16 * w + g + 8][2 * t + 8 + e] = detail::half<T>(s.u[3], e);
+            A[16 * w + g][2 * t + e] = toFloat(static_cast<uint16_t>(sq.u[0] >> (16 * e)), op.bf16);
+            A[16 * w + g + 8][2 * t + e] = toFloat(static_cast<uint16_t>(sq.u[1] >> (16 * e)), op.bf16);
+            A[16 * w + g][2 * t + 8 + e] = toFloat(static_cast<uint16_t>(sq.u[2] >> (16 * e)), op.bf16);
+            A[16 * w + g + 8][2 * t + 8 + e] = toFloat(static_cast<uint16_t>(sq.u[3] >> (16 * e)), op.bf16);
         }
     }
     emu::syncGroup();
-    unsigned const l = tid & 127;
     unsigned const w = l >> 5;
     unsigned const g = (l & 31) >> 2;
     unsigned const t = l & 3;
@@ -244,22 +288,116 @@ inline void wgmmaM64N128K16(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a
     {
         unsigned const row = 16 * w + g + ((i & 2) ? 8 : 0);
         unsigned const n = 8 * (i >> 2) + 2 * t + (i & 1);
-        float acc = d[i];
-        for (int k = 0; k < 16; ++k)
+        float acc = op.d[i];
+        for (unsigned k = 0; k < 16; ++k)
         {
-            uint32_t addr = start + (n >> 3) * sbo + (n & 7) * 128 + k * 2;
-            addr ^= ((addr >> 7) & 7u) << 4; // 128-byte swizzle: 16-byte chunk ^= row within 8
-            uint16_t bits;
-            std::memcpy(&bits, emu::sharedPtr(addr), 2);
-            acc += A[row][k] * detail::lo<T>(bits);
+            acc += A[row][k] * toFloat(wgmmaB(op.desc, n, k), op.bf16);
         }
-        d[i] = acc;
+        op.d[i] = acc;
     }
 }
 
-inline void wgmmaFence() {}
-inline void wgmmaCommit() {}
-inline void wgmmaWaitAll() {}
+template <typename T>
+inline void wgmmaIssue(float (&d)[64], uint32_t const* aRef, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+    uint64_t descB)
+{
+    if (!emu::tls.mmaFenced)
+    {
+        emu::fail("wgmma.mma_async in a group that did not begin with wgmma.fence");
+    }
+    if ((descB >> 62) != 1 || ((descB >> 49) & 7) != 0)
+    {
+        emu::fail("wgmma: descriptor is not 128-byte swizzle with base offset 0");
+    }
+    emu::PendingMma op;
+    op.d = d;
+    op.aRef = aRef;
+    op.a[0] = a0;
+    op.a[1] = a1;
+    op.a[2] = a2;
+    op.a[3] = a3;
+    op.desc = descB;
+    op.bf16 = std::is_same<T, __nv_bfloat16>::value;
+    op.checkD = true;
+    for (auto const& other : emu::tls.mmas)
+    {
+        if (other.d == d)
+        {
+            op.checkD = false; // chained on the same accumulators: the oldest one checks them
+        }
+    }
+    if (op.checkD)
+    {
+        std::memcpy(op.dSnap, d, sizeof(op.dSnap));
+    }
+    if ((emu::tls.thread.x & 127) == 0)
+    {
+        op.bSnap = wgmmaBTile(descB);
+    }
+    emu::tls.mmas.push_back(std::move(op));
+}
+} // namespace detail
+
+//! wgmma.mma_async m64n128k16, A in registers (warp w of the warpgroup holds rows 16w .. 16w + 15
+//! in the mma.m16n8k16 A layout), B = 128 x 16 from shared memory via a K-major, 128-byte-swizzle
+//! descriptor, D: element 4j + e of lane (g, t) in warp w = row 16w + g (+8 for e >= 2),
+//! column 8j + 2t + (e & 1).
+template <typename T>
+inline void wgmmaM64N128K16(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t descB)
+{
+    detail::wgmmaIssue<T>(d, nullptr, a0, a1, a2, a3, descB);
+}
+
+template <typename T>
+inline void wgmmaM64N128K16(float (&d)[64], uint32_t const (&a)[4], uint64_t descB)
+{
+    detail::wgmmaIssue<T>(d, a, a[0], a[1], a[2], a[3], descB);
+}
+
+inline void wgmmaFence()
+{
+    emu::tls.mmaFenced = true;
+}
+
+inline void wgmmaCommit()
+{
+    for (auto& op : emu::tls.mmas)
+    {
+        if (op.group < 0)
+        {
+            op.group = emu::tls.mmaGroups;
+        }
+    }
+    ++emu::tls.mmaGroups;
+    emu::tls.mmaFenced = false;
+}
+
+template <int N>
+inline void wgmmaWait()
+{
+    auto& mmas = emu::tls.mmas;
+    for (auto const& op : mmas)
+    {
+        if (op.group < 0)
+        {
+            emu::fail("wgmma.wait_group with uncommitted wgmma.mma_async (commit_group first)");
+        }
+    }
+    int const limit = emu::tls.mmaGroups - N; // groups older than this one retire
+    size_t done = 0;
+    while (done < mmas.size() && mmas[done].group < limit)
+    {
+        detail::wgmmaPerform(mmas[done]);
+        ++done;
+    }
+    mmas.erase(mmas.begin(), mmas.begin() + static_cast<std::ptrdiff_t>(done));
+}
+
+inline void wgmmaWaitAll()
+{
+    wgmmaWait<0>();
+}
+
 inline void fenceProxyAsync() {}
 inline void pin(float&) {}
 inline void pin(uint32_t&) {}

@@ -2,7 +2,9 @@
 // real kernel sources (plugins/kernels) can be compiled with g++ and run on a machine without a
 // GPU: each CTA runs as blockDim.x OS threads with real barriers; warp- and warpgroup-collective
 // instructions (mma.sync, ldmatrix, wgmma) rendezvous their lanes and apply the PTX ISA fragment
-// layouts; cp.async copies land only when the matching cp.async.wait_group retires them; dynamic
+// layouts; cp.async copies land only when the matching cp.async.wait_group retires them, and
+// wgmma.mma_async runs only when a wgmma.wait_group retires its group (with checks that nothing
+// it reads or writes was touched in between); dynamic
 // shared memory starts poisoned; vector accesses check their alignment. It checks the kernels'
 // index math and data flow under these models of the instructions, not the hardware itself.
 #pragma once
@@ -237,6 +239,23 @@ struct PendingCopy
     int group;
 };
 
+//! One wgmma.mma_async in flight (issued, not yet retired by a wgmma.wait_group). It is performed
+//! when it retires: A is re-read then from the caller's array (when passed as one) and must equal
+//! its value at issue, the accumulators must be untouched since issue, and the B tile in shared
+//! memory must read the same at issue and at retirement; any difference is a race in the kernel.
+struct PendingMma
+{
+    float* d;
+    uint32_t const* aRef; //!< the caller's A array, or nullptr when A was passed by value
+    uint32_t a[4];        //!< A at issue
+    uint64_t desc;
+    bool bf16;
+    int group = -1;       //!< commit group, -1 until wgmma.commit_group
+    bool checkD = false;  //!< the first in-flight wgmma on these accumulators keeps their snapshot
+    float dSnap[64];
+    std::vector<uint16_t> bSnap; //!< B tile at issue (warpgroup leader only)
+};
+
 struct ThreadState
 {
     dim3 thread;
@@ -246,6 +265,9 @@ struct ThreadState
     Cta* cta = nullptr;
     std::vector<PendingCopy> pending;
     int committed = 0;
+    std::vector<PendingMma> mmas;
+    int mmaGroups = 0;
+    bool mmaFenced = false;
 };
 
 inline thread_local ThreadState tls;
@@ -335,6 +357,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
                     tls.gridSize = grid;
                     tls.cta = &cta;
                     kernel(args...);
+                    if (!tls.mmas.empty())
+                    {
+                        fail("kernel exited with wgmma.mma_async not retired by wgmma.wait_group");
+                    }
+                    if (!tls.pending.empty())
+                    {
+                        fail("kernel exited with cp.async copies not waited for");
+                    }
                     tls.cta = nullptr;
                 });
             }

@@ -234,6 +234,7 @@ class SampleConfig:
     eta: float = 0.0
     batch_size: int = 250
     seed: int = 0
+    clip_denoised: bool = False     # clamp x0 predictions to [-1, 1] (pixel-space models)
 
 
 def balanced_labels(n: int, num_classes: int) -> Tensor:
@@ -257,7 +258,8 @@ def generate(model, sc: SampleConfig, labels: Optional[Tensor] = None,
     for b, i in enumerate(batches):
         g = torch.Generator().manual_seed(sc.seed * 1_000_003 + b)
         x = sample_images(model, labels[i:i + sc.batch_size], steps=sc.steps, sampler="ddim",
-                          cfg_scale=sc.cfg_scale, cfg_mode=sc.cfg_mode, eta=sc.eta, generator=g)
+                          cfg_scale=sc.cfg_scale, cfg_mode=sc.cfg_mode, eta=sc.eta,
+                          clip_denoised=sc.clip_denoised, generator=g)
         out.append(to_uint8(x.clamp(-1, 1).cpu()))
     return torch.cat(out), labels
 
@@ -331,7 +333,7 @@ def _load_model(path: str):
 def cmd_metrics(args) -> dict:
     t0 = time.perf_counter()
     sc = SampleConfig(args.num_samples, args.steps, args.cfg_scale, args.cfg_mode, args.eta,
-                      args.batch_size, args.seed)
+                      args.batch_size, args.seed, args.clip_denoised)
     if args.samples:
         images, labels = load_npz(args.samples)
         source = {"samples": args.samples}
@@ -340,7 +342,7 @@ def cmd_metrics(args) -> dict:
         images, labels = generate(model, sc, progress=args.progress)
         source = {"ckpt": args.ckpt, "sampler": f"ddim{sc.steps}", "cfg_scale": sc.cfg_scale,
                   "cfg_mode": sc.cfg_mode or model.cfg.default_cfg_mode, "eta": sc.eta,
-                  "seed": sc.seed}
+                  "clip_denoised": sc.clip_denoised, "seed": sc.seed}
         if args.save_samples:
             save_npz(Path(args.save_samples), images, labels)
     t_gen = time.perf_counter() - t0
@@ -386,7 +388,7 @@ def cmd_grid(args) -> dict:
         rows = model.cfg.num_classes
         labels = torch.arange(rows).repeat_interleave(args.per_class)
         sc = SampleConfig(len(labels), args.steps, args.cfg_scale, args.cfg_mode, args.eta,
-                          len(labels), args.seed)
+                          len(labels), args.seed, args.clip_denoised)
         images, _ = generate(model, sc, labels)
         source = {"ckpt": args.ckpt, "sampler": f"ddim{args.steps}",
                   "cfg_scale": args.cfg_scale, "seed": args.seed}
@@ -434,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--cfg-mode", default=sd.cfg_mode, choices=["official", "standard"])
         q.add_argument("--eta", type=float, default=sd.eta)
         q.add_argument("--seed", type=int, default=sd.seed)
+        q.add_argument("--clip-denoised", action="store_true",
+                       help="clamp x0 predictions to [-1, 1] (pixel-space models)")
 
     m = sub.add_parser("metrics", help="FID and class accuracy of generated samples")
     src = m.add_mutually_exclusive_group(required=True)

@@ -246,10 +246,39 @@ def ort_session(path: Path, large: bool):
                                 disabled_optimizers=disabled)
 
 
-def _reference_evaluator(path: Path):
-    import onnx
-    from onnx.reference import ReferenceEvaluator
-    return ReferenceEvaluator(onnx.load(str(path)), new_ops=contract.reference_ops())
+class FrugalReference:
+    """onnx.reference with the Python TernaryMatMul OpRun, run node by node and freeing every
+    intermediate after its last use (ReferenceEvaluator.run keeps them all, which for a 4.2B
+    model at 256 tokens means tens of GB)."""
+
+    def __init__(self, path: Path) -> None:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+        self.ev = ReferenceEvaluator(onnx.load(str(path)), new_ops=contract.reference_ops())
+
+    def run(self, output_names, feeds: dict) -> list:
+        ev = self.ev
+        names = list(output_names or ev.output_names)
+        results = {"": None, **ev.rt_inits_, **feeds}
+        last_use: dict[str, int] = {}
+        for idx, node in enumerate(ev.rt_nodes_):
+            for name in node.input:
+                last_use[name] = idx
+        keep = set(names) | set(ev.rt_inits_)
+        for idx, node in enumerate(ev.rt_nodes_):
+            inputs = [results[name] for name in node.input]
+            outs = (node.run(*inputs, context=results) if node.need_context()
+                    else node.run(*inputs))
+            for name, value in zip(node.output, outs):
+                results[name] = value
+            for name in set(node.input):
+                if last_use.get(name) == idx and name not in keep and name:
+                    del results[name]
+        return [results[name] for name in names]
+
+
+def _reference_evaluator(path: Path) -> FrugalReference:
+    return FrugalReference(path)
 
 
 def reference_outputs(graph: DiffusionGraph, cfg, options: ExportOptions) -> list[dict]:

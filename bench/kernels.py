@@ -9,7 +9,9 @@ adaLN of all blocks) and M in {2, 16, 512, 2048, 8192}, in bf16, times
 with triton.testing.do_bench (L2 flushed before every rep, medians), plus the stacked-adaLN
 comparison: one stacked call vs 32 (or 16) separate cuBLAS adaLN calls at M=2. On Hopper the
 opt-in large-M kernels are timed too for M > 32, each in its own columns: wgmma, wgmma2 (the
-launcher's tile choice) and wgmma2 with each tile configuration forced (TERDIT_WGMMA2_TILE).
+launcher's tile choice) and wgmma2 with each tile configuration forced (TERDIT_WGMMA2_TILE);
+for M <= 32 the opt-in skinny2 kernel (weights through cp.async rings) has its own columns, and
+the stacked-adaLN comparison times it too.
 
     python bench/kernels.py            # full run (about a minute on an H200)
     python bench/kernels.py --quick    # smoke run
@@ -78,6 +80,8 @@ class Row:
     wgmma2_rel_err_vs_cublas: Optional[float] = None
     wgmma2_tile_us: Optional[Dict[str, float]] = None  # each tile configuration forced
     wgmma2_tile_max_rel_err: Optional[float] = None
+    skinny2_us: Optional[float] = None  # the opt-in small-M ring kernel (M <= 32)
+    skinny2_rel_err_vs_cublas: Optional[float] = None
 
 
 def layer_shapes(models: Sequence[str]) -> List[Shape]:
@@ -182,17 +186,26 @@ def bench_layers(shapes: Sequence[Shape], m_values: Sequence[int], measure,
                         wg2_tiles[tile] = measure(partial(layer.ours, x, out))
                     errs.append(relative_error(out[:head], ref))
                 wg2_tile_err = max(errs)
+            sk2_us = sk2_rel = None
+            if m <= 32:
+                out.fill_(float("nan"))
+                with kernels.force_path("skinny2"):
+                    sk2_us = measure(partial(layer.ours, x, out))
+                sk2_rel = relative_error(out[:head], ref)
             cublas_us = measure(partial(layer.cublas, x))
             official_us = measure(partial(layer.official, x))
             flops = 2.0 * m * shape.n * shape.k
             rows.append(Row(shape.model, shape.layer, shape.n, shape.k, m, ours_us, cublas_us,
                             official_us, cublas_us / ours_us, official_us / ours_us,
                             flops / ours_us * 1e-6, shape.n * shape.k / 4 / ours_us * 1e-3, rel,
-                            wg_us, wg_rel, wg2_us, wg2_rel, wg2_tiles, wg2_tile_err))
+                            wg_us, wg_rel, wg2_us, wg2_rel, wg2_tiles, wg2_tile_err, sk2_us,
+                            sk2_rel))
             wg_text = "" if wg_us is None else (
                 f"  wgmma {wg_us:9.1f} us (rel_err {wg_rel:.1e})  wgmma2 {wg2_us:9.1f} us (rel_err "
                 f"{wg2_rel:.1e}; tiles " + " ".join(f"{t} {v:.1f}" for t, v in wg2_tiles.items())
                 + f", max rel_err {wg2_tile_err:.1e})")
+            if sk2_us is not None:
+                wg_text += f"  skinny2 {sk2_us:9.1f} us (rel_err {sk2_rel:.1e})"
             print(f"  {shape.model:5s} {shape.layer:14s} N={shape.n:6d} K={shape.k:5d} M={m:5d}: "
                   f"ours {ours_us:9.1f} us  cublas {cublas_us:9.1f} us  official "
                   f"{official_us:9.1f} us  rel_err {rel:.1e}{wg_text}", flush=True)
@@ -216,16 +229,22 @@ def bench_stacked_adaln(model: str, m: int, measure) -> Dict[str, float]:
     x = torch.randn(m, k, generator=gen, device=DEVICE).to(torch.bfloat16)
     out = torch.empty(m, blocks * n, device=DEVICE, dtype=torch.bfloat16)
 
+    def skinny2():
+        with kernels.force_path("skinny2"):
+            stacked.ours(x, out)
+
     def separate():
         for w, b in zip(per_block, per_bias, strict=True):
             F.linear(x, w, b)
 
     res = {"model": model, "m": m, "blocks": blocks, "n_per_block": n, "k": k,
            "ours_stacked_us": measure(lambda: stacked.ours(x, out)),
+           "ours_skinny2_stacked_us": measure(skinny2),
            "cublas_separate_us": measure(separate),
            "cublas_stacked_us": measure(lambda: stacked.cublas(x))}
     res["speedup_vs_separate"] = res["cublas_separate_us"] / res["ours_stacked_us"]
     res["speedup_vs_cublas_stacked"] = res["cublas_stacked_us"] / res["ours_stacked_us"]
+    res["skinny2_speedup_vs_separate"] = res["cublas_separate_us"] / res["ours_skinny2_stacked_us"]
     return res
 
 
@@ -235,8 +254,9 @@ def markdown(gpu: str, rows: Sequence[Row], stacked: Sequence[Dict[str, float]])
              "| model | layer | N | K | M | ours | cuBLAS bf16 | official unpack | x cuBLAS "
              "| x official | ours TFLOP/s | ours weight GB/s | ours rel err | wgmma (opt-in) "
              "| wgmma x cuBLAS | wgmma rel err | wgmma2 (opt-in) | wgmma2 x cuBLAS | wgmma2 rel err "
-             + "".join(f"| wgmma2 {t} " for t in WGMMA2_TILES) + "| wgmma2 tiles max rel err |",
-             "|---" * (20 + len(WGMMA2_TILES)) + "|"]
+             + "".join(f"| wgmma2 {t} " for t in WGMMA2_TILES) + "| wgmma2 tiles max rel err "
+             "| skinny2 (opt-in) | skinny2 x cuBLAS | skinny2 rel err |",
+             "|---" * (23 + len(WGMMA2_TILES)) + "|"]
     for r in rows:
         wg = ("| - | - | -" if r.wgmma_us is None else
               f"| {r.wgmma_us:.1f} | {r.cublas_us / r.wgmma_us:.2f} | "
@@ -246,6 +266,9 @@ def markdown(gpu: str, rows: Sequence[Row], stacked: Sequence[Dict[str, float]])
                f"{r.wgmma2_rel_err_vs_cublas:.1e} | "
                + " | ".join(f"{r.wgmma2_tile_us[t]:.1f}" for t in WGMMA2_TILES)
                + f" | {r.wgmma2_tile_max_rel_err:.1e}")
+        wg += (" | - | - | -" if r.skinny2_us is None else
+               f" | {r.skinny2_us:.1f} | {r.cublas_us / r.skinny2_us:.2f} | "
+               f"{r.skinny2_rel_err_vs_cublas:.1e}")
         lines.append(f"| {r.model} | {r.layer} | {r.n} | {r.k} | {r.m} | {r.ours_us:.1f} | "
                      f"{r.cublas_us:.1f} | {r.official_us:.1f} | {r.speedup_vs_cublas:.2f} | "
                      f"{r.speedup_vs_official:.2f} | {r.ours_tflops:.1f} | "
@@ -254,13 +277,15 @@ def markdown(gpu: str, rows: Sequence[Row], stacked: Sequence[Dict[str, float]])
         lines += ["", "Stacked adaLN (one GEMM for all blocks) vs one cuBLAS bf16 call per block:",
                   "",
                   "| model | M | blocks | ours stacked | cuBLAS separate | cuBLAS stacked "
-                  "| x separate | x cuBLAS stacked |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| x separate | x cuBLAS stacked | skinny2 stacked | skinny2 x separate |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for s in stacked:
             lines.append(f"| {s['model']} | {s['m']} | {s['blocks']} | "
                          f"{s['ours_stacked_us']:.1f} | "
                          f"{s['cublas_separate_us']:.1f} | {s['cublas_stacked_us']:.1f} | "
-                         f"{s['speedup_vs_separate']:.2f} | {s['speedup_vs_cublas_stacked']:.2f} |")
+                         f"{s['speedup_vs_separate']:.2f} | {s['speedup_vs_cublas_stacked']:.2f} | "
+                         f"{s['ours_skinny2_stacked_us']:.1f} | "
+                         f"{s['skinny2_speedup_vs_separate']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,8 @@ The library is plain C ABI + static cudart, so one build made with nvcc on a mac
 runs under any torch with a CUDA 13 driver (no torch C++ extension, no version coupling).
 
 Importing this module makes no CUDA call. Kernel choice: see plugins/kernels/README.md;
-`force_path("skinny" | "tc" | "generic" | "wgmma" | "wgmma2")` pins one kernel family (tests,
-benchmarks).
+`force_path("skinny" | "skinny2" | "tc" | "generic" | "wgmma" | "wgmma2")` pins one kernel family
+(tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ C_SYMBOLS = ("terditTernaryMatmul", "terditTernaryMatmulEx", "terditCheck", "ter
              "terditKernelsAbiVersion")
 ABI_VERSION = 1
 
-PATHS = {"auto": 0, "skinny": 1, "tc": 2, "generic": 3, "wgmma": 4, "wgmma2": 5}
+PATHS = {"auto": 0, "skinny": 1, "tc": 2, "generic": 3, "wgmma": 4, "wgmma2": 5, "skinny2": 6}
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _lock = threading.Lock()
@@ -186,9 +186,9 @@ def is_available() -> bool:
 
 @contextlib.contextmanager
 def force_path(name: str) -> Iterator[None]:
-    """Within the block, run every call on one kernel family: "auto", "skinny", "tc", "generic",
-    "wgmma" or "wgmma2" (float32 inputs always run "generic"; "wgmma" and "wgmma2" run "tc" on
-    GPUs other than sm_90)."""
+    """Within the block, run every call on one kernel family: "auto", "skinny", "skinny2", "tc",
+    "generic", "wgmma" or "wgmma2" (float32 inputs always run "generic"; "wgmma" and "wgmma2" run
+    "tc" on GPUs other than sm_90)."""
     global _forced_path
     if name not in PATHS:
         raise ValueError(f"kernel path {name!r} is not one of {sorted(PATHS)}")

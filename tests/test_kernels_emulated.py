@@ -1,5 +1,5 @@
 """The real TernaryMatMul kernel sources run on the CPU (tests/kernel_emu): every kernel family
-(skinny, tc, wgmma, wgmma2, generic) against the fp64 reference, with poisoned outputs, fenced
+(skinny, skinny2, tc, wgmma, wgmma2, generic) against the fp64 reference, with poisoned outputs, fenced
 buffers, misaligned weights, K / N / M tails and SwiGLU. This checks the kernels' index math and
 data flow under the emulator's model of mma.sync / ldmatrix / cp.async / wgmma (asynchronous,
 retired by wgmma.wait_group), not the GPU itself (that is tests/test_kernels_gpu.py)."""
@@ -36,7 +36,8 @@ def drive(lib, *args, sms):
 def test_emulated_kernels_bf16(emulated_lib):
     # 2 "SMs": the quick shapes then reach every skinny (MT, R) instantiation; wgmma2 cycles its
     # three tile configurations over the cases.
-    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc,wgmma,wgmma2@cycle,generic", sms=2)
+    out = drive(emulated_lib, "--quick", "--paths", "skinny,skinny2,tc,wgmma,wgmma2@cycle,generic",
+                sms=2)
     assert " 0 failed" in out
 
 

@@ -31,7 +31,7 @@ pytestmark = [
 ]
 cuda_only = pytest.mark.skipif(DRY_RUN, reason="CUDA-specific (dry run on CPU)")
 
-PATHS = ["auto", "skinny", "tc", "generic", "wgmma", "wgmma2"]  # wgmma, wgmma2 run tc off sm_90
+PATHS = ["auto", "skinny", "skinny2", "tc", "generic", "wgmma", "wgmma2"]  # wgmma* run tc off sm_90
 WGMMA2_TILES = ["128x256", "256x128", "128x128"]  # TERDIT_WGMMA2_TILE (features x tokens per CTA)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKEN_M = [1, 2, 7, 16, 33, 128, 512, 1000, 2048]
@@ -132,12 +132,14 @@ def assert_close(ours, ref, lowp, what):
 @pytest.mark.parametrize("model,layer,n,k,bias,ms", LAYER_CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in LAYER_CASES])
 @pytest.mark.parametrize("dtype,path", [("bf16", "auto"), ("fp16", "auto"), ("fp32", "auto"),
-                                        ("bf16", "wgmma"), ("bf16", "wgmma2")])
+                                        ("bf16", "wgmma"), ("bf16", "wgmma2"), ("bf16", "skinny2")])
 def test_layer_shapes(model, layer, n, k, bias, ms, dtype, path):
     if path in ("wgmma", "wgmma2"):
         ms = [m for m in ms if m > 32]  # the large-M kernel
         if not ms:
             pytest.skip("no M > 32 for this layer")
+    if path == "skinny2":
+        ms = [m for m in ms if m <= 33]  # the small-M kernel (33: two launches)
     if dtype != "bf16" and model != "600M":
         pytest.skip("fp16 / fp32 are swept on the 600M shapes (bf16 covers 4.2B)")
     if dtype == "fp32" and layer not in ("wo", "adaln"):
@@ -157,7 +159,8 @@ def test_layer_shapes(model, layer, n, k, bias, ms, dtype, path):
 
 # ---- every kernel family on odd shapes -----------------------------------------------------------
 
-ODD_NK = [(16, 16), (48, 48), (80, 80), (16, 272), (208, 80), (144, 1040), (96, 4112)]
+ODD_NK = [(16, 16), (48, 48), (80, 80), (16, 272), (208, 80), (144, 1040), (96, 4112),
+          (80, 576), (48, 2112)]  # the last two: K % 64 == 0 (16-byte weight loads, skinny2 rings)
 ODD_M = [1, 3, 5, 8, 9, 17, 33, 65, 130]
 
 
@@ -327,8 +330,8 @@ def test_rejects_bad_sizes():
 
 
 @cuda_only
-@pytest.mark.parametrize("path,m", [("skinny", 2), ("skinny", 16), ("tc", 512), ("generic", 64),
-                                    ("wgmma", 300), ("wgmma2", 300)])
+@pytest.mark.parametrize("path,m", [("skinny", 2), ("skinny", 16), ("skinny2", 2), ("skinny2", 16),
+                                    ("tc", 512), ("generic", 64), ("wgmma", 300), ("wgmma2", 300)])
 def test_cuda_graph_capture(path, m):
     g = gen(6000)
     n, k = 256, 512

@@ -174,7 +174,8 @@ struct LaunchContext
 };
 
 cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream);
-cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream);
+//! `async`: the skinny2 variant (weights through a per-warp cp.async ring; 16-byte aligned W only).
+cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream, bool async = false);
 cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchWgmma(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchWgmma2(LaunchContext const& ctx, cudaStream_t stream);

@@ -235,6 +235,10 @@ KernelPath pathFromEnv()
     {
         return KernelPath::kWGMMA2;
     }
+    if (std::strcmp(env, "skinny2") == 0)
+    {
+        return KernelPath::kSKINNY2;
+    }
     return KernelPath::kAUTO;
 }
 
@@ -252,6 +256,14 @@ KernelPath largeMFromEnv()
         return KernelPath::kWGMMA2;
     }
     return KernelPath::kTC;
+}
+
+//! The small-M kernel under kAUTO: TERDIT_SMALL_M_KERNEL=skinny2 picks the cp.async-ring variant,
+//! anything else (the default) the register-prefetch skinny kernel.
+KernelPath smallMFromEnv()
+{
+    char const* env = std::getenv("TERDIT_SMALL_M_KERNEL");
+    return env != nullptr && std::strcmp(env, "skinny2") == 0 ? KernelPath::kSKINNY2 : KernelPath::kSKINNY;
 }
 
 //! A device attribute, cached per device (the launcher runs on every call).
@@ -348,10 +360,10 @@ char const* ternaryMatmulCheck(TernaryMatmulParams const& p)
             "multiple of 16 each)", p.n);
         return msg;
     }
-    if (static_cast<int32_t>(p.path) < 0 || static_cast<int32_t>(p.path) > 5)
+    if (static_cast<int32_t>(p.path) < 0 || static_cast<int32_t>(p.path) > 6)
     {
         std::snprintf(msg, size, "path=%d is not one of 0 (auto), 1 (skinny), 2 (tc), 3 (generic), 4 (wgmma), "
-            "5 (wgmma2)", static_cast<int>(p.path));
+            "5 (wgmma2), 6 (skinny2)", static_cast<int>(p.path));
         return msg;
     }
     if (p.m > 0 && (p.x == nullptr || p.w == nullptr || p.scale == nullptr || p.y == nullptr))
@@ -394,7 +406,7 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
         int64_t const colBlocks = (static_cast<int64_t>(params.n) + 127) / 128; // SwiGLU: (n / 2) / 64 blocks
         bool const skinny = params.m <= kernels::kSKINNY_MAX_M
             || (params.m <= 2 * kernels::kSKINNY_MAX_M && colBlocks < ctx.numSMs);
-        path = skinny ? KernelPath::kSKINNY : kernels::largeMFromEnv();
+        path = skinny ? kernels::smallMFromEnv() : kernels::largeMFromEnv();
     }
     if ((path == KernelPath::kWGMMA || path == KernelPath::kWGMMA2) && ctx.ccMajor != 9)
     {
@@ -403,6 +415,7 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
     switch (path)
     {
     case KernelPath::kSKINNY: return kernels::launchSkinny(ctx, stream);
+    case KernelPath::kSKINNY2: return kernels::launchSkinny(ctx, stream, true);
     case KernelPath::kTC: return kernels::launchTensorCore(ctx, stream);
     case KernelPath::kWGMMA: return kernels::launchWgmma(ctx, stream);
     case KernelPath::kWGMMA2: return kernels::launchWgmma2(ctx, stream);

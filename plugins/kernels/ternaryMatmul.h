@@ -40,7 +40,8 @@ enum class Epilogue : int32_t
 
 //! Which kernel family runs the product. kAUTO picks from the dispatch table (README.md); the others
 //! force one family (for tests and benchmarks). When kAUTO is given, the environment variable
-//! TERDIT_KERNEL_PATH (auto | skinny | tc | generic | wgmma | wgmma2) may force a family too. float32 X
+//! TERDIT_KERNEL_PATH (auto | skinny | tc | generic | wgmma | wgmma2 | skinny2) may force a family too;
+//! TERDIT_LARGE_M_KERNEL=wgmma | wgmma2 and TERDIT_SMALL_M_KERNEL=skinny2 change what kAUTO picks. float32 X
 //! always runs the generic kernel, and so do X / Y pointers that are not 16-byte aligned; kWGMMA and
 //! kWGMMA2 run the tc kernel on GPUs other than sm_90.
 enum class KernelPath : int32_t
@@ -51,6 +52,7 @@ enum class KernelPath : int32_t
     kGENERIC = 3, //!< any dtype / alignment: fp32 FFMA kernel (the float32 path)
     kWGMMA = 4,   //!< large M on sm_90a: warpgroup MMA, decoded weights in registers (opt-in)
     kWGMMA2 = 5,  //!< large M on sm_90a: pipelined wgmma (decode overlaps the MMA; opt-in)
+    kSKINNY2 = 6, //!< small M: skinny with the weights streamed through cp.async rings (opt-in)
 };
 
 struct TernaryMatmulParams

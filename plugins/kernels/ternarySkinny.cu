@@ -14,6 +14,11 @@
  *   when K has few steps, the warps are split between row tiles and steps); partial sums meet in
  *   shared memory, where the epilogue applies scale, bias and the optional SwiGLU gate. No
  *   global workspace, one launch.
+ * - skinny2 (kASYNC): the same kernel with the weights streamed through a per-warp cp.async ring
+ *   in shared memory (8 KB per warp: 8 / 4 / 2 steps deep for R = 1 / 2 / 4) instead of register
+ *   prefetch, so 7 KB per warp stay in flight without costing registers (the register path
+ *   keeps at most one step in flight, and none for its larger variants). 16-byte aligned
+ *   weights only (K % 64 == 0); otherwise skinny2 runs the register path.
  */
 #include "ternaryCommon.cuh"
 
@@ -27,6 +32,7 @@ namespace
 constexpr int kWARPS = 8;
 constexpr int kTHREADS = kWARPS * 32;
 constexpr int kSTEP_WORDS = 16; //!< k16 words per row per step (256 columns)
+constexpr int kRING_BYTES_PER_WARP = 8192; //!< skinny2: cp.async ring of each warp
 
 struct SkinnyArgs
 {
@@ -95,10 +101,16 @@ __host__ __device__ constexpr int skinnyMinBlocks(int mt, int r)
     return (mt == 4 || mt * r >= 8) ? 1 : 2;
 }
 
-template <typename T, int MT, int R>
+//! skinny2 ring depth in steps (one step = R tiles x 16 rows x 64 bytes).
+__host__ __device__ constexpr int ringSteps(int r)
+{
+    return kRING_BYTES_PER_WARP / (r * 1024);
+}
+
+template <typename T, int MT, int R, bool kASYNC>
 __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel(SkinnyArgs const a)
 {
-    extern __shared__ float red[];
+    extern __shared__ float red[]; // kASYNC: the warps' weight rings first, then (aliased) red
 
     int const warp = threadIdx.x >> 5;
     int const lane = threadIdx.x & 31;
@@ -133,9 +145,46 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
     T const* x = static_cast<T const*>(a.x);
 
     // With kPREFETCH the next step's weights are requested before this step's math (register
-    // double buffer); the larger variants have no registers to spare for it.
-    constexpr bool kPREFETCH = MT * R <= 2;
+    // double buffer); the larger variants have no registers to spare for it. kASYNC streams them
+    // through the warp's shared-memory ring instead.
+    constexpr bool kPREFETCH = !kASYNC && MT * R <= 2;
+    constexpr int kRING = ringSteps(R);
     uint32_t wr[R][2][4];
+    char* const ring = reinterpret_cast<char*>(red) + warp * kRING_BYTES_PER_WARP;
+    uint32_t const ringAddr = kASYNC ? smemAddress(ring) : 0u;
+    // Copies the R tiles x 16 rows x 64 bytes of this warp's j-th step into ring slot j % kRING
+    // (two 16-byte copies per lane and tile; rows of tiles past N and words past K read nothing
+    // and land as zero codes, whose X columns are zero or whose rows are never stored), then
+    // commits one group, empty past the warp's last step.
+    auto issueStep = [&](int32_t j) {
+        int32_t const step = wk + j * a.warpsK;
+        if (step < a.steps)
+        {
+            uint32_t const slot = ringAddr + (j % kRING) * (R * 1024);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                {
+                    int const id = lane + 32 * h;
+                    int const row = id >> 2;
+                    int const q = id & 3;
+                    int32_t const word = step * kSTEP_WORDS + 4 * q;
+                    bool const ok = rowOk[r] && word < a.kw;
+                    int64_t const srcRow = rowG[r] - g + row;
+                    uint32_t const* src = ok ? a.w + srcRow * a.kw + word : a.w;
+                    cpAsync16(slot + r * 1024 + row * 64 + q * 16, src, ok ? 16u : 0u);
+                }
+        }
+        cpAsyncCommit();
+    };
+    if (kASYNC)
+    {
+        for (int32_t j = 0; j < kRING - 1; ++j)
+        {
+            issueStep(j);
+        }
+    }
     if (kPREFETCH)
     {
 #pragma unroll
@@ -146,17 +195,40 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
         }
     }
 
-    for (int32_t step = wk; step < a.steps; step += a.warpsK)
+    for (int32_t step = wk, j = 0; step < a.steps; step += a.warpsK, ++j)
     {
         int32_t const word0 = step * kSTEP_WORDS + 4 * t;
         uint32_t wn[R][2][4];
-#pragma unroll
-        for (int r = 0; r < R; ++r)
+        if (kASYNC)
         {
-            // A step past the end loads nothing (words >= kw read as zero weights).
-            int32_t const loadWord0 = kPREFETCH ? word0 + a.warpsK * kSTEP_WORDS : word0;
-            loadRowWords(a, rowOk[r], rowG[r], loadWord0, kPREFETCH ? wn[r][0] : wr[r][0]);
-            loadRowWords(a, rowOk[r], rowG[r] + 8, loadWord0, kPREFETCH ? wn[r][1] : wr[r][1]);
+            // Slot j is complete once all but the newest kRING - 2 groups are; the slot refilled
+            // next is the one step j - 1 read, which every lane has finished (__syncwarp).
+            cpAsyncWait<kRING - 2>();
+            __syncwarp();
+            issueStep(j + kRING - 1);
+            char const* slot = ring + (j % kRING) * (R * 1024);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                {
+                    uint4 const v = *reinterpret_cast<uint4 const*>(slot + r * 1024 + (g + 8 * h) * 64 + t * 16);
+                    wr[r][h][0] = v.x;
+                    wr[r][h][1] = v.y;
+                    wr[r][h][2] = v.z;
+                    wr[r][h][3] = v.w;
+                }
+        }
+        else
+        {
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+            {
+                // A step past the end loads nothing (words >= kw read as zero weights).
+                int32_t const loadWord0 = kPREFETCH ? word0 + a.warpsK * kSTEP_WORDS : word0;
+                loadRowWords(a, rowOk[r], rowG[r], loadWord0, kPREFETCH ? wn[r][0] : wr[r][0]);
+                loadRowWords(a, rowOk[r], rowG[r] + 8, loadWord0, kPREFETCH ? wn[r][1] : wr[r][1]);
+            }
         }
 
 #pragma unroll
@@ -235,6 +307,13 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
                     for (int i = 0; i < 4; ++i)
                         wr[r][h][i] = wn[r][h][i];
         }
+    }
+
+    if (kASYNC)
+    {
+        // The remaining groups are empty; red aliases the rings, which other warps may still read.
+        cpAsyncWait<0>();
+        __syncthreads();
     }
 
     // Partial sums -> shared memory, token-major: red[wk][token][row], row stride rowsPerCta + 4
@@ -358,24 +437,51 @@ SkinnyPlan planSkinny(int32_t nTiles, int32_t steps, int mt, bool swiglu, int nu
     return best;
 }
 
-template <typename T, int MT, int R>
+template <typename T, int MT, int R, bool kASYNC>
 cudaError_t launchSkinnyT(SkinnyArgs const& a, cudaStream_t stream)
 {
     int const tilesPerCta = (kWARPS / a.warpsK) * R;
     int const ctas = (a.nTiles + tilesPerCta - 1) / tilesPerCta;
-    size_t const smem = sizeof(float) * a.warpsK * (MT * 8) * (tilesPerCta * 16 + 4);
-    skinnyKernel<T, MT, R><<<ctas, kTHREADS, smem, stream>>>(a);
+    size_t smem = sizeof(float) * a.warpsK * (MT * 8) * (tilesPerCta * 16 + 4);
+    if (kASYNC)
+    {
+        constexpr size_t kRING_SMEM = static_cast<size_t>(kWARPS) * kRING_BYTES_PER_WARP;
+        smem = smem > kRING_SMEM ? smem : kRING_SMEM;
+        constexpr int kMAX_DEVICES = 64;
+        static bool configured[kMAX_DEVICES] = {};
+        int device = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err != cudaSuccess)
+        {
+            return err;
+        }
+        if (device < 0 || device >= kMAX_DEVICES || !configured[device])
+        {
+            // Largest the launch can ask for: the rings or the reduction buffer (<= 37 KB).
+            err = cudaFuncSetAttribute(skinnyKernel<T, MT, R, kASYNC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                static_cast<int>(kRING_SMEM > 48 * 1024 ? kRING_SMEM : 48 * 1024));
+            if (err != cudaSuccess)
+            {
+                return err;
+            }
+            if (device >= 0 && device < kMAX_DEVICES)
+            {
+                configured[device] = true;
+            }
+        }
+    }
+    skinnyKernel<T, MT, R, kASYNC><<<ctas, kTHREADS, smem, stream>>>(a);
     return cudaGetLastError();
 }
 
 // Dispatch table: (MT, R) -> instantiation. MT = 8-token tiles, R = 16-row tiles per warp.
-template <typename T>
+template <typename T, bool kASYNC>
 cudaError_t dispatchSkinny(SkinnyArgs const& a, int mt, int r, cudaStream_t stream)
 {
 #define TERDIT_SKINNY_CASE(MT_, R_)                                                                              \
     if (mt == MT_ && r == R_)                                                                                    \
     {                                                                                                            \
-        return launchSkinnyT<T, MT_, R_>(a, stream);                                                             \
+        return launchSkinnyT<T, MT_, R_, kASYNC>(a, stream);                                                     \
     }
     TERDIT_SKINNY_CASE(1, 1)
     TERDIT_SKINNY_CASE(1, 2)
@@ -390,7 +496,7 @@ cudaError_t dispatchSkinny(SkinnyArgs const& a, int mt, int r, cudaStream_t stre
 
 } // namespace
 
-cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream)
+cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream, bool async)
 {
     TernaryMatmulParams const& p = ctx.p;
     bool const swiglu = p.epilogue == Epilogue::kSWIGLU;
@@ -420,9 +526,18 @@ cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream)
         a.y = static_cast<char*>(p.y) + m0 * outCols * elem;
         a.m = static_cast<int32_t>(m);
         a.warpsK = plan.warpsK;
-        cudaError_t const err = p.dtype == DataType::kBF16
-            ? dispatchSkinny<__nv_bfloat16>(a, mt, plan.rowTiles, stream)
-            : dispatchSkinny<__half>(a, mt, plan.rowTiles, stream);
+        bool const ring = async && a.vecW; // the ring copies whole 16-byte word quads
+        cudaError_t err;
+        if (p.dtype == DataType::kBF16)
+        {
+            err = ring ? dispatchSkinny<__nv_bfloat16, true>(a, mt, plan.rowTiles, stream)
+                       : dispatchSkinny<__nv_bfloat16, false>(a, mt, plan.rowTiles, stream);
+        }
+        else
+        {
+            err = ring ? dispatchSkinny<__half, true>(a, mt, plan.rowTiles, stream)
+                       : dispatchSkinny<__half, false>(a, mt, plan.rowTiles, stream);
+        }
         if (err != cudaSuccess)
         {
             return err;

@@ -70,6 +70,7 @@ struct W2Tile
     static constexpr int kMIN_BLOCKS = MW * NB == 1 ? 2 : 1;
     static_assert(kSTAGE_BYTES % 1024 == 0, "stages must stay 1024-byte aligned for the swizzle");
     static_assert(kFEATURES <= kW2_THREADS, "one 16-byte weight copy per thread and row");
+    static_assert(kX_CHUNKS * kW2_THREADS == kTOKENS * 8, "X tile copies in whole rounds");
 };
 
 //! Physical weight row of CTA row sr of feature block fb, clamped onto a valid row (rows past N
@@ -491,9 +492,10 @@ bool w2ConfigFromEnv(W2Config& out)
     return false;
 }
 
-//! Wave-quantization cost model: waves of CTAs (numSMs x CTAs per SM at a time) x the MMA work
-//! of one CTA tile / CTAs sharing an SM, with a 15% penalty on the small tile (more decode and
-//! X traffic per MAC). Ties go to the larger tiles.
+//! Wave-quantization cost model: the busiest SM runs ceil(tiles / numSMs) CTA tiles (co-resident
+//! CTAs share it), each worth its MMA work, with a 15% penalty on the small tile (more decode and
+//! X traffic per MAC, more per-tile overhead). Ties go to the larger tiles, 128 x 256 first (each
+//! decoded fragment feeds two wgmmas).
 W2Config w2Choose(int64_t m, int32_t n, int numSMs)
 {
     struct Option
@@ -501,19 +503,17 @@ W2Config w2Choose(int64_t m, int32_t n, int numSMs)
         W2Config config;
         int features; // weight rows per CTA
         int tokens;
-        int perSM;
         double penalty;
     };
-    Option const options[] = {{W2Config::k128x256, 128, 256, 1, 1.0}, {W2Config::k256x128, 256, 128, 1, 1.0},
-        {W2Config::k128x128, 128, 128, 2, 1.15}};
+    Option const options[] = {{W2Config::k128x256, 128, 256, 1.0}, {W2Config::k256x128, 256, 128, 1.0},
+        {W2Config::k128x128, 128, 128, 1.15}};
     W2Config best = W2Config::k128x256;
     double bestCost = 1e300;
     for (Option const& o : options)
     {
         int64_t const tiles = ((n + o.features - 1) / o.features) * ((m + o.tokens - 1) / o.tokens);
-        int64_t const slots = static_cast<int64_t>(numSMs) * o.perSM;
-        int64_t const waves = (tiles + slots - 1) / slots;
-        double const cost = static_cast<double>(waves) * o.features * o.tokens / o.perSM * o.penalty;
+        int64_t const perSM = (tiles + numSMs - 1) / numSMs;
+        double const cost = static_cast<double>(perSM) * o.features * o.tokens * o.penalty;
         if (cost < bestCost * 0.999)
         {
             bestCost = cost;

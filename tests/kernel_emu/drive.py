@@ -79,10 +79,14 @@ def run_case(lib, m, n, k, dtype, path, swiglu, bias, misalign_w, gen):
 
 
 def cases(quick, path):
-    shapes = [(16, 16), (48, 48), (80, 272), (208, 80), (64, 1040), (1024, 320), (96, 4112)]
+    shapes = [(16, 16), (48, 48), (80, 272), (208, 80), (64, 1040), (1024, 320), (96, 4112),
+              (80, 576), (48, 2112)]  # the last two: K % 64 == 0 (16-byte weight rows), K tails
     ms = [1, 5, 8, 12, 17, 33, 130] if not quick else [3, 12, 17, 40]
-    if quick and path != "skinny":
-        shapes.remove((1024, 320))  # there for the skinny planner's wide CTAs; slow to emulate
+    if quick and not path.startswith("skinny"):
+        # (1024, 320) is there for the skinny planner's wide CTAs, and with the other two for
+        # the 16-byte weight path of skinny / skinny2 (the others cover it at full size).
+        for shape in ((1024, 320), (80, 576), (48, 2112)):
+            shapes.remove(shape)
     for (n, k), m in itertools.product(shapes, ms):
         if n * k * m > 8_000_000:
             continue
@@ -92,7 +96,7 @@ def cases(quick, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lib", type=Path)
-    parser.add_argument("--paths", default="auto,skinny,tc,wgmma,wgmma2,wgmma2@128x256,"
+    parser.add_argument("--paths", default="auto,skinny,skinny2,tc,wgmma,wgmma2,wgmma2@128x256,"
                         "wgmma2@256x128,wgmma2@128x128,generic")
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--quick", action="store_true")

@@ -384,6 +384,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
 #define gridDim (::emu::tls.gridSize)
 
 inline void __syncthreads() { emu::tls.cta->block.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) { emu::syncWarp(); }
 
 inline size_t __cvta_generic_to_shared(void const* p) { return emu::sharedAddress(p); }
 

@@ -5,7 +5,8 @@
 For TerDiT-600M and 4.2B shapes (random weights in the official layout), 256x256 (32x32 latents),
 1 and 8 images with classifier-free guidance (batch 2 and 16), it times in one run:
   ours            fused TernaryMatMul kernels + compiled blocks + CUDA graph (bf16)
-  ours-wgmma      the same with the sm_90a wgmma kernel for the token GEMMs (Hopper only)
+  ours-wgmma2     the same with the pipelined sm_90a wgmma2 kernel for the token GEMMs (Hopper)
+  ours-v2         wgmma2 for the token GEMMs and skinny2 (cp.async weight ring) for small M
   ours-fp8        the same with FP8 activations on the token GEMMs (W1.58A8)
   ours-fp8-fast   ours-fp8 with cuBLASLt's fast FP8 accumulation
   bf16-eager      dense bf16 DiT, eager PyTorch
@@ -58,8 +59,11 @@ def model_config(label: str) -> TerDiTConfig:
     if DRY["on"]:
         return TerDiTConfig.from_name("TerDiT-tiny", num_classes=1000)
     return TerDiTConfig.from_name(MODELS[label])
-PATHS = ("ours", "ours-wgmma", "ours-fp8", "ours-fp8-fast", "bf16-eager", "bf16-compiled",
-         "official")
+PATHS = ("ours", "ours-wgmma2", "ours-v2", "ours-fp8", "ours-fp8-fast", "bf16-eager",
+         "bf16-compiled", "official")
+# kernel choices (read by the launcher at each launch, so baked into each captured CUDA graph)
+KERNEL_ENV = {"ours-wgmma2": {"TERDIT_LARGE_M_KERNEL": "wgmma2"},
+              "ours-v2": {"TERDIT_LARGE_M_KERNEL": "wgmma2", "TERDIT_SMALL_M_KERNEL": "skinny2"}}
 
 
 # ---- model builders ---------------------------------------------------------------------------
@@ -284,17 +288,21 @@ def run_model(label: str, images_list, quick: bool, paths, log) -> list[dict]:
     wb = module_bytes(ours_model)
     for n in images_list:
         add("ours", n, ours, wb)
-    if "ours-wgmma" in paths and not DRY["on"] and torch.cuda.get_device_capability()[0] == 9:
-        # the same weights with the sm_90a wgmma kernel for the token GEMMs (captured with it)
-        os.environ["TERDIT_LARGE_M_KERNEL"] = "wgmma"
+    hopper = not DRY["on"] and torch.cuda.get_device_capability()[0] == 9
+    for name, env in KERNEL_ENV.items():
+        if name not in paths or not hopper:
+            continue
+        # the same weights, other kernels for the GEMMs (captured with them)
+        os.environ.update(env)
         try:
-            ours_w = AcceleratedTerDiT(FusedTerDiT(packed).to(torch.bfloat16), compile=True,
-                                       cuda_graphs=True)
+            variant = AcceleratedTerDiT(FusedTerDiT(packed).to(torch.bfloat16), compile=True,
+                                        cuda_graphs=True)
             for n in images_list:
-                add("ours-wgmma", n, ours_w, wb)
-            del ours_w
+                add(name, n, variant, wb)
+            del variant
         finally:
-            os.environ.pop("TERDIT_LARGE_M_KERNEL", None)
+            for key in env:
+                os.environ.pop(key, None)
     for name, fast in (("ours-fp8", False), ("ours-fp8-fast", True)):
         if name not in paths:
             continue

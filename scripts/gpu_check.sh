@@ -27,20 +27,20 @@ if ! python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$lib" >>"$log" 2
     lib=/tmp/tk/libterdit_kernels.so
 fi
 export TERDIT_KERNELS_LIB=$(realpath "$lib")
-per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 200")
+per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
 
 pytest_args="-q -rs --tb=short -p no:cacheprovider -p no:logging -m gpu $per_test"
 if [ "$part" = kernels ] || [ "$part" = all ]; then
     stage "GPU tests: kernels"
-    timeout 140 python3 -m pytest $pytest_args tests/test_kernels_gpu.py 2>&1 | tail -40 | tee -a "$log"
+    timeout 90 python3 -m pytest $pytest_args tests/test_kernels_gpu.py 2>&1 | tail -40 | tee -a "$log"
     stage "bench/kernels.py"
-    timeout 90 python3 bench/kernels.py --out-dir "$out" 2>&1 | tail -70 | tee -a "$log"
+    timeout 75 python3 bench/kernels.py --out-dir "$out" 2>&1 | tail -70 | tee -a "$log"
 fi
 if [ "$part" = fast ] || [ "$part" = all ]; then
     stage "GPU tests: fast backend"
-    timeout 170 python3 -m pytest $pytest_args -s tests/test_accel_gpu.py 2>&1 | tail -60 | tee -a "$log"
+    timeout 90 python3 -m pytest $pytest_args -s tests/test_accel_gpu.py 2>&1 | tail -60 | tee -a "$log"
     stage "bench/e2e.py"
-    timeout 280 python3 bench/e2e.py --quick --out "$out" 2>&1 | tail -60 | tee -a "$log"
+    timeout 200 python3 bench/e2e.py --quick --out "$out" 2>&1 | tail -60 | tee -a "$log"
 fi
 stage "done"
 ls -la "$out" | tee -a "$log"

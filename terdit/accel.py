@@ -100,8 +100,7 @@ class AcceleratedTerDiT:
     @torch.no_grad()
     def _eager_forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         m = self.model
-        h = m.x_embedder(m.patchify(x.to(m.dtype)))
-        c = m.t_embedder(t) + m.y_embedder(y)
+        h, c = m.embed(x, t, y)
         mod = m.modulation(c)
         for i, layer in enumerate(m.layers):
             h = self._block(layer, h, mod[:, i], m.rope_cos, m.rope_sin)

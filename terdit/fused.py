@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import TerDiT, attend, modulate, patchify, rms_norm, unpatchify
-from .ternary import TernaryLinear, apply_keep_fp32
+from .model import DiTBase, TerDiT, attend, modulate, rms_norm
+from .ternary import TernaryLinear
 
 
 def _cat_packed(layers: list[TernaryLinear], with_bias: bool) -> TernaryLinear:
@@ -52,7 +52,7 @@ class FusedBlock(nn.Module):
         return x + gate_mlp.unsqueeze(1) * self.w2(g)
 
 
-class FusedTerDiT(nn.Module):
+class FusedTerDiT(DiTBase):
     """Same forward as `TerDiT` (packed), restructured for inference. Shares the fp modules and
     the ternary buffers of the model it was built from (no copies of unfused layers)."""
 
@@ -72,19 +72,6 @@ class FusedTerDiT(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def _apply(self, fn, recurse=True):
-        return apply_keep_fp32(self, fn, recurse, buffers=("rope_cos", "rope_sin"))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x_embedder.weight.dtype
-
-    def patchify(self, x: Tensor) -> Tensor:
-        return patchify(x, self.cfg)
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        return unpatchify(x, self.cfg)
-
     def modulation(self, c: Tensor) -> Tensor:
         """All blocks' adaLN outputs in one GEMM: (N, L, 6D)."""
         n, L = c.shape[0], len(self.layers)
@@ -92,8 +79,7 @@ class FusedTerDiT(nn.Module):
         return rms_norm(mod, self.ada_norm, self.ada_eps)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        h = self.x_embedder(self.patchify(x.to(self.dtype)))             # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)                      # (N, cond)
+        h, c = self.embed(x, t, y)
         mod = self.modulation(c)
         for i, layer in enumerate(self.layers):
             h = layer(h, mod[:, i], self.rope_cos, self.rope_sin)

@@ -187,7 +187,33 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class TerDiT(nn.Module):
+class DiTBase(nn.Module):
+    """What the reference model and its fused inference form share: the embedders, fp32 RoPE
+    tables (kept fp32 under dtype casts), patchify / unpatchify and the condition vector."""
+
+    cfg: TerDiTConfig
+
+    def _apply(self, fn, recurse=True):
+        return apply_keep_fp32(self, fn, recurse, buffers=("rope_cos", "rope_sin"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    def patchify(self, x: Tensor) -> Tensor:
+        return patchify(x, self.cfg)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        return unpatchify(x, self.cfg)
+
+    def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens (N, T, D) of x and the condition c = t_emb + y_emb (N, cond)."""
+        h = self.x_embedder(self.patchify(x.to(self.dtype)))           # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)                     # (N, cond)
+        return h, c
+
+
+class TerDiT(DiTBase):
     """Ternary DiT_Llama. `packed=True` builds the inference form (k16 codes, no latent fp
     weights are ever allocated); `packed=False` the trainable latent form."""
 
@@ -213,10 +239,6 @@ class TerDiT(nn.Module):
             for m in self.ternary_layers():
                 m.reset_alpha()
 
-    # rope tables are fp32 whatever the model dtype
-    def _apply(self, fn, recurse=True):
-        return apply_keep_fp32(self, fn, recurse, buffers=("rope_cos", "rope_sin"))
-
     def ternary_layers(self) -> list[TernaryLinear]:
         return [m for m in self.modules() if isinstance(m, TernaryLinear)]
 
@@ -224,22 +246,6 @@ class TerDiT(nn.Module):
     def packed(self) -> bool:
         layers = self.ternary_layers()
         return bool(layers) and all(m.packed for m in layers)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x_embedder.weight.dtype
-
-    # ---- shape plumbing ----
-    def patchify(self, x: Tensor) -> Tensor:
-        return patchify(x, self.cfg)
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        return unpatchify(x, self.cfg)
-
-    def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.x_embedder(self.patchify(x.to(self.dtype)))            # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)                     # (N, cond)
-        return x, c
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (N, C, H, W), t (N,) timesteps, y (N,) labels (num_classes = unconditional)."""

@@ -2,17 +2,14 @@
 import pytest
 import torch
 
-from terdit import TerDiT, TerDiTConfig, pack_model_
+from terdit import TerDiTConfig, pack_model_
 from terdit.accel import AcceleratedTerDiT, Fp8Linear, output_error
 from terdit.fused import FusedTerDiT
+from tests.helpers import random_model
 
 
 def _fused(seed=0):
-    torch.manual_seed(seed)
-    model = TerDiT(TerDiTConfig.from_name("TerDiT-tiny", qk_norm=True))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = random_model(TerDiTConfig.from_name("TerDiT-tiny", qk_norm=True), seed=seed)
     return FusedTerDiT(pack_model_(model).eval())
 
 

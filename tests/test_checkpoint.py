@@ -6,9 +6,10 @@ import pickle
 import pytest
 import torch
 
-from terdit import (CheckpointError, TerDiT, TerDiTConfig, load_checkpoint, save_checkpoint,
+from terdit import (CheckpointError, TerDiTConfig, load_checkpoint, save_checkpoint,
                     save_official, save_torch)
 from terdit.ternary import pack_model_, ternarize
+from tests.helpers import random_model
 from tests.official_layout import (official_forward, official_forward_with_cfg,
                                    random_official_state, write_official_dir)
 
@@ -142,11 +143,7 @@ def test_official_file_choice(tmp_path):
 # ---- our formats -------------------------------------------------------------------------------
 
 def _tiny_model(packed=False, seed=0):
-    torch.manual_seed(seed)
-    model = TerDiT(TerDiTConfig.from_name("TerDiT-tiny"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = random_model(TerDiTConfig.from_name("TerDiT-tiny"), seed=seed)
     return pack_model_(model) if packed else model
 
 

@@ -15,19 +15,12 @@ from exporter import ExportError, ExportOptions, export
 from exporter import contract
 from exporter.__main__ import main as cli_main
 from exporter.export import example_inputs
-from terdit import TerDiT, TerDiTConfig, load_checkpoint, save_checkpoint
+from terdit import TerDiTConfig, load_checkpoint, save_checkpoint
+from tests.helpers import random_model
 from tests.official_layout import random_official_state, write_official_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
-
-
-def _random_model(cfg: TerDiTConfig) -> TerDiT:
-    model = TerDiT(cfg)
-    with torch.no_grad():  # zero-initialised layers would make every output trivially equal
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def one_layer_ckpt(tmp_path_factory):
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("ck") / "one"
     cfg = TerDiTConfig.from_name("TerDiT-tiny", n_layers=1, qk_norm=True)
-    save_checkpoint(_random_model(cfg), path)
+    save_checkpoint(random_model(cfg), path)
     return path
 
 
@@ -43,7 +36,7 @@ def one_layer_ckpt(tmp_path_factory):
 def tiny_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ck") / "tiny"
-    save_checkpoint(_random_model(TerDiTConfig.from_name("TerDiT-tiny", qk_norm=True)), path)
+    save_checkpoint(random_model(TerDiTConfig.from_name("TerDiT-tiny", qk_norm=True)), path)
     return path
 
 
@@ -178,7 +171,7 @@ def test_refuses_existing_output(tiny_ckpt, tmp_path):
 
 def test_unaligned_features_are_refused(tmp_path):
     cfg = TerDiTConfig(input_size=8, dim=72, n_layers=1, n_heads=4, multiple_of=32, num_classes=10)
-    save_checkpoint(_random_model(cfg), tmp_path / "ck")
+    save_checkpoint(random_model(cfg), tmp_path / "ck")
     with pytest.raises(ExportError, match="in_features=72.*multiples of 16"):
         export(tmp_path / "ck", tmp_path / "o", **QUIET)
     assert not (tmp_path / "o").exists()
@@ -187,7 +180,7 @@ def test_unaligned_features_are_refused(tmp_path):
 def test_official_cfg_needs_three_channels(tmp_path):
     cfg = TerDiTConfig(input_size=8, in_channels=1, dim=64, n_layers=1, n_heads=4, multiple_of=32,
                        num_classes=10)
-    save_checkpoint(_random_model(cfg), tmp_path / "ck")
+    save_checkpoint(random_model(cfg), tmp_path / "ck")
     with pytest.raises(ExportError, match="--cfg standard"):
         export(tmp_path / "ck", tmp_path / "o", ExportOptions(cfg="official"), **QUIET)
 

@@ -3,14 +3,11 @@ import torch
 
 from terdit import TerDiT, TerDiTConfig, guide, pack_model_
 from terdit.model import apply_rope, rope_tables
+from tests.helpers import random_model
 
 
 def _model(name="TerDiT-tiny", **kw):
-    model = TerDiT(TerDiTConfig.from_name(name, **kw))
-    with torch.no_grad():  # zero-initialised layers would hide bugs
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return random_model(TerDiTConfig.from_name(name, **kw)).eval()
 
 
 def _inputs(cfg, n=4):

@@ -14,19 +14,12 @@ from runtime import (Pipeline, SampleOptions, SamplingError, guide,
 from runtime.__main__ import main as cli_main
 from runtime.backends import ModelInfo
 from runtime.pipeline import image_rng
-from terdit import TerDiT, TerDiTConfig, save_checkpoint
+from terdit import TerDiTConfig, save_checkpoint
+from tests.helpers import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
 FAST = SampleOptions(steps=4, sampler="ddim", cfg_scale=3.0, seed=7, batch_size=4)
-
-
-def _random_model(cfg):
-    model = TerDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def pixel(tmp_path_factory):
     root = tmp_path_factory.mktemp("pixel")
     cfg = TerDiTConfig(input_size=8, patch_size=2, in_channels=1, dim=32, n_layers=2, n_heads=2,
                        multiple_of=32, num_classes=5)
-    save_checkpoint(_random_model(cfg), root / "ck", metadata={"class_names": list("abcde")})
+    save_checkpoint(random_model(cfg), root / "ck", metadata={"class_names": list("abcde")})
     export(root / "ck", root / "onnx", ExportOptions(validate=False), **QUIET)
     export(root / "ck", root / "onnx_cfg", ExportOptions(cfg="standard", validate=False), **QUIET)
     return root
@@ -191,7 +184,7 @@ def test_imagenet_label_mapping():
 
 def test_latent_model_without_vae_writes_latents_only(tmp_path):
     torch.manual_seed(0)
-    save_checkpoint(_random_model(TerDiTConfig.from_name("TerDiT-tiny")), tmp_path / "ck")
+    save_checkpoint(random_model(TerDiTConfig.from_name("TerDiT-tiny")), tmp_path / "ck")
     export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(validate=False), **QUIET)
     notes = []
     rec = Pipeline(open_backend(tmp_path / "onnx")).run(tmp_path / "s", [1, 2, 3], FAST,
@@ -208,7 +201,7 @@ def test_vae_decode_through_the_export(tmp_path):
                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
                                   layers_per_block=1, norm_num_groups=8)
     vae.save_pretrained(tmp_path / "vae")
-    save_checkpoint(_random_model(TerDiTConfig.from_name("TerDiT-tiny")), tmp_path / "ck")
+    save_checkpoint(random_model(TerDiTConfig.from_name("TerDiT-tiny")), tmp_path / "ck")
     export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(validate=False, vae=str(tmp_path / "vae")), **QUIET)
     assert cli_main(["sample", "--model", str(tmp_path / "onnx"), "--classes", "1", "2", "--steps", "3",
                      "--out", str(tmp_path / "s"), "--save-latents", "--no-progress"]) == 0

@@ -52,6 +52,10 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
     how.add_argument("--cfg-mode", choices=("official", "standard"), default=None,
                      help="official: guide eps channels 0..2 (the TerDiT release; default for "
                           "4-channel latents); standard: all eps channels (default otherwise)")
+    how.add_argument("--clip-denoised", dest="clip_denoised", action="store_true", default=None,
+                     help="clamp each predicted x_0 to [-1, 1] (default: on for pixel-space "
+                          "models, off for latent models as in the official sampler)")
+    how.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false")
     how.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
     how.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                      help="images per forward; halved automatically on out-of-memory "
@@ -144,7 +148,8 @@ def sample_main(args) -> int:
     try:
         options = SampleOptions(steps=args.steps, sampler=args.sampler, eta=args.eta,
                                 cfg_scale=1.0 if args.uncond else args.cfg, cfg_mode=args.cfg_mode,
-                                seed=args.seed, batch_size=args.batch_size)
+                                seed=args.seed, batch_size=args.batch_size,
+                                clip_denoised=args.clip_denoised)
         device = args.device
         if device is None and world > 1:
             import torch

@@ -42,6 +42,7 @@ class SampleOptions:
     cfg_mode: Optional[str] = None          # None: the model's default (official for 4-ch latents)
     seed: int = 0
     batch_size: int = 16
+    clip_denoised: Optional[bool] = None     # None: on for pixel-space models, off for latents
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -191,7 +192,8 @@ class Pipeline:
                 raise SamplingError(f"initial latents have shape {initial.shape}, expected {x.shape}")
             x = np.ascontiguousarray(initial, dtype=np.float32)
         y = np.asarray(labels, dtype=np.int64)
-        sched = make_scheduler(options.sampler, options.eta)
+        clip = options.clip_denoised if options.clip_denoised is not None else self.pixel_space
+        sched = make_scheduler(options.sampler, options.eta, clip)
         sched.set_timesteps(options.steps)
         for k, t in enumerate(sched.timesteps):
             out = self.model_output(x, int(t), y, options)
@@ -235,6 +237,8 @@ class Pipeline:
         save_latents = save_latents or latent_only
         settings = {**options.result_settings(), "cfg_mode": self.cfg_mode(options)
                     if options.cfg_scale != 1.0 else None,
+                    "clip_denoised": options.clip_denoised if options.clip_denoised is not None
+                    else self.pixel_space,
                     "labels": [int(v) for v in labels], "num_images": n,
                     "initial_latents_sha256": None if initial_latents is None else
                     hashlib.sha256(np.ascontiguousarray(initial_latents).tobytes()).hexdigest(),

@@ -107,14 +107,16 @@ def split_output(model_output: np.ndarray, channels: int) -> tuple[np.ndarray, O
 
 
 class DDPMScheduler:
-    """IDDPM ancestral sampling (`p_sample_loop`), learned-range variance, no clipping."""
+    """IDDPM ancestral sampling (`p_sample_loop`), learned-range variance. `clip_denoised`
+    clamps the predicted x_0 to [-1, 1] (the official code's option; off for latents)."""
 
     name = "ddpm"
     needs_noise = True
 
-    def __init__(self) -> None:
+    def __init__(self, clip_denoised: bool = False) -> None:
         self.schedule: Optional[RespacedSchedule] = None
         self.timesteps = np.zeros(0, np.int64)
+        self.clip_denoised = clip_denoised
 
     def set_timesteps(self, num_steps: int) -> None:
         self.schedule = RespacedSchedule.create(space_timesteps(NUM_TRAIN_STEPS, str(num_steps)))
@@ -123,7 +125,8 @@ class DDPMScheduler:
 
     def pred_xstart(self, x: np.ndarray, eps: np.ndarray, i: int) -> np.ndarray:
         s = self.schedule
-        return _f32(s.sqrt_recip_alphas_cumprod, i) * x - _f32(s.sqrt_recipm1_alphas_cumprod, i) * eps
+        x0 = _f32(s.sqrt_recip_alphas_cumprod, i) * x - _f32(s.sqrt_recipm1_alphas_cumprod, i) * eps
+        return np.clip(x0, -1, 1) if self.clip_denoised else x0
 
     def step(self, model_output: np.ndarray, step_index: int, x: np.ndarray,
              noise: Optional[np.ndarray] = None) -> np.ndarray:
@@ -149,8 +152,8 @@ class DDIMScheduler(DDPMScheduler):
 
     name = "ddim"
 
-    def __init__(self, eta: float = 0.0) -> None:
-        super().__init__()
+    def __init__(self, eta: float = 0.0, clip_denoised: bool = False) -> None:
+        super().__init__(clip_denoised)
         if eta < 0:
             raise ValueError(f"eta={eta} must be >= 0")
         self.eta = eta
@@ -186,7 +189,8 @@ class DPMSolverScheduler:
     name = "dpm-solver"
     needs_noise = False
 
-    def __init__(self) -> None:
+    def __init__(self, clip_denoised: bool = False) -> None:
+        self.clip_denoised = clip_denoised
         ac = np.cumprod(1.0 - linear_betas())
         self.alpha_t = np.sqrt(ac)
         self.sigma_t = np.sqrt(1 - ac)
@@ -208,6 +212,8 @@ class DPMSolverScheduler:
         eps, _ = split_output(model_output, x.shape[1])
         a_s, s_s = self.alpha_t[t], self.sigma_t[t]
         x0 = ((x - np.float32(s_s) * eps) / np.float32(a_s)).astype(np.float32)   # data prediction
+        if self.clip_denoised:
+            x0 = np.clip(x0, -1, 1)
         lam_s = self.lambda_t[t]
         if last:   # final step to sigma = 0: x_0 = x0 (alpha = 1, sigma = 0)
             out = x0
@@ -225,11 +231,11 @@ class DPMSolverScheduler:
         return out.astype(np.float32)
 
 
-def make_scheduler(name: str, eta: float = 0.0):
+def make_scheduler(name: str, eta: float = 0.0, clip_denoised: bool = False):
     if name == "ddpm":
-        return DDPMScheduler()
+        return DDPMScheduler(clip_denoised)
     if name == "ddim":
-        return DDIMScheduler(eta)
+        return DDIMScheduler(eta, clip_denoised)
     if name == "dpm-solver":
-        return DPMSolverScheduler()
+        return DPMSolverScheduler(clip_denoised)
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")

@@ -150,3 +150,19 @@ def test_runtime_matches_the_official_port(sampler, steps):
         step = ref.p_sample if sampler == "ddpm" else ref.ddim_sample
         xr = step(fn, xr, i, noise=torch.from_numpy(noise))["sample"]
     assert _rel(x, xr.numpy()) < 1e-5
+
+
+def test_clip_denoised_matches_the_official_port():
+    from terdit.diffusion import GaussianDiffusion
+    ref = GaussianDiffusion.create("ddim10")
+    ours = DDIMScheduler(clip_denoised=True)
+    ours.set_timesteps(10)
+    x = np.random.default_rng(5).standard_normal((1, 4, 4, 4)).astype(np.float32) * 3
+    xr = torch.from_numpy(x.copy())
+    for k, t in enumerate(ours.timesteps):
+        x = ours.step(_model(x, t, 8) * 5, k, x)
+        i = torch.full((1,), 9 - k, dtype=torch.long)
+        fn = lambda xx, tt: torch.from_numpy(_model(xx.numpy(), int(t), 8) * 5)  # noqa: E731
+        xr = ref.ddim_sample(fn, xr, i, clip_denoised=True)["sample"]
+    assert _rel(x, xr.numpy()) < 1e-5
+    assert np.abs(x).max() <= 1.0 + 1e-5  # the last step returns the clipped x_0

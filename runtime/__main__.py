@@ -79,7 +79,8 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
                      help="torch backend compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     io_.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     io_.add_argument("--fp8", action="store_true",
-                     help="torch backend on CUDA: FP8 activations on the token GEMMs (W1.58A8)")
+                     help="torch backend: FP8 activations on the token GEMMs (W1.58A8); FP8 "
+                          "tensor cores on CUDA, torch's emulation on the CPU")
     io_.add_argument("--fp8-fast-accum", action="store_true",
                      help="with --fp8: cuBLASLt fast FP8 accumulation (faster, less exact)")
     io_.add_argument("--no-compile", dest="compile", action="store_false",

@@ -171,12 +171,13 @@ class TorchBackend:
         self.model = FusedTerDiT(loaded.model).to(self.device, tdtype).eval()
         self._torch = torch
         self._run = self.model
-        if fp8 and self.kernels != "cuda":
-            raise BackendError("--fp8 needs a CUDA GPU with FP8 tensor cores and the kernels")
-        if self.kernels == "cuda":
+        if self.kernels == "cuda" or fp8:
+            # on the CPU FP8 runs torch's emulated _scaled_mm (slow; for accuracy studies)
             from terdit.accel import AcceleratedTerDiT
-            self._run = AcceleratedTerDiT(self.model, compile=compile, cuda_graphs=cuda_graphs,
-                                          fp8=fp8, fp8_fast_accum=fp8_fast_accum)
+            on_gpu = self.kernels == "cuda"
+            self._run = AcceleratedTerDiT(self.model, compile=compile and on_gpu,
+                                          cuda_graphs=cuda_graphs and on_gpu, fp8=fp8,
+                                          fp8_fast_accum=fp8_fast_accum)
         files = [p for p in loaded.files if Path(p).is_file()]
         from .io import sha256_file
         sha = sha256_file(files[-1]) if files else ""

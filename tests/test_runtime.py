@@ -278,3 +278,10 @@ def test_two_ranks_equal_one(pixel, tmp_path):
     assert np.array_equal(a["arr_0"], b["arr_0"])
     rec = json.loads((tmp_path / "two" / "samples.json").read_text())
     assert rec["complete"] and rec["timing"]["world_size"] == 2
+
+
+def test_torch_backend_fp8_mode_on_cpu(pixel):
+    exact = Pipeline(open_backend(pixel / "ck")).sample([0, 1], [1, 2], FAST)
+    fp8 = Pipeline(open_backend(pixel / "ck", "torch", fp8=True)).sample([0, 1], [1, 2], FAST)
+    assert not np.array_equal(exact, fp8)
+    assert np.abs(fp8 - exact).max() / np.abs(exact).max() < 0.2

@@ -583,6 +583,10 @@ def train(tc: TrainConfig, dataset: Optional[ArrayDataset] = None) -> Path:
             from .ternary import pack_model_
             pack_model_(final_model)
         meta = {"step": tc.steps, "role": tc.final_from, "train_config": tc.to_dict()}
+        from .data import class_names
+        names = list(class_names(tc.data))
+        if names:
+            meta["class_names"] = names  # the runtime captions its grids with them
         if tc.final_from == "ema":
             meta["ema_decay"] = tc.ema_decay
         save_checkpoint(final_model, final, overwrite=True, metadata=meta)

@@ -159,6 +159,13 @@ def _finish(model: TerDiT, state: dict[str, Tensor]) -> TerDiT:
     return model.eval()
 
 
+def model_from_state_dict(cfg: TerDiTConfig, state: dict[str, Tensor], packed: bool = False
+                          ) -> TerDiT:
+    """A TerDiT holding exactly `state` (strict keys, tensors assigned, not copied), built without
+    initialising weights first."""
+    return _finish(_empty_model(cfg, packed), dict(state))
+
+
 def _ternary_prefixes(model: nn.Module) -> dict[str, TernaryLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
 

@@ -28,6 +28,9 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         writer(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like open()'s
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -239,8 +239,8 @@ class EMA:
 
 def model_from_params(cfg: TerDiTConfig, params: dict[str, Tensor]) -> TerDiT:
     """A latent TerDiT holding `params` (built on the meta device: no random init, no copy)."""
-    from .checkpoint import _empty_model, _finish
-    return _finish(_empty_model(cfg, packed=False), dict(params))
+    from .checkpoint import model_from_state_dict
+    return model_from_state_dict(cfg, params)
 
 
 # ---- the step ------------------------------------------------------------------------------------

@@ -285,6 +285,8 @@ def load_npz(path: str | Path) -> tuple[Tensor, Optional[Tensor]]:
         labels = z["arr_1"] if "arr_1" in z.files else None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 NHWC")
+    if images.shape[-1] == 3 and (images == images[..., :1]).all():
+        images = np.ascontiguousarray(images[..., :1])  # grayscale stored as RGB for the evaluator
     return (torch.from_numpy(images),
             None if labels is None else torch.from_numpy(labels.astype(np.int64)))
 

@@ -171,3 +171,14 @@ def test_cli_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     from PIL import Image
     assert Image.open(tmp_path / "g2.png").size[1] == 2 + 2 * (2 * 32 + 2)     # two rows
+
+
+def test_load_npz_reads_grayscale_stored_as_rgb(tmp_path):
+    from terdit.evaluate import load_npz
+    gray = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", np.repeat(gray, 3, axis=-1), np.arange(4))
+    images, labels = load_npz(tmp_path / "s.npz")
+    assert images.shape == (4, 8, 8, 1) and torch.equal(images, torch.from_numpy(gray))
+    rgb = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "c.npz", rgb)
+    assert load_npz(tmp_path / "c.npz")[0].shape == (2, 8, 8, 3)

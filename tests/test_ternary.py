@@ -98,7 +98,7 @@ def test_reset_alpha():
     assert torch.allclose(layer.alphas, layer.weight.abs().mean())
     torch.nn.init.zeros_(layer.weight)
     layer.reset_alpha()
-    assert float(layer.alphas) == pytest.approx(0.25)  # 1/sqrt(16): zero alpha would kill the STE
+    assert float(layer.alphas.detach()) == pytest.approx(0.25)  # 1/sqrt(16): zero alpha would kill the STE
 
 
 @pytest.mark.parametrize("bias", [False, True])

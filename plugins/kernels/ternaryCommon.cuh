@@ -180,6 +180,23 @@ cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchWgmma(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchWgmma2(LaunchContext const& ctx, cudaStream_t stream);
 
+//! Fills the fields every tiled kernel's argument struct shares (host side only; each kernel
+//! keeps its own struct, so device code and parameter layout are untouched).
+template <typename Args>
+inline void fillTileArgs(Args& a, TernaryMatmulParams const& p)
+{
+    a.x = p.x;
+    a.w = reinterpret_cast<uint32_t const*>(p.w);
+    a.scale = p.scale;
+    a.bias = p.bias;
+    a.y = p.y;
+    a.n = p.n;
+    a.k = p.k;
+    a.kw = p.k / 16;
+    a.halfRows = p.n / 2;
+    a.swiglu = p.epilogue == Epilogue::kSWIGLU;
+}
+
 //! Largest M one skinny launch handles (four 8-token MMA tiles).
 constexpr int64_t kSKINNY_MAX_M = 32;
 

@@ -304,16 +304,7 @@ cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream)
 {
     TernaryMatmulParams const& p = ctx.p;
     GenericArgs a{};
-    a.x = p.x;
-    a.w = reinterpret_cast<uint32_t const*>(p.w);
-    a.scale = p.scale;
-    a.bias = p.bias;
-    a.y = p.y;
-    a.n = p.n;
-    a.k = p.k;
-    a.kw = p.k / 16;
-    a.halfRows = p.n / 2;
-    a.swiglu = p.epilogue == Epilogue::kSWIGLU;
+    fillTileArgs(a, p);
     switch (p.dtype)
     {
     case DataType::kFLOAT: return launchGenericT<float>(a, p.m, stream);

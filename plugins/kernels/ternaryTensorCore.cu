@@ -326,16 +326,7 @@ cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream)
 {
     TernaryMatmulParams const& p = ctx.p;
     TcArgs a{};
-    a.x = p.x;
-    a.w = reinterpret_cast<uint32_t const*>(p.w);
-    a.scale = p.scale;
-    a.bias = p.bias;
-    a.y = p.y;
-    a.n = p.n;
-    a.k = p.k;
-    a.kw = p.k / 16;
-    a.halfRows = p.n / 2;
-    a.swiglu = p.epilogue == Epilogue::kSWIGLU;
+    fillTileArgs(a, p);
     a.vecW = ctx.vecW;
 
     // Dispatch table: BM = 64 while 128-token tiles would leave SMs idle, else BM = 128.

@@ -372,16 +372,7 @@ cudaError_t launchWgmma(LaunchContext const& ctx, cudaStream_t stream)
 {
     TernaryMatmulParams const& p = ctx.p;
     WgArgs a{};
-    a.x = p.x;
-    a.w = reinterpret_cast<uint32_t const*>(p.w);
-    a.scale = p.scale;
-    a.bias = p.bias;
-    a.y = p.y;
-    a.n = p.n;
-    a.k = p.k;
-    a.kw = p.k / 16;
-    a.halfRows = p.n / 2;
-    a.swiglu = p.epilogue == Epilogue::kSWIGLU;
+    fillTileArgs(a, p);
     a.vecW = ctx.vecW;
 
     // Dispatch table: 256 features per CTA (MW = 2) when that still gives every SM a CTA, else 128.

@@ -541,16 +541,7 @@ cudaError_t launchWgmma2(LaunchContext const& ctx, cudaStream_t stream)
 {
     TernaryMatmulParams const& p = ctx.p;
     W2Args a{};
-    a.x = p.x;
-    a.w = reinterpret_cast<uint32_t const*>(p.w);
-    a.scale = p.scale;
-    a.bias = p.bias;
-    a.y = p.y;
-    a.n = p.n;
-    a.k = p.k;
-    a.kw = p.k / 16;
-    a.halfRows = p.n / 2;
-    a.swiglu = p.epilogue == Epilogue::kSWIGLU;
+    fillTileArgs(a, p);
     a.vecW = ctx.vecW;
 
     // Weight rows per CTA tile are the same with SwiGLU (it halves rows and output columns alike).

@@ -47,6 +47,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 FINAL_WEIGHTS = ("packed", "latent")
 FINAL_FROM = ("ema", "live")
+LR_SCHEDULES = ("constant", "cosine")
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 
@@ -64,10 +65,14 @@ class TrainConfig:
     data_path: Optional[str] = None
     steps: int = 10_000
     global_batch: int = 64
-    lr: float = 5e-4                       # TerDiT's learning rate
+    lr: float = 5e-4                       # TerDiT's learning rate (peak of the schedule)
+    lr_schedule: str = "cosine"            # constant | cosine (decays to min_lr_ratio * lr)
+    warmup_steps: Optional[int] = None     # linear warm-up; None: min(500, steps // 10)
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 2.0
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999              # the decay the EMA warms up to
+    ema_warmup: bool = True                # decay of update n: min(ema_decay, (1 + n) / (10 + n))
     class_dropout: float = 0.1
     num_timesteps: int = 1000
     seed: int = 0
@@ -82,6 +87,7 @@ class TrainConfig:
     precision: str = "auto"                # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
     threads: int = 0                       # torch CPU threads (0: leave torch's default)
+    compile: bool = False                  # torch.compile the training forward
     resume: Optional[str] = None           # "latest" or a checkpoints/step_XXXXXXX directory
     progress: bool = True
     overwrite: bool = False
@@ -89,7 +95,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, choices in (("strategy", STRATEGIES), ("precision", PRECISIONS),
                               ("device", DEVICES), ("final_weights", FINAL_WEIGHTS),
-                              ("final_from", FINAL_FROM),
+                              ("final_from", FINAL_FROM), ("lr_schedule", LR_SCHEDULES),
                               ("data", DATASETS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of "
@@ -98,13 +104,47 @@ class TrainConfig:
                      "sample_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be positive")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} must be in "
+                             f"[0, steps={self.steps}]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay={self.ema_decay} must be in [0, 1)")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"TrainConfig.class_dropout={self.class_dropout} must be in [0, 1)")
-        if self.fp and self.init_from:
-            raise ValueError("--init-from starts ternary QAT from fp weights; it cannot be "
-                             "combined with --fp")
+
+    @property
+    def warmup(self) -> int:
+        return min(500, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr`, then
+        constant or a cosine decay to `min_lr_ratio * lr` at the last step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.lr_schedule == "constant":
+            return self.lr
+        span = max(1, self.steps - self.warmup - 1)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.min_lr_ratio * self.lr
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay of the update after optimizer step `step` (0-based). The warm-up keeps a
+        short run from ending with an EMA that is still mostly the random initialisation."""
+        if not self.ema_warmup:
+            return self.ema_decay
+        return min(self.ema_decay, (1.0 + step) / (10.0 + step))
+
+    def ema_init_weight(self, steps: Optional[int] = None) -> float:
+        """The share of the initial weights left in the EMA after `steps` updates."""
+        weight = 1.0
+        for step in range(self.steps if steps is None else steps):
+            weight *= self.ema_decay_at(step)
+            if weight < 1e-9:
+                break
+        return weight
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,10 +228,11 @@ def build_model(tc: TrainConfig, cfg: TerDiTConfig) -> TerDiT:
 
 @torch.no_grad()
 def init_from_fp(model: TerDiT, path: str | Path) -> None:
-    """Copy full-precision weights into a latent ternary model; every alpha is reset to the
-    absmean (gamma) of its copied latent weight."""
+    """Copy full-precision weights into the model being trained: a latent ternary model (QAT
+    from fp weights; every alpha is reset to the absmean (gamma) of its copied latent weight)
+    or a full-precision one (fp fine-tuning, e.g. the fp twin of a QAT run)."""
     src = load_checkpoint(path).model
-    arch = dataclasses.replace(src.cfg, ternary=True, class_dropout_prob=0.1)
+    arch = dataclasses.replace(src.cfg, ternary=model.cfg.ternary, class_dropout_prob=0.1)
     if arch != dataclasses.replace(model.cfg, class_dropout_prob=0.1):
         raise ValueError(f"--init-from {path}: its config {src.cfg} does not match the model "
                          f"being trained {model.cfg}")
@@ -220,9 +261,10 @@ class EMA:
                        for name, p in _unwrap(model).named_parameters()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: Optional[float] = None) -> None:
+        weight = 1.0 - (self.decay if decay is None else decay)
         for name, p in _unwrap(model).named_parameters():
-            self.params[name].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.params[name].lerp_(p.detach().float(), weight)
 
     def full_state(self) -> dict[str, Tensor]:
         return {name: _full(t).detach().cpu() for name, t in self.params.items()}
@@ -481,6 +523,12 @@ def train(tc: TrainConfig, dataset: Optional[ArrayDataset] = None) -> Path:
         dataset = load_dataset(tc.data, tc.data_path, image_size=_image_size(tc),
                                channels=_channels(tc))
     cfg = model_config(tc, dataset)
+    stale = tc.ema_init_weight()
+    if d.main and tc.final_from == "ema" and stale > 0.01:
+        print(f"warning: after {tc.steps} steps the EMA (decay {tc.ema_decay}"
+              f"{', warm-up' if tc.ema_warmup else ', no warm-up'}) still holds {stale:.0%} of "
+              f"the random initialisation, so OUT/final will sample noise; lower --ema-decay, "
+              f"keep the EMA warm-up, train longer or pass --final-from live", file=sys.stderr)
     resume_path = find_resume(out, tc.resume) if tc.resume else None
     if d.main and resume_path is None and (out / "checkpoints").exists():
         if not tc.overwrite:
@@ -494,7 +542,8 @@ def train(tc: TrainConfig, dataset: Optional[ArrayDataset] = None) -> Path:
     wrapped = _wrap(model, tc, d)
     if tc.strategy == "fsdp" and d.world > 1:
         ema = EMA(wrapped, tc.ema_decay)
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=tc.lr_at(0), weight_decay=tc.weight_decay)
+    forward = torch.compile(wrapped) if tc.compile else wrapped
     diffusion = GaussianDiffusion.create(None, tc.num_timesteps, learn_sigma=cfg.learn_sigma)
 
     start = 0
@@ -529,13 +578,16 @@ def train(tc: TrainConfig, dataset: Optional[ArrayDataset] = None) -> Path:
         x, y, t, noise = (v[lo:hi].to(d.device) for v in (x, y, t, noise))
 
         with _autocast(tc, d.device):
-            terms = diffusion.training_losses(functools.partial(_call, wrapped, y=y), x, t, noise)
+            terms = diffusion.training_losses(functools.partial(_call, forward, y=y), x, t, noise)
         loss = terms["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)
+        lr = tc.lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.step()
-        ema.update(wrapped)
+        ema.update(wrapped, tc.ema_decay_at(step))
 
         names = [k for k in ("loss", "mse", "vb") if k in terms] + ["grad_norm"]
         stats = torch.stack([terms[k].detach().float().mean() for k in names[:-1]]
@@ -552,7 +604,7 @@ def train(tc: TrainConfig, dataset: Optional[ArrayDataset] = None) -> Path:
         if done % tc.log_every == 0 or done == tc.steps:
             now = time.perf_counter()
             row = {"step": done, **{k: float(np.mean(v)) for k, v in window.items()},
-                   "lr": tc.lr, "it_s": len(window["loss"]) / max(now - t_window, 1e-9),
+                   "lr": lr, "it_s": len(window["loss"]) / max(now - t_window, 1e-9),
                    "elapsed_s": now - t_start}
             window, t_window = {}, now
             if d.main:
@@ -641,10 +693,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--global-batch", type=int, default=d.global_batch,
                    help="samples per step over all ranks")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
+                   help="after the warm-up: constant, or a cosine decay to --min-lr-ratio x lr")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear learning-rate warm-up (default: min(500, steps / 10))")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="final learning rate of the cosine schedule, as a fraction of --lr")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="EMA decay (reached gradually with the warm-up)")
+    p.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
+                   help="use --ema-decay from the first step (short runs then sample noise)")
     p.add_argument("--class-dropout", type=float, default=d.class_dropout,
                    help="probability of replacing a label by the null class (CFG)")
     p.add_argument("--num-timesteps", type=int, default=d.num_timesteps)
@@ -667,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, choices=DEVICES)
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (faster after a one-off compile)")
     p.add_argument("--resume", default=d.resume, metavar="latest|DIR")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")

@@ -50,10 +50,12 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
 
 
 def test_resume_continues_bit_identically(tmp_path):
+    # a constant schedule does not depend on --steps, so a 2-step run can be extended to 4
     ds = tiny_dataset()
-    train(tiny_config(tmp_path / "straight", steps=4, ckpt_every=2), ds)
-    train(tiny_config(tmp_path / "split", steps=2, ckpt_every=2), ds)
-    train(tiny_config(tmp_path / "split", steps=4, ckpt_every=2, resume="latest"), ds)
+    const = {"lr_schedule": "constant", "warmup_steps": 0}
+    train(tiny_config(tmp_path / "straight", steps=4, ckpt_every=2, **const), ds)
+    train(tiny_config(tmp_path / "split", steps=2, ckpt_every=2, **const), ds)
+    train(tiny_config(tmp_path / "split", steps=4, ckpt_every=2, resume="latest", **const), ds)
     for part in ("model", "ema"):
         a = params(tmp_path / "straight" / "checkpoints" / "step_0000004" / part)
         b = params(tmp_path / "split" / "checkpoints" / "step_0000004" / part)
@@ -64,6 +66,33 @@ def test_resume_continues_bit_identically(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     straight = read_log(tmp_path / "straight" / "log.jsonl")
     assert [r["loss"] for r in log] == [r["loss"] for r in straight]
+
+
+def test_resume_with_warmup_and_cosine_schedule(tmp_path):
+    ds = tiny_dataset()
+    kw = {"steps": 6, "ckpt_every": 3, "warmup_steps": 2}
+    train(tiny_config(tmp_path / "straight", **kw), ds)
+    middle = tmp_path / "straight" / "checkpoints" / "step_0000003"
+    train(tiny_config(tmp_path / "resumed", resume=str(middle), **kw), ds)
+    for part in ("model", "ema"):
+        a = params(tmp_path / "straight" / "checkpoints" / "step_0000006" / part)
+        b = params(tmp_path / "resumed" / "checkpoints" / "step_0000006" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    lrs = [r["lr"] for r in read_log(tmp_path / "straight" / "log.jsonl")]
+    assert lrs[:2] == pytest.approx([5e-4, 1e-3])            # warm-up to the peak
+    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)  # cosine to 10%
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_lr_and_ema_schedules():
+    tc = TrainConfig(steps=1000, lr=1e-3)
+    assert tc.warmup == 100 and tc.lr_at(0) == pytest.approx(1e-5)
+    assert tc.lr_at(99) == pytest.approx(1e-3) and tc.lr_at(999) == pytest.approx(1e-4)
+    assert tc.ema_decay_at(0) == pytest.approx(0.1) and tc.ema_decay_at(10**6) == 0.9999
+    # the warm-up forgets the initialisation; a plain 0.9999 EMA would still be 90% of it
+    assert tc.ema_init_weight() < 1e-6
+    plain = dataclasses.replace(tc, ema_warmup=False)
+    assert plain.ema_init_weight() == pytest.approx(0.9999 ** 1000)
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path):

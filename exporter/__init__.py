@@ -1,4 +1,5 @@
 """terdit exporter: lower ternary DiT checkpoints to ONNX with terdit::TernaryMatMul nodes."""
-from .export import ExportError, ExportOptions, export
+from .export import export
+from .options import ExportError, ExportOptions
 
 __all__ = ["ExportError", "ExportOptions", "export"]

@@ -5,7 +5,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .export import CFG_CHOICES, DTYPES, ExportError, ExportOptions, export
+from terdit_common.cli import run_cli
+
+from .export import export
+from .options import CFG_CHOICES, DTYPES, ExportOptions
 
 DEFAULTS = ExportOptions()
 
@@ -16,9 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lower a ternary DiT checkpoint to ONNX. Every ternary linear becomes one "
                     "terdit::TernaryMatMul node (2-bit k16 weights in int32), runnable as-is in "
                     "ONNX Runtime through a local function and mapped to the TensorRT plugin.",
-        epilog="Output: OUTDIR/model.onnx (+ model.onnx.data for large models), "
-               "OUTDIR/manifest.json (config, contract, sha256s, options, validation, versions) "
-               "and, with --vae, OUTDIR/vae_decoder.onnx.")
+        epilog="Output (a self-contained directory: every backend runs from it alone): "
+               "OUTDIR/model.onnx (+ model.onnx.data for large models), the same packed "
+               "weights as a checkpoint (OUTDIR/config.json + model.safetensors), "
+               "OUTDIR/manifest.json (config, contract, sha256 of every file, options, "
+               "validation, versions) and, with --vae, OUTDIR/vae_decoder.onnx.")
     p.add_argument("checkpoint", help="official TerDiT release directory (model_args.pth + "
                    "consolidated*.pth), a TerDiT Deploy directory (config.json + "
                    "model.safetensors), or a .pt/.pth file")
@@ -46,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation passes when max|onnx - torch_fp32| / max|torch_fp32| <= "
                         "TOLERANCE + 3 x PyTorch's own error at --dtype (default: 1e-4 fp32, "
                         "5e-3 fp16/bf16)")
-    p.add_argument("--vae", metavar="DIR", default=None,
-                   help="also export the decoder of a diffusers AutoencoderKL in local DIR to "
-                        "vae_decoder.onnx (latent / scaling_factor inside the graph)")
+    p.add_argument("--vae", metavar="DIR|NAME", default=None,
+                   help="also export the decoder of a diffusers AutoencoderKL to "
+                        "vae_decoder.onnx (latent / scaling_factor inside the graph): a local "
+                        "directory, or a hub name such as stabilityai/sd-vae-ft-ema found in the "
+                        "local Hugging Face cache (nothing is downloaded)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
@@ -68,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         options = ExportOptions(
             dtype=args.dtype, cfg=args.cfg, fuse=args.fuse, function=args.function,
             validate=args.validate, validate_batches=tuple(args.validate_batches),
@@ -76,10 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ternary=args.ternary, seed=args.seed,
             external_data={"auto": None, "yes": True, "no": False}[args.external_data])
         export(args.checkpoint, args.output, options)
-    except (ExportError, ValueError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

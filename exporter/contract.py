@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import FunctionProto, TensorProto, helper
 from onnx.defs import OpSchema
 
-DOMAIN = "terdit"
-OP_TYPE = "TernaryMatMul"
-OP_VERSION = 1
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = ""
-GRAPH_OPSET = 20
-CONTRACT_VERSION = 1
-ATTRIBUTES = ("K", "N", "plugin_version", "plugin_namespace")
+from terdit.ternary import unpack_k16
+from terdit_common.op import (ATTRIBUTES, CONTRACT_VERSION, DOMAIN, GRAPH_OPSET, OP_TYPE,
+                              OP_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, REQUIRED_ATTRIBUTES,
+                              node_attributes)
+
+__all__ = ["ATTRIBUTES", "CONTRACT_VERSION", "DOMAIN", "GRAPH_OPSET", "OP_TYPE", "OP_VERSION",
+           "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "REQUIRED_ATTRIBUTES", "node_attributes",
+           "register_schema", "ternary_matmul_function", "reference_ops", "decode_k16_numpy"]
+
 ACTIVATION_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
 
 
@@ -51,11 +53,6 @@ def register_schema() -> None:
                     OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING,
                                        "TensorRT plugin namespace, \"\"")])
     onnx.defs.register_schema(schema)
-
-
-def node_attributes(k: int, n: int) -> dict:
-    return {"K": int(k), "N": int(n), "plugin_version": PLUGIN_VERSION,
-            "plugin_namespace": PLUGIN_NAMESPACE}
 
 
 def _ref_attr(name: str, ref: str, typ) -> onnx.AttributeProto:
@@ -115,18 +112,14 @@ def ternary_matmul_function() -> FunctionProto:
     ]
     return helper.make_function(
         DOMAIN, OP_TYPE, ["X", "W", "scale", "bias"], ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", GRAPH_OPSET)], attributes=list(ATTRIBUTES),
+        opset_imports=[helper.make_opsetid("", GRAPH_OPSET)], attributes=list(REQUIRED_ATTRIBUTES),
         doc_string="Portable decode of terdit::TernaryMatMul v1 (k16 ternary weights).")
 
 
 def decode_k16_numpy(w: np.ndarray, k: int) -> np.ndarray:
-    """k16 int32 [N, KW] -> ternary float32 [N, k] (numpy, for the reference OpRun)."""
-    b = np.ascontiguousarray(w.astype("<i4")).view(np.uint8)           # 4 codes per byte
-    codes = (b[..., None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
-    codes = codes.reshape(w.shape[0], -1)[:, :k]
-    if (codes == 3).any():
-        raise ValueError("TernaryMatMul: code 3 in W")
-    return codes.astype(np.float32) - 1.0
+    """k16 int32 [N, KW] -> ternary float32 [N, k] (terdit's decode, for the reference OpRun)."""
+    return unpack_k16(torch.from_numpy(np.ascontiguousarray(w, np.int32)), k,
+                      torch.float32).numpy()
 
 
 def reference_ops():

@@ -1,11 +1,21 @@
-"""TerDiT Deploy runtime: batch sampling over ONNX Runtime, TensorRT or PyTorch."""
-from .backends import BACKENDS, BackendError, ModelInfo, OrtBackend, TorchBackend, open_backend
-from .pipeline import (Pipeline, SampleOptions, SamplingError, guide, image_rng,
-                       imagenet_to_model_label)
-from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler, make_scheduler,
-                         space_timesteps)
+"""TerDiT Deploy runtime: batch sampling over ONNX Runtime, TensorRT or PyTorch.
 
-__all__ = ["BACKENDS", "BackendError", "ModelInfo", "OrtBackend", "TorchBackend", "open_backend",
-           "Pipeline", "SampleOptions", "SamplingError", "guide", "image_rng",
+    from runtime import TerDiTPipeline
+    pipe = TerDiTPipeline.from_pretrained("out/demo/onnx")
+    images = pipe(["Trouser", "Bag"], num_inference_steps=50, guidance_scale=3.0).images
+
+Importing it needs no torch (only the torch backend and TensorRT's do).
+"""
+from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, image_rng,
+                                    imagenet_to_model_label)
+from terdit_common.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler,
+                                      make_scheduler)
+
+from .api import TerDiTPipeline, TerDiTPipelineOutput
+from .backends import BACKENDS, BackendError, open_backend
+from .pipeline import Pipeline
+
+__all__ = ["TerDiTPipeline", "TerDiTPipelineOutput", "Pipeline", "SampleOptions",
+           "SamplingError", "ModelInfo", "BACKENDS", "BackendError", "open_backend", "image_rng",
            "imagenet_to_model_label", "DDIMScheduler", "DDPMScheduler", "DPMSolverScheduler",
-           "make_scheduler", "space_timesteps"]
+           "make_scheduler"]

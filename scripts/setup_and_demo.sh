@@ -18,5 +18,5 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 .venv/bin/python -m exporter terdit/demo -o "$OUT/onnx" --overwrite
 .venv/bin/python -m runtime sample --model "$OUT/onnx" --classes 0 1 2 3 4 5 6 7 8 9 --num 40 \
-    --sampler ddim --steps 50 --cfg 3.0 --seed 0 --batch-size 20 --out "$OUT/samples" --overwrite
+    --sampler ddim --steps 50 --cfg-scale 3.0 --seed 0 --batch-size 20 --out "$OUT/samples" --overwrite
 echo "main job done: labelled grid at $OUT/samples/grid.png, images in $OUT/samples/images/"

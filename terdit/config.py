@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from terdit_common.guidance import default_cfg_mode
+from terdit_common.limits import check_model_config
+
 # Official `model_args.model` names of the TerDiT release -> our preset names.
 OFFICIAL_NAMES = {
     "DiT_Llama_600M_patch2": "TerDiT-600M",
@@ -41,11 +44,10 @@ class TerDiTConfig:
         def bad(field: str, rule: str) -> None:
             raise ValueError(f"TerDiTConfig.{field}={getattr(self, field)!r}: {rule}")
 
-        for field in ("input_size", "patch_size", "in_channels", "dim", "n_layers", "n_heads",
-                      "multiple_of", "num_classes"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                bad(field, "must be a positive integer")
+        try:
+            check_model_config(self.to_dict())
+        except ValueError as err:
+            raise ValueError(f"TerDiTConfig.{err}") from None
         if self.input_size % self.patch_size:
             bad("input_size", f"must be divisible by patch_size={self.patch_size}")
         if self.dim % self.n_heads:
@@ -57,8 +59,9 @@ class TerDiTConfig:
                               "none); leave it None")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             bad("class_dropout_prob", "must be in [0, 1)")
-        if self.norm_eps <= 0:
-            bad("norm_eps", "must be positive")
+        for field in ("learn_sigma", "qk_norm", "ternary"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "must be true or false")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -92,9 +95,7 @@ class TerDiTConfig:
 
     @property
     def default_cfg_mode(self) -> str:
-        """The official checkpoints guide eps channels 0..2 only; that is only meaningful for
-        4-channel latents, so other models default to standard guidance."""
-        return "official" if self.in_channels == 4 else "standard"
+        return default_cfg_mode(self.in_channels)
 
     @property
     def official_name(self) -> Optional[str]:
@@ -143,16 +144,42 @@ class TerDiTConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "config") -> "TerDiTConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source}: not valid JSON ({err})") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(read_json_text(text, source), source)
 
     @classmethod
     def load(cls, path: str | Path) -> "TerDiTConfig":
         path = Path(path)
-        return cls.from_json(path.read_text(), source=str(path))
+        return cls.from_dict(read_json_file(path), source=str(path))
+
+
+MAX_JSON_BYTES = 16 << 20
+
+
+def read_json_text(text: str, source: str):
+    """JSON with every failure as one ValueError naming `source` (syntax, integers of thousands
+    of digits, nesting too deep to parse)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:
+        why = str(err)[:100] or type(err).__name__
+        raise ValueError(f"{source}: cannot be read as JSON ({why})") from None
+
+
+def read_json_file(path: Path):
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, too large for a config file")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the file ({err.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 JSON"
+                         ) from None
+    return read_json_text(text, str(path))
 
 
 PRESETS: dict[str, TerDiTConfig] = {

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from terdit_common.errors import UserError
+
 DATASETS = ("fashion-mnist", "mnist-5k", "folder", "latents")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -34,7 +36,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError):
     """A dataset file is missing; the message says which and how to install it."""
 
 
@@ -92,11 +94,6 @@ def to_model_space(images: np.ndarray, pad_to: Optional[int] = None) -> Tensor:
         top, left = (pad_to - h) // 2, (pad_to - w) // 2
         x = torch.nn.functional.pad(x, (left, pad_to - w - left, top, pad_to - h - top))
     return x.float() / 127.5 - 1.0
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """Model-space images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), as ADM's samplers do."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 # ---- IDX (MNIST family) -----------------------------------------------------------------------
@@ -175,32 +172,41 @@ def load_mnist_5k(path: str | Path | None = None, pad_to: int = 32) -> ArrayData
 
 # ---- image folder ----------------------------------------------------------------------------
 
-def load_image_folder(root: str | Path, image_size: int, channels: int = 3) -> ArrayDataset:
+def load_image_folder(root: str | Path, image_size: int,
+                      channels: Optional[int] = None) -> ArrayDataset:
     """Images under root/<class>/..., classes in sorted folder-name order (as torchvision's
-    ImageFolder); each image is resized (shorter side) and center-cropped to image_size."""
-    from PIL import Image
+    ImageFolder), class names kept; each image is resized (shorter side) and center-cropped to
+    image_size. channels None follows the folder: 1 when every image is grayscale, else 3."""
+    from PIL import Image, UnidentifiedImageError
 
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist")
-    if channels not in (1, 3):
+    if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels}: image folders give 1 (grayscale) or 3 (RGB)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DatasetNotFoundError(f"image folder {root} has no class subfolders "
                                    f"(expected root/<class>/<image>)")
-    arrays, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).rglob("*")):
-            if file.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            with Image.open(file) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                arrays.append(np.asarray(_center_crop(img, image_size)))
-            labels.append(label)
-    if not arrays:
+    files = [(label, f) for label, name in enumerate(classes)
+             for f in sorted((root / name).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
         raise DatasetNotFoundError(f"image folder {root}: no images with extensions "
                                    f"{IMAGE_EXTENSIONS} under {classes}")
+    images = []
+    for _, file in files:
+        try:
+            img = Image.open(file)
+            img.load()
+        except (OSError, UnidentifiedImageError) as err:
+            raise UserError(f"{file}: not a readable image ({err}); remove or replace it"
+                            ) from None
+        images.append(img)
+    if channels is None:
+        channels = 1 if all(im.mode in ("1", "L", "I;16", "I", "LA") for im in images) else 3
+    arrays = [np.asarray(_center_crop(im.convert("L" if channels == 1 else "RGB"), image_size))
+              for im in images]
+    labels = [label for label, _ in files]
     return ArrayDataset(to_model_space(np.stack(arrays)), torch.tensor(labels, dtype=torch.long),
                         tuple(classes), f"folder:{root}")
 
@@ -260,7 +266,7 @@ def _require_keys(path: Path, keys) -> None:
 # ---- one entry point ----------------------------------------------------------------------------
 
 def load_dataset(name: str, path: str | Path | None = None, *, split: str = "train",
-                 image_size: int = 32, channels: int = 1,
+                 image_size: int = 32, channels: Optional[int] = None,
                  num_classes: Optional[int] = None) -> ArrayDataset:
     """A dataset by name (one of DATASETS); image_size / channels apply to image folders and
     the padding of the 28x28 sets."""

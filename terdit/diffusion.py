@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from terdit_common import schedule
+from terdit_common.schedule import space_timesteps
+
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 SAMPLERS = ("ddpm", "ddim")
 
@@ -26,56 +29,9 @@ SAMPLERS = ("ddpm", "ddim")
 # ---- schedules ----------------------------------------------------------------------------------
 
 def linear_betas(num_timesteps: int = 1000) -> Tensor:
-    """Ho et al.'s linear schedule 1e-4..0.02, rescaled to `num_timesteps` (float64).
-
-    Written as numpy.linspace computes it (start + i * step, last element = stop) so the values
-    are bit-identical to the official numpy schedule."""
-    if num_timesteps < 2:
-        raise ValueError(f"num_timesteps={num_timesteps} must be at least 2")
-    scale = 1000 / num_timesteps
-    start, stop = scale * 0.0001, scale * 0.02
-    step = (stop - start) / (num_timesteps - 1)
-    betas = torch.arange(num_timesteps, dtype=torch.float64) * step + start
-    betas[-1] = stop
-    return betas
-
-
-def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]]) -> set[int]:
-    """The timesteps kept by respacing (IDDPM): "N" or "a,b,c" strides each of equally sized
-    sections of the original process to that many steps (fractional stride, rounded);
-    "ddimN" uses the DDIM paper's fixed integer stride and must give exactly N steps."""
-    if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return set(range(0, num_timesteps, stride))
-            raise ValueError(f"respacing {section_counts!r}: no integer stride gives exactly "
-                             f"{desired} of {num_timesteps} steps; use a plain count such as "
-                             f"{desired!r}")
-        try:
-            section_counts = [int(x) for x in section_counts.split(",")]
-        except ValueError:
-            raise ValueError(f"respacing {section_counts!r}: expected 'N', 'a,b,c' or 'ddimN'"
-                             ) from None
-    sections = list(section_counts)
-    if not sections or any(c <= 0 for c in sections):
-        raise ValueError(f"respacing {section_counts!r}: section counts must be positive")
-    size_per, extra = divmod(num_timesteps, len(sections))
-    start = 0
-    steps: list[int] = []
-    for i, count in enumerate(sections):
-        size = size_per + (1 if i < extra else 0)
-        if size < count:
-            raise ValueError(f"respacing {section_counts!r}: cannot divide a section of {size} "
-                             f"steps into {count}")
-        stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        cur = 0.0
-        for _ in range(count):
-            steps.append(start + round(cur))
-            cur += stride
-        start += size
-    return set(steps)
+    """Ho et al.'s linear schedule 1e-4..0.02, rescaled to `num_timesteps` (float64, the
+    official numpy values)."""
+    return torch.from_numpy(schedule.linear_betas(num_timesteps))
 
 
 # ---- elementwise helpers ------------------------------------------------------------------------

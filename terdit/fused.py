@@ -15,17 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import DiTBase, TerDiT, attend, modulate, rms_norm
-from .ternary import TernaryLinear
+from .ternary import PackedTernaryLinear
 
 
-def _cat_packed(layers: list[TernaryLinear], with_bias: bool) -> TernaryLinear:
+def _cat_packed(layers: list[PackedTernaryLinear], with_bias: bool) -> PackedTernaryLinear:
     k = layers[0].in_features
     if any(m.in_features != k or not m.packed for m in layers):
         raise ValueError("only packed layers with the same in_features can be fused")
     codes = torch.cat([m.codes for m in layers])
     scale = torch.cat([m.scale for m in layers])
     bias = torch.cat([m.bias.detach().float() for m in layers]) if with_bias else None
-    return TernaryLinear.from_packed(codes, scale, bias, k)
+    return PackedTernaryLinear.from_tensors(codes, scale, bias, k)
 
 
 class FusedBlock(nn.Module):

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TerDiTConfig
-from .ternary import TernaryLinear, apply_keep_fp32
+from terdit_common.guidance import guide, guided_channels
 
-CFG_MODES = ("official", "standard")
+from .config import TerDiTConfig
+from .ternary import TERNARY_LAYERS, TernaryLinear, apply_keep_fp32, ternary_linear
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -111,10 +111,10 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
         d = cfg.dim
-        self.wq = TernaryLinear(d, d, bias=False, packed=packed)
-        self.wk = TernaryLinear(d, d, bias=False, packed=packed)
-        self.wv = TernaryLinear(d, d, bias=False, packed=packed)
-        self.wo = TernaryLinear(d, d, bias=False, packed=packed)
+        self.wq = ternary_linear(d, d, False, packed)
+        self.wk = ternary_linear(d, d, False, packed)
+        self.wv = ternary_linear(d, d, False, packed)
+        self.wo = ternary_linear(d, d, False, packed)
         if cfg.qk_norm:
             self.q_norm: nn.Module = nn.LayerNorm(d)
             self.k_norm: nn.Module = nn.LayerNorm(d)
@@ -143,9 +143,9 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: TerDiTConfig, packed: bool) -> None:
         super().__init__()
         d, h = cfg.dim, cfg.ffn_hidden
-        self.w1 = TernaryLinear(d, h, bias=False, packed=packed)
-        self.w2 = TernaryLinear(h, d, bias=False, packed=packed)
-        self.w3 = TernaryLinear(d, h, bias=False, packed=packed)
+        self.w1 = ternary_linear(d, h, False, packed)
+        self.w2 = ternary_linear(h, d, False, packed)
+        self.w3 = ternary_linear(d, h, False, packed)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -158,7 +158,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg, packed)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        ada = TernaryLinear(cfg.cond_dim, 6 * cfg.dim, bias=True, packed=packed)
+        ada = ternary_linear(cfg.cond_dim, 6 * cfg.dim, True, packed)
         if not packed:
             nn.init.zeros_(ada.weight)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ada, RMSNorm(6 * cfg.dim, cfg.norm_eps))
@@ -239,8 +239,9 @@ class TerDiT(DiTBase):
             for m in self.ternary_layers():
                 m.reset_alpha()
 
-    def ternary_layers(self) -> list[TernaryLinear]:
-        return [m for m in self.modules() if isinstance(m, TernaryLinear)]
+    def ternary_layers(self) -> list[nn.Module]:
+        """Every ternary linear layer (latent TernaryLinear or PackedTernaryLinear)."""
+        return [m for m in self.modules() if isinstance(m, TERNARY_LAYERS)]
 
     @property
     def packed(self) -> bool:
@@ -259,21 +260,12 @@ class TerDiT(DiTBase):
         """The official CFG forward: x, t, y hold [cond half, uncond half]; both halves are run
         on the first half's x. `official` guides eps channels 0..2 only (the release's
         "exact reproducibility" choice); `standard` guides all eps channels."""
-        if mode not in CFG_MODES:
-            raise ValueError(f"cfg mode {mode!r} is not one of {CFG_MODES}")
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], 0), t, y)
-        return guide(out, cfg_scale, mode, self.cfg.in_channels)
-
-
-def guide(out: Tensor, cfg_scale, mode: str, in_channels: int) -> Tensor:
-    """Classifier-free guidance over a [cond; uncond] batch of model outputs (N, 2C, H, W)."""
-    n_guided = 3 if mode == "official" else in_channels
-    eps, rest = out[:, :n_guided], out[:, n_guided:]
-    n = out.shape[0] // 2
-    cond, uncond = eps[:n], eps[n:]
-    half = uncond + cfg_scale * (cond - uncond)
-    return torch.cat([torch.cat([half, half], 0), rest], dim=1)
+        g = guided_channels(mode, self.cfg.in_channels)
+        n = len(x) // 2
+        out = self.forward(torch.cat([x[:n], x[:n]], 0), t, y)
+        guided = guide(out, cfg_scale, mode, self.cfg.in_channels)      # (n, C', H, W)
+        # both halves carry the guided eps; the other channels stay each half's own
+        return torch.cat([guided, torch.cat([guided[:, :g], out[n:, g:]], dim=1)])
 
 
 def patchify(x: Tensor, cfg: TerDiTConfig) -> Tensor:

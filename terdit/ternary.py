@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from terdit_common.op import k16_words
+
 EPS = 1e-6
 ZERO_WORD = 0x55555555  # sixteen codes of 1: an all-zero k16 word
 
@@ -58,10 +60,6 @@ def ternarize_ste(weight: Tensor, eps: float = EPS) -> Tensor:
 
 
 # ---- k16 packing -------------------------------------------------------------------------
-
-def k16_words(k: int) -> int:
-    return (k + 15) // 16
-
 
 def _check_ternary_values(t: Tensor, what: str) -> None:
     if t.dtype.is_floating_point:
@@ -267,41 +265,30 @@ def apply_keep_fp32(module: nn.Module, fn, recurse: bool, buffers=(), params=())
 
 
 class TernaryLinear(nn.Module):
-    """A linear layer with ternary weights, in one of two states.
+    """The trainable (latent) ternary linear layer of QAT: an fp `weight` [N, K] and one
+    learnable scalar `alphas` (shape (1,), the official name). The forward multiplies by
+    alphas * ternarize(weight) with a straight-through gradient; `to_packed()` gives the
+    inference layer."""
 
-    - latent (training): fp `weight` [N, K] and one learnable scalar `alphas` (shape (1,), the
-      official name); forward uses alphas * ternarize(weight) with a straight-through gradient.
-    - packed (inference): `codes` k16 int32 [N, ceil(K/16)] and `scale` fp32 [N] (kept fp32
-      whatever dtype the model is cast to); forward is `terdit::ternary_matmul`.
-    """
+    packed = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 packed: bool = False, device=None, dtype=None) -> None:
+                 device=None, dtype=None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.packed = packed
-        if packed:
-            self.register_buffer("codes", torch.full(
-                (out_features, k16_words(in_features)), ZERO_WORD, dtype=torch.int32,
-                device=device))
-            self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32,
-                                                     device=device))
-        else:
-            self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
-                                                   dtype=dtype))
-            self.alphas = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
+                                               dtype=dtype))
+        self.alphas = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+                     if bias else None)
+        if self.weight.device.type != "meta":
             nn.init.xavier_uniform_(self.weight)
             self.reset_alpha()
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
 
     def extra_repr(self) -> str:
-        state = "packed" if self.packed else "latent"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, state={state}")
+                f"bias={self.bias is not None}")
 
     @torch.no_grad()
     def reset_alpha(self) -> None:
@@ -311,72 +298,101 @@ class TernaryLinear(nn.Module):
         fallback = torch.full_like(gamma, 1.0 / math.sqrt(self.in_features))
         self.alphas.copy_(torch.where(gamma > 0, gamma, fallback).expand_as(self.alphas))
 
-    def _apply(self, fn, recurse=True):
-        # Packed layers keep `scale` and `bias` in fp32 (the kernel contract) under
-        # model.to(dtype) / .half(); they follow device moves only.
-        if not self.packed:
-            return super()._apply(fn, recurse)
-        return apply_keep_fp32(self, fn, recurse, buffers=("scale",), params=("bias",))
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed:
-            return ternary_matmul(x, self.codes, self.scale, self.bias)
         w = self.alphas * ternarize_ste(self.weight)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    @classmethod
-    def from_packed(cls, codes: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int
-                    ) -> "TernaryLinear":
-        """A packed layer holding the given k16 codes, fp32 scale [N] and optional bias."""
-        n = codes.shape[0]
-        layer = cls(in_features, n, bias is not None, packed=True, device="meta")
-        layer.codes = codes.contiguous()
-        layer.scale = scale.float().contiguous()
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-        return layer
-
-    def swiglu(self, x: Tensor) -> Tensor:
-        """silu(A[..., :H]) * A[..., H:] of this layer's output A (a packed w1|w3 layer)."""
-        if not self.packed or self.bias is not None:
-            raise ValueError("swiglu() needs a packed layer without bias (a fused w1|w3)")
-        return ternary_matmul_swiglu(x, self.codes, self.scale)
-
-    # ---- conversions ----
     @torch.no_grad()
     def ternary_values(self) -> Tensor:
         """The ternary matrix T [N, K] as int8."""
-        if self.packed:
-            return unpack_k16(self.codes, self.in_features)
         return ternarize(self.weight).to(torch.int8)
 
     @torch.no_grad()
     def effective_weight(self) -> Tensor:
-        """scale * T as fp32 [N, K] (what the layer multiplies by)."""
-        if self.packed:
-            return unpack_k16(self.codes, self.in_features, torch.float32) * self.scale[:, None]
+        """alpha * T as fp32 [N, K] (what the layer multiplies by)."""
         return self.alphas.float() * ternarize(self.weight).float()
 
     @torch.no_grad()
-    def to_packed(self) -> "TernaryLinear":
-        """A packed copy (latent -> k16 codes + per-channel scale from the scalar alpha)."""
-        if self.packed:
-            return self
-        out = TernaryLinear(self.in_features, self.out_features, self.bias is not None,
-                            packed=True, device=self.weight.device, dtype=self.weight.dtype)
-        out.codes.copy_(pack_k16(ternarize(self.weight)))
-        out.scale.copy_(self.alphas.float().expand(self.out_features))
+    def to_packed(self) -> "PackedTernaryLinear":
+        """The inference layer: k16 codes of ternarize(weight), the scalar alpha as a per-channel
+        scale, the bias in fp32."""
+        return PackedTernaryLinear.from_tensors(
+            pack_k16(ternarize(self.weight)), self.alphas.float().expand(self.out_features),
+            None if self.bias is None else self.bias.float(), self.in_features)
+
+
+class PackedTernaryLinear(nn.Module):
+    """The inference ternary linear layer: `codes` k16 int32 [N, ceil(K/16)], `scale` fp32 [N]
+    and an optional fp32 `bias` (scale and bias stay fp32 whatever dtype the model is cast to:
+    the kernel contract). The forward is the registered op `terdit::ternary_matmul`."""
+
+    packed = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 device=None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("codes", torch.full((out_features, k16_words(in_features)),
+                                                 ZERO_WORD, dtype=torch.int32, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32,
+                                                 device=device))
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=torch.float32))
+                     if bias else None)
+
+    @classmethod
+    def from_tensors(cls, codes: Tensor, scale: Tensor, bias: Optional[Tensor],
+                     in_features: int) -> "PackedTernaryLinear":
+        """A layer holding the given k16 codes, scale [N] and optional bias (no copies of
+        codes that are already contiguous)."""
+        layer = cls(in_features, codes.shape[0], bias is not None, device="meta")
+        layer.codes = codes.contiguous()
+        layer.scale = scale.float().contiguous()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=bias.requires_grad)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+    def _apply(self, fn, recurse=True):
+        return apply_keep_fp32(self, fn, recurse, buffers=("scale",), params=("bias",))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ternary_matmul(x, self.codes, self.scale, self.bias)
+
+    def swiglu(self, x: Tensor) -> Tensor:
+        """silu(A[..., :H]) * A[..., H:] of this layer's output A (a fused w1|w3 layer)."""
         if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
+            raise ValueError("swiglu() needs a layer without bias (a fused w1|w3)")
+        return ternary_matmul_swiglu(x, self.codes, self.scale)
+
+    @torch.no_grad()
+    def ternary_values(self) -> Tensor:
+        """The ternary matrix T [N, K] as int8."""
+        return unpack_k16(self.codes, self.in_features)
+
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """scale * T as fp32 [N, K] (what the layer multiplies by)."""
+        return unpack_k16(self.codes, self.in_features, torch.float32) * self.scale[:, None]
+
+
+TERNARY_LAYERS = (TernaryLinear, PackedTernaryLinear)
+
+
+def ternary_linear(in_features: int, out_features: int, bias: bool, packed: bool) -> nn.Module:
+    """The latent (training) or packed (inference) layer."""
+    cls = PackedTernaryLinear if packed else TernaryLinear
+    return cls(in_features, out_features, bias)
 
 
 def pack_model_(model: nn.Module) -> nn.Module:
     """Replace every latent TernaryLinear in `model` by its packed form, in place."""
     for name, child in list(model.named_children()):
         if isinstance(child, TernaryLinear):
-            if not child.packed:
-                setattr(model, name, child.to_packed())
-        else:
+            setattr(model, name, child.to_packed())
+        elif not isinstance(child, PackedTernaryLinear):
             pack_model_(child)
     return model

@@ -183,7 +183,7 @@ def test_torch_file_roundtrip(tmp_path):
 def test_save_refuses_overwrite(tmp_path):
     model = _tiny_model(True)
     save_checkpoint(model, tmp_path / "ck")
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(ValueError, match="overwrite"):
         save_checkpoint(model, tmp_path / "ck")
     save_checkpoint(model, tmp_path / "ck", overwrite=True)
 

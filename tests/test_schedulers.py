@@ -4,22 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler, RespacedSchedule,
-                                linear_betas, space_timesteps)
+from terdit_common.schedule import linear_betas, space_timesteps
+from terdit_common.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler,
+                                      RespacedSchedule)
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def test_space_timesteps_official_examples():
-    assert space_timesteps(300, [10, 15, 20]) == space_timesteps(300, "10,15,20")
-    assert len(space_timesteps(1000, "250")) == 250
-    assert sorted(space_timesteps(1000, "ddim50"))[:3] == [0, 20, 40]
-    assert sorted(space_timesteps(1000, "ddim50"))[-1] == 980
-    steps = sorted(space_timesteps(1000, "250"))
-    assert steps[:4] == [0, 4, 8, 12] and steps[-1] == 999
-    assert sorted(space_timesteps(100, "10")) == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
-    with pytest.raises(ValueError, match="DDIM"):
-        space_timesteps(1000, "ddim37")
 
 
 def test_respaced_betas_keep_alphas_cumprod():

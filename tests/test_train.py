@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from terdit import TerDiTConfig, load_checkpoint, ternarize
+from terdit import TerDiT, TerDiTConfig, load_checkpoint, ternarize
 from terdit.data import ArrayDataset
 from terdit.ternary import check_k16, unpack_k16
 from terdit.train import TrainConfig, read_log, train
@@ -95,10 +96,60 @@ def test_lr_and_ema_schedules():
     assert plain.ema_init_weight() == pytest.approx(0.9999 ** 1000)
 
 
+def test_default_flags_give_an_ema_that_denoises(tmp_path, capsys):
+    """200 steps with the trainer's defaults (lr, warm-up + cosine, EMA decay 0.9999 with its
+    warm-up): the EMA model predicts the noise better than the untrained model does."""
+    from terdit.diffusion import GaussianDiffusion
+    ds = tiny_dataset(64)
+    tc = TrainConfig(out=str(tmp_path / "run"), model="TerDiT-tiny", data="latents", steps=200,
+                     device="cpu", progress=False, ckpt_every=200, log_every=50)
+    final = train(tc, ds)
+    assert "warning" not in capsys.readouterr().err
+    ema = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000200" / "ema").model
+    untrained = TerDiT(ema.cfg).eval()
+    diffusion = GaussianDiffusion.create(None)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    noise = torch.randn(ds.data.shape, generator=g)
+
+    def loss(model):
+        with torch.no_grad():
+            return diffusion.training_losses(lambda x, tt: model(x, tt, ds.labels), ds.data, t,
+                                             noise)["mse"].mean().item()
+    assert loss(ema) < 0.7 * loss(untrained)
+    assert load_checkpoint(final).model.packed
+    # without the warm-up, 200 updates at 0.9999 leave 98% of the initialisation: a warning
+    train(dataclasses.replace(tc, out=str(tmp_path / "plain"), ema_warmup=False, steps=2), ds)
+    assert "still holds 100% of the random initialisation" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_settings_and_recovers_kills(tmp_path):
+    ds = tiny_dataset()
+    tc = tiny_config(tmp_path / "r", steps=2, ckpt_every=1)
+    train(tc, ds)
+    with pytest.raises(ValueError, match=r"--lr 0.001 -> 0.002"):
+        train(dataclasses.replace(tc, steps=3, lr=2e-3, resume="latest"), ds)
+    ckpts = tmp_path / "r" / "checkpoints"
+    # a kill between moving step 2 aside and renaming its replacement into place
+    (ckpts / "step_0000002").rename(ckpts / ".step_0000002.old")
+    (ckpts / "latest").unlink()
+    (ckpts / ".step_0000002.partial").mkdir()
+    train(dataclasses.replace(tc, resume="latest"), ds)     # finds step 2 again, nothing to do
+    assert (ckpts / "step_0000002").is_dir() and (ckpts / "latest").read_text() == "step_0000002\n"
+    assert not list(ckpts.glob(".*"))
+    # a kill before the first checkpoint: starting again (without --resume) is accepted
+    shutil.rmtree(ckpts)
+    (ckpts / ".step_0000001.partial").mkdir(parents=True)
+    with pytest.raises(ValueError, match="start without --resume"):
+        train(dataclasses.replace(tc, resume="latest"), ds)
+    train(tc, ds)
+    assert (ckpts / "step_0000002").is_dir()
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
     ds = tiny_dataset()
     train(tiny_config(tmp_path / "r", steps=1), ds)
-    with pytest.raises(FileExistsError, match="--resume latest"):
+    with pytest.raises(ValueError, match="--resume latest"):
         train(tiny_config(tmp_path / "r", steps=1), ds)
     train(tiny_config(tmp_path / "r", steps=1, overwrite=True), ds)
 
@@ -207,10 +258,10 @@ def test_cli_end_to_end(tmp_path):
         [sys.executable, "-m", "terdit.train", "--model", "TerDiT-tiny", "--data", "latents",
          "--data-path", str(tmp_path / "lat.npy"), "--out", str(out), "--steps", "2",
          "--global-batch", "4", "--log-every", "1", "--threads", "1", "--no-progress",
-         "--sample-every", "2", "--sample-steps", "2", "--sample-cfg", "2.0"],
+         "--sample-every", "2", "--sample-steps", "2", "--sample-cfg-scale", "2.0"],
         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "final EMA model" in proc.stdout
+    assert "final model" in proc.stdout
     assert load_checkpoint(out / "final").model.packed
     state = json.loads((out / "checkpoints" / "step_0000002" / "train_state.json").read_text())
     assert state["step"] == 2 and state["train_config"]["global_batch"] == 4

@@ -10,7 +10,8 @@ All three follow the diffusers scheduler shape: `set_timesteps(n)`, then for eac
   diffusers' "linspace" timestep schedule with a final step to sigma = 0.
 
 Coefficients are computed in float64 and cast to float32 before use, as the official
-`_extract_into_tensor` does, and the arithmetic is float32.
+`_extract_into_tensor` does, and the arithmetic is float32. terdit.diffusion (the torch port of
+the official code) is the oracle these are tested against.
 """
 from __future__ import annotations
 
@@ -20,41 +21,14 @@ from typing import Optional
 
 import numpy as np
 
-NUM_TRAIN_STEPS = 1000
+from .schedule import NUM_TRAIN_STEPS, linear_betas, space_timesteps
+
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-
-
-def linear_betas(num_steps: int = NUM_TRAIN_STEPS) -> np.ndarray:
-    """IDDPM's linear schedule: 1e-4 .. 0.02 scaled to 1000 steps (float64)."""
-    scale = 1000 / num_steps
-    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
-
-
-def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
-    """The official respacing rule: "N" or "N1,N2,.." (sections strided with rounding) or
-    "ddimN" (the fixed integer stride of the DDIM paper)."""
-    if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} DDIM steps from {num_timesteps} "
-                             f"with an integer stride; choose a divisor-friendly step count")
-        section_counts = [int(x) for x in section_counts.split(",")]
-    size_per, extra = divmod(num_timesteps, len(section_counts))
-    start, steps = 0, []
-    for i, count in enumerate(section_counts):
-        size = size_per + (1 if i < extra else 0)
-        if size < count:
-            raise ValueError(f"cannot divide a section of {size} steps into {count}")
-        stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        cur = 0.0
-        for _ in range(count):
-            steps.append(start + round(cur))
-            cur += stride
-        start += size
-    return set(steps)
+DIFFUSERS_PREFIX = "diffusers:"
+# The IDDPM training schedule, for diffusers schedulers (they take the rest from their defaults).
+DIFFUSERS_CONFIG = {"num_train_timesteps": NUM_TRAIN_STEPS, "beta_start": 1e-4, "beta_end": 0.02,
+                    "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": False,
+                    "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "leading"}
 
 
 @dataclass
@@ -231,7 +205,80 @@ class DPMSolverScheduler:
         return out.astype(np.float32)
 
 
+class DiffusersScheduler:
+    """A diffusers scheduler class (e.g. UniPCMultistepScheduler, EulerDiscreteScheduler) on the
+    IDDPM schedule, driven like the built-in samplers (needs diffusers and torch). Noise for
+    stochastic schedulers comes from diffusers' own generator, not from the per-image seeds."""
+
+    needs_noise = False
+
+    def __init__(self, class_name: str, eta: float = 0.0) -> None:
+        import inspect
+
+        import torch
+        cls = diffusers_scheduler_class(class_name)
+        params = inspect.signature(cls.__init__).parameters
+        self.name = DIFFUSERS_PREFIX + class_name
+        self.torch = torch
+        self.scheduler = cls(**{k: v for k, v in DIFFUSERS_CONFIG.items() if k in params})
+        self.eta = eta
+        self.timesteps = np.zeros(0, np.int64)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.scheduler.init_noise_sigma)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self.scheduler.set_timesteps(num_steps)
+        self.timesteps = self.scheduler.timesteps.numpy().astype(np.int64)
+
+    def scale_model_input(self, x: np.ndarray, step_index: int) -> np.ndarray:
+        t = self.scheduler.timesteps[step_index]
+        return self.scheduler.scale_model_input(self.torch.from_numpy(x), t).numpy()
+
+    def step(self, model_output: np.ndarray, step_index: int, x: np.ndarray,
+             noise: Optional[np.ndarray] = None) -> np.ndarray:
+        eps, _ = split_output(model_output, x.shape[1])
+        torch = self.torch
+        kwargs = {"eta": self.eta} if "eta" in _step_params(self.scheduler) else {}
+        out = self.scheduler.step(torch.from_numpy(np.ascontiguousarray(eps)),
+                                  self.scheduler.timesteps[step_index],
+                                  torch.from_numpy(np.ascontiguousarray(x)), **kwargs)
+        return out.prev_sample.numpy().astype(np.float32)
+
+
+def _step_params(scheduler) -> set:
+    import inspect
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+def diffusers_scheduler_class(class_name: str):
+    """The diffusers scheduler class `class_name`, or a ValueError saying what is wrong."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError(f"--sampler {DIFFUSERS_PREFIX}{class_name} needs diffusers (and "
+                         f"torch): pip install diffusers") from None
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not class_name.endswith("Scheduler") or not hasattr(cls, "step"):
+        raise ValueError(f"--sampler {DIFFUSERS_PREFIX}{class_name}: not a diffusers scheduler "
+                         f"class (e.g. {DIFFUSERS_PREFIX}UniPCMultistepScheduler)")
+    return cls
+
+
+def check_sampler(name: str) -> None:
+    if name in SAMPLERS:
+        return
+    if name.startswith(DIFFUSERS_PREFIX):
+        diffusers_scheduler_class(name[len(DIFFUSERS_PREFIX):])
+        return
+    raise ValueError(f"--sampler {name!r}: choose one of {', '.join(SAMPLERS)} or "
+                     f"{DIFFUSERS_PREFIX}<a diffusers scheduler class>")
+
+
 def make_scheduler(name: str, eta: float = 0.0, clip_denoised: bool = False):
+    if name.startswith(DIFFUSERS_PREFIX):
+        return DiffusersScheduler(name[len(DIFFUSERS_PREFIX):], eta)
     if name == "ddpm":
         return DDPMScheduler(clip_denoised)
     if name == "ddim":

@@ -1,0 +1,53 @@
+"""What an export can be asked for (every default lives here) and the export's error type."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from terdit_common.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CFG_CHOICES = ("none", "official", "standard")
+# Validation runs the file at these batch sizes; more cost RAM and time for nothing.
+MAX_VALIDATE_BATCHES = 4
+MAX_VALIDATE_BATCH = 64
+
+
+class ExportError(UserError):
+    """An export that cannot proceed or did not validate; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "fp32"
+    cfg: str = "none"
+    fuse: bool = True
+    function: bool = True
+    validate: bool = True
+    validate_batches: tuple[int, ...] = (1, 2)
+    tolerance: Optional[float] = None
+    vae: Optional[str] = None
+    overwrite: bool = False
+    ema: Optional[bool] = None
+    ternary: Optional[bool] = None
+    external_data: Optional[bool] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.cfg not in CFG_CHOICES:
+            raise ValueError(f"--cfg {self.cfg!r} is not one of {', '.join(CFG_CHOICES)}")
+        batches = self.validate_batches
+        if not batches or len(batches) > MAX_VALIDATE_BATCHES or any(
+                not 1 <= b <= MAX_VALIDATE_BATCH for b in batches):
+            raise ValueError(f"--validate-batches {' '.join(map(str, batches))}: give 1 to "
+                             f"{MAX_VALIDATE_BATCHES} batch sizes from 1 to {MAX_VALIDATE_BATCH}")
+        if self.tolerance is not None and not (math.isfinite(self.tolerance)
+                                               and self.tolerance > 0):
+            raise ValueError(f"--tolerance {self.tolerance}: must be a finite positive number")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise ValueError(f"--seed {self.seed}: must be a non-negative integer")

@@ -1,0 +1,44 @@
+"""ONNX Runtime over an export directory (CUDA execution provider when available)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from terdit_common.manifest import MODEL_FILE
+from terdit_common.ort import ort_session
+
+from . import BackendError, open_export
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, export_dir: str | os.PathLike, threads: Optional[int] = None,
+                 providers: Optional[list[str]] = None) -> None:
+        export_dir = Path(export_dir)
+        if threads is not None and threads < 0:
+            raise BackendError(f"--threads {threads}: must be >= 0 (0: ONNX Runtime's default)")
+        manifest, self.info = open_export(export_dir)
+        model_file = export_dir / MODEL_FILE
+        # Constant folding would decode every ternary weight to fp32 at load time (~5x the
+        # weights in RAM); large models skip it.
+        large = bool(manifest.get("graph", {}).get("large_model"))
+        self.session = ort_session(model_file, threads=threads, providers=providers,
+                                   fold_constants=not large)
+        stored = self.session.get_modelmeta().custom_metadata_map.get("terdit.config")
+        if stored is not None and json.loads(stored) != self.info.config:
+            raise BackendError(f"{export_dir / 'manifest.json'}: field 'config' disagrees with "
+                               f"the config stored in {model_file}; re-export the model")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.providers = self.session.get_providers()
+
+    def forward(self, x, t, y, cfg_scale=None):
+        feeds = {"x": np.ascontiguousarray(x, np.float32), "t": np.ascontiguousarray(t, np.float32),
+                 "y": np.ascontiguousarray(y, np.int64)}
+        if "cfg_scale" in self.input_names:
+            feeds["cfg_scale"] = np.asarray(1.0 if cfg_scale is None else cfg_scale, np.float32)
+        return self.session.run(None, feeds)[0].astype(np.float32, copy=False)

@@ -1,0 +1,78 @@
+"""The PyTorch model (terdit), from an export directory (its packed weights) or a checkpoint.
+On CUDA it runs the project's kernels, compiled blocks and CUDA graphs (terdit.accel)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from terdit_common.files import sha256_file
+from terdit_common.manifest import is_export_dir
+from terdit_common.sampling import ModelInfo
+
+from . import BackendError, open_export
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, path: str | os.PathLike, device: Optional[str] = None,
+                 dtype: Optional[str] = None, compile: bool = True, cuda_graphs: bool = True,
+                 w2a8: bool = False) -> None:
+        try:
+            import torch
+
+            from terdit import load_checkpoint
+            from terdit.sampling import TorchForward, inference_model
+        except ImportError as err:
+            raise BackendError(f"the torch backend needs torch and terdit ({err}); install "
+                               f"torch or use --backend ort") from None
+        if dtype is not None and dtype not in DTYPES:
+            raise BackendError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        path = Path(path)
+        export_info = None
+        if is_export_dir(path):
+            _, export_info = open_export(path)          # checks every file's sha256
+        try:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as err:
+            raise BackendError(f"--device {device!r}: {err}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError(f"--device {device}: torch sees no CUDA device; use --device cpu")
+        loaded = load_checkpoint(path, packed=True)
+        tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            dtype or ("bf16" if self.device.type == "cuda" else "fp32")]
+        self.model = inference_model(loaded.model, self.device, tdtype)
+        self.kernels = "reference"
+        run = self.model
+        if self.device.type == "cuda":
+            try:
+                from terdit import kernels
+                kernels.load()
+                self.kernels = "cuda"
+            except Exception as err:  # noqa: BLE001 - fall back loudly, still correct
+                warnings.warn(f"CUDA TernaryMatMul kernels unavailable ({err}); using the "
+                              f"reference op (slow)", stacklevel=2)
+        if self.kernels == "cuda" or w2a8:
+            # on the CPU, W1.58A8 runs an exact emulation (slow; for accuracy studies)
+            from terdit.accel import AcceleratedTerDiT
+            on_gpu = self.kernels == "cuda"
+            run = AcceleratedTerDiT(self.model, compile=compile and on_gpu,
+                                    cuda_graphs=cuda_graphs and on_gpu, fp8=w2a8)
+        self._forward = TorchForward(run, self.device)
+        if export_info is not None:
+            self.info = ModelInfo(loaded.model.cfg.to_dict(), str(path), export_info.sha256,
+                                  None, export_info.metadata)
+        else:
+            files = sorted(str(p) for p in loaded.files if Path(p).is_file())
+            digest = hashlib.sha256("\n".join(f"{Path(f).name}:{sha256_file(f)}"
+                                              for f in files).encode()).hexdigest()
+            self.info = ModelInfo(loaded.model.cfg.to_dict(), str(path), digest, None,
+                                  loaded.metadata or {})
+
+    def forward(self, x, t, y, cfg_scale=None):
+        return self._forward(x, t, y)

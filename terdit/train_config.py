@@ -1,0 +1,155 @@
+"""The trainer's settings: one frozen dataclass (every default lives here; the CLI only maps
+flags onto it), plus the learning-rate and EMA schedules that depend on them."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from terdit_common.sampling import SampleOptions
+
+from .data import DATASETS
+
+STRATEGIES = ("ddp", "fsdp")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+FINAL_WEIGHTS = ("packed", "latent")
+FINAL_FROM = ("ema", "live")
+LR_SCHEDULES = ("constant", "cosine")
+LIMIT = 10**9          # upper bound of counts (steps, batch, ...): refuses typos before any work
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training default lives here; the CLI only maps flags onto these fields."""
+
+    out: str = "runs/terdit"
+    model: str = "TerDiT-demo"
+    model_config: Optional[str] = None     # JSON file of TerDiTConfig fields (overrides model)
+    fp: bool = False                       # train the same architecture in full precision
+    init_from: Optional[str] = None        # fp checkpoint to start ternary QAT from
+    data: str = "fashion-mnist"
+    data_path: Optional[str] = None
+    steps: int = 10_000
+    global_batch: int = 64
+    lr: float = 5e-4                       # TerDiT's learning rate (peak of the schedule)
+    lr_schedule: str = "cosine"            # constant | cosine (decays to min_lr_ratio * lr)
+    warmup_steps: Optional[int] = None     # linear warm-up; None: min(500, steps // 10)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    ema_decay: float = 0.9999              # the decay the EMA warms up to
+    ema_warmup: bool = True                # decay of update n: min(ema_decay, (1 + n) / (10 + n))
+    class_dropout: float = 0.1
+    num_timesteps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    sample_every: int = 0                  # 0: no preview grids
+    sample_steps: int = SampleOptions.steps            # DDIM steps of the previews
+    sample_cfg_scale: float = SampleOptions.cfg_scale  # guidance scale of the previews
+    final_weights: str = "packed"
+    final_from: str = "ema"                # which weights OUT/final holds
+    strategy: str = "ddp"
+    precision: str = "auto"                # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    threads: int = 0                       # torch CPU threads (0: leave torch's default)
+    compile: bool = False                  # torch.compile the training forward
+    resume: Optional[str] = None           # "latest" or a checkpoints/step_XXXXXXX directory
+    progress: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name, choices in (("strategy", STRATEGIES), ("precision", PRECISIONS),
+                              ("device", DEVICES), ("final_weights", FINAL_WEIGHTS),
+                              ("final_from", FINAL_FROM), ("lr_schedule", LR_SCHEDULES),
+                              ("data", DATASETS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{_flag(name)} {getattr(self, name)!r} is not one of "
+                                 f"{', '.join(choices)}")
+        for name in ("steps", "global_batch", "log_every", "ckpt_every", "num_timesteps",
+                     "sample_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMIT:
+                raise ValueError(f"{_flag(name)} {value!r} must be an integer from 1 to {LIMIT}")
+        for name in ("sample_every", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= LIMIT:
+                raise ValueError(f"{_flag(name)} {value!r} must be an integer from 0 to {LIMIT}")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise ValueError(f"--seed {self.seed} must be a non-negative integer")
+        if not math.isfinite(self.lr) or self.lr < 0:
+            raise ValueError(f"--lr {self.lr!r} must be a finite number >= 0")
+        if not math.isfinite(self.grad_clip) or self.grad_clip <= 0:
+            raise ValueError(f"--grad-clip {self.grad_clip!r} must be a finite positive number")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"--weight-decay {self.weight_decay!r} must be finite and >= 0")
+        if not math.isfinite(self.sample_cfg_scale):
+            raise ValueError(f"--sample-cfg-scale {self.sample_cfg_scale!r} must be finite")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must be in "
+                             f"[0, --steps {self.steps}]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio {self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay {self.ema_decay} must be in [0, 1)")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"--class-dropout {self.class_dropout} must be in [0, 1)")
+
+    @property
+    def warmup(self) -> int:
+        return min(500, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr`, then
+        constant or a cosine decay to `min_lr_ratio * lr` at the last step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.lr_schedule == "constant":
+            return self.lr
+        span = max(1, self.steps - self.warmup - 1)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.min_lr_ratio * self.lr
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay of the update after optimizer step `step` (0-based). The warm-up keeps a
+        short run from ending with an EMA that is still mostly the random initialisation."""
+        if not self.ema_warmup:
+            return self.ema_decay
+        return min(self.ema_decay, (1.0 + step) / (10.0 + step))
+
+    def ema_init_weight(self, steps: Optional[int] = None) -> float:
+        """The share of the initial weights left in the EMA after `steps` updates."""
+        weight = 1.0
+        for step in range(self.steps if steps is None else steps):
+            weight *= self.ema_decay_at(step)
+            if weight < 1e-9:
+                break
+        return weight
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resume_conflicts(self, recorded: dict) -> list[str]:
+        """The settings of a resumed run that differ from those it was started with and would
+        change its results (a resume must continue the same computation)."""
+        changed = []
+        for name in RESUME_MUST_MATCH:
+            if name == "steps" and self.lr_schedule == "constant":
+                continue                     # a constant schedule does not depend on --steps
+            if name in recorded and recorded[name] != getattr(self, name):
+                changed.append(f"{_flag(name)} {recorded[name]!r} -> {getattr(self, name)!r}")
+        return changed
+
+
+# Fields whose change on --resume would make a different run than the one being continued.
+RESUME_MUST_MATCH = ("model", "model_config", "fp", "init_from", "data", "data_path", "steps",
+                     "global_batch", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio",
+                     "weight_decay", "grad_clip", "ema_decay", "ema_warmup", "class_dropout",
+                     "num_timesteps", "seed", "precision")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

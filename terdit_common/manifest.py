@@ -1,0 +1,127 @@
+"""The export directory written by `python -m exporter` and read by every runtime backend.
+
+    model.onnx (+ model.onnx.data)   the graph with terdit::TernaryMatMul nodes
+    config.json + model.safetensors  the same packed weights as a TerDiT Deploy checkpoint, so
+                                     the PyTorch backend runs from the export alone
+    vae_decoder.onnx                 optional
+    manifest.json                    config, contract, options, validation, and the sha256 of
+                                     every file above
+
+`open_export` checks the manifest's fields and the sha256 of every file it lists (streamed, once
+per open), so a changed byte anywhere is refused before any sampling starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UserError
+from .files import sha256_file
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "terdit-onnx"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+VAE_FILE = "vae_decoder.onnx"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MAX_MANIFEST_BYTES = 16 << 20
+CHECKSUM_FIELD = "manifest_sha256"
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum field: a changed value
+    anywhere in manifest.json is detected like a changed byte in the files it lists."""
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM_FIELD}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def seal(manifest: dict) -> dict:
+    return {**manifest, CHECKSUM_FIELD: manifest_checksum(manifest)}
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / MANIFEST_FILE).is_file()
+
+
+def files_record(directory: Path) -> dict[str, dict[str, Any]]:
+    """{name: {sha256, bytes}} of every regular file in `directory` except the manifest."""
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def read_manifest(export_dir: str | os.PathLike) -> dict:
+    """The manifest as a dict, with its required fields checked (UserError naming the field)."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{export_dir}: no {MANIFEST_FILE}; pass a directory written by "
+                        f"`python -m exporter`, or a checkpoint with --backend torch")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size} bytes, too large for a manifest; "
+                        f"re-export the model")
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; re-export the model") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise UserError(f"{path}: not valid JSON ({str(err)[:120]}); re-export the model"
+                        ) from None
+
+    def need(cond: bool, field: str, found: Any, want: str) -> None:
+        if not cond:
+            raise UserError(f"{path}: field {field!r} is {_short(found)}, expected {want}; "
+                            f"re-export the model")
+
+    need(isinstance(manifest, dict), "<top level>", type(manifest).__name__, "a JSON object")
+    if manifest.get(CHECKSUM_FIELD) != manifest_checksum(manifest):
+        raise UserError(f"{path}: its content does not match its checksum ({CHECKSUM_FIELD}); "
+                        f"the manifest was edited or corrupted (or written by an older "
+                        f"version): re-export the model")
+    need(manifest.get("format") == MANIFEST_FORMAT, "format", manifest.get("format"),
+         repr(MANIFEST_FORMAT))
+    need(isinstance(manifest.get("config"), dict), "config", manifest.get("config"),
+         "an object of model config fields")
+    files = manifest.get("files")
+    need(isinstance(files, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()),
+        "files", files, "an object {name: {sha256, bytes}}")
+    need(MODEL_FILE in files, "files", sorted(files), f"an entry for {MODEL_FILE}")
+    for name in files:
+        need(name == Path(name).name and not name.startswith("."), "files", name,
+             "plain file names inside the export directory")
+    need(isinstance(manifest.get("graph", {}), dict), "graph", manifest.get("graph"),
+         "an object")
+    return manifest
+
+
+def verify_files(export_dir: str | os.PathLike, manifest: dict,
+                 names: Optional[list[str]] = None) -> dict[str, str]:
+    """sha256 of every file the manifest lists (or of `names`), compared with the manifest; a
+    missing or changed file is a UserError naming it. Returns {name: sha256}."""
+    export_dir = Path(export_dir)
+    hashes = {}
+    for name, entry in manifest["files"].items():
+        if names is not None and name not in names:
+            continue
+        path = export_dir / name
+        if not path.is_file():
+            raise UserError(f"{path}: listed in {MANIFEST_FILE} but missing; re-export the model "
+                            f"or restore the file")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise UserError(f"{path}: content differs from {MANIFEST_FILE} (sha256 {digest[:16]}"
+                            f"..., recorded {str(entry['sha256'])[:16]}...); the file was "
+                            f"changed or corrupted: re-export the model")
+        hashes[name] = digest
+    return hashes
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,49 @@
+"""terdit::TernaryMatMul: the op's identity and size rule, shared by the PyTorch reference, the
+exporter, the TensorRT plugin's Python side and the runtime (the written contract is
+plugins/ternaryMatMulPlugin/TernaryMatMul_PluginConfig.yaml)."""
+from __future__ import annotations
+
+DOMAIN = "terdit"
+OP_TYPE = "TernaryMatMul"
+OP_VERSION = 1
+CONTRACT_VERSION = 1
+GRAPH_OPSET = 20
+# The TensorRT plugin the ONNX parser maps the node to (creator name = op_type).
+PLUGIN_NAME = OP_TYPE
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = ""
+REQUIRED_ATTRIBUTES = ("K", "N", "plugin_version", "plugin_namespace")
+ATTRIBUTES = REQUIRED_ATTRIBUTES + ("act_quant",)     # act_quant is optional ("none" if absent)
+# Activation quantization of the product: "none" (weight-only, W1.58A16) or "fp8" (W1.58A8:
+# X quantized per token to float8 e4m3 with scale amax / 448, fp32 accumulation).
+ACT_QUANT = ("none", "fp8")
+FP8_E4M3_MAX = 448.0
+# Kernels tile K and N by 16 (k16 words hold 16 weights).
+SIZE_MULTIPLE = 16
+WEIGHT_LAYOUT = "k16"
+
+
+def k16_words(k: int) -> int:
+    """int32 words per weight row of the k16 layout."""
+    return (k + 15) // 16
+
+
+def size_violation(in_features: int, out_features: int) -> str | None:
+    """Why a layer cannot be a TernaryMatMul node, or None when it can."""
+    if in_features % SIZE_MULTIPLE or out_features % SIZE_MULTIPLE:
+        return (f"in_features={in_features}, out_features={out_features}: TernaryMatMul needs "
+                f"both to be multiples of {SIZE_MULTIPLE}; choose dims that are (pad the layer) "
+                f"or run the model with --backend torch")
+    return None
+
+
+def node_attributes(k: int, n: int, act_quant: str = "none") -> dict:
+    """The attributes of one node. `plugin_namespace` must be present: TensorRT 10.15+ / 11
+    prefer the registered plugin over the local function only when it is."""
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant={act_quant!r} is not one of {ACT_QUANT}")
+    attrs = {"K": int(k), "N": int(n), "plugin_version": PLUGIN_VERSION,
+             "plugin_namespace": PLUGIN_NAMESPACE}
+    if act_quant != "none":
+        attrs["act_quant"] = act_quant
+    return attrs

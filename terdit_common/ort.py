@@ -1,0 +1,36 @@
+"""ONNX Runtime sessions, set up in one place for the exporter's validation and the runtime."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from .errors import UserError
+
+
+def ort_session(path: str | os.PathLike, *, threads: Optional[int] = None,
+                providers: Optional[Sequence[str]] = None, fold_constants: bool = True):
+    """An InferenceSession for `path`: the CUDA execution provider when present (else CPU),
+    quiet logging, `threads` intra-op threads (default: ORT's). fold_constants=False keeps ORT
+    from decoding every ternary weight to fp32 at load time (~5x the weights in RAM; large
+    models). Files ORT refuses (truncated, external data outside the directory, ...) are a
+    UserError naming the file."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("ONNX Runtime is not installed: pip install onnxruntime") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    available = ort.get_available_providers()
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in available]
+    disabled = [] if fold_constants else ["ConstantFolding"]
+    try:
+        return ort.InferenceSession(str(path), so, providers=list(providers),
+                                    disabled_optimizers=disabled)
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types
+        text = " ".join(str(err).split())
+        raise UserError(f"{path}: ONNX Runtime cannot load the model ({text[:300]}); "
+                        f"re-export it with `python -m exporter`") from None

@@ -1,0 +1,216 @@
+"""The one sampling loop: seeded per-image noise, classifier-free guidance and a numpy scheduler
+over any model that implements `forward(x, t, y, cfg_scale=None)` (an ONNX Runtime session, a
+TensorRT engine or the PyTorch model). The runtime, `terdit.evaluate` and the trainer's previews
+all sample through it, so their images are the same images.
+
+Reproducibility: image `i`'s initial noise and every per-step noise come from one generator
+seeded with (seed, i) alone, so an image does not depend on the batch size, on the other images
+or on the number of ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .guidance import CFG_MODES, default_cfg_mode, guide
+from .schedule import NUM_TRAIN_STEPS, space_timesteps
+from .schedulers import check_sampler, make_scheduler
+
+MAX_BATCH = 65536
+MAX_SEED = 2**63 - 1
+
+
+class SamplingError(UserError):
+    """Sampling cannot go on (NaN/Inf latents, a mode the graph cannot do, ...)."""
+
+
+class Forward(Protocol):
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray,
+                 cfg_scale: Optional[float] = None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How to sample; every default of `python -m runtime sample`, `terdit.evaluate` and the
+    trainer's previews lives here."""
+
+    steps: int = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    cfg_scale: float = 4.0
+    cfg_mode: Optional[str] = None          # None: the model's default (official for 4-ch latents)
+    seed: int = 0
+    batch_size: int = 16
+    clip_denoised: Optional[bool] = None     # None: on for pixel-space models, off for latents
+
+    def __post_init__(self) -> None:
+        def bad(name: str, flag: str, rule: str) -> None:
+            raise ValueError(f"{flag} {getattr(self, name)!r}: {rule}")
+
+        check_sampler(self.sampler)
+        if not _is_int(self.steps) or not 1 <= self.steps <= NUM_TRAIN_STEPS:
+            bad("steps", "--steps", f"must be an integer from 1 to {NUM_TRAIN_STEPS} (the "
+                                    f"training timesteps)")
+        if self.sampler == "ddim":
+            try:
+                space_timesteps(NUM_TRAIN_STEPS, f"ddim{self.steps}")
+            except ValueError as err:
+                raise ValueError(f"--steps {self.steps}: {err}") from None
+        if not _is_int(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH:
+            bad("batch_size", "--batch-size", f"must be an integer from 1 to {MAX_BATCH}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            bad("seed", "--seed", "must be a non-negative integer")
+        if not _finite(self.cfg_scale):
+            bad("cfg_scale", "--cfg-scale", "must be a finite number (1 disables guidance)")
+        if not _finite(self.eta) or self.eta < 0:
+            bad("eta", "--eta", "must be a finite number >= 0")
+        if self.cfg_mode is not None and self.cfg_mode not in CFG_MODES:
+            bad("cfg_mode", "--cfg-mode", f"choose one of {', '.join(CFG_MODES)}")
+
+    def replace(self, **changes) -> "SampleOptions":
+        return dataclasses.replace(self, **changes)
+
+    def result_settings(self) -> dict:
+        """Everything that changes the images (not the batch size)."""
+        d = dataclasses.asdict(self)
+        d.pop("batch_size")
+        return d
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) \
+        and math.isfinite(float(v))
+
+
+@dataclass
+class ModelInfo:
+    """What the sampler needs to know about a model, whatever runs it."""
+
+    config: dict
+    source: str
+    sha256: str
+    folded_cfg: Optional[str] = None          # "official" | "standard" when guidance is in-graph
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config["in_channels"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.config["input_size"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.in_channels in (1, 3)
+
+    @property
+    def default_cfg_mode(self) -> str:
+        return default_cfg_mode(self.in_channels)
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        names = self.metadata.get("class_names") if isinstance(self.metadata, dict) else None
+        if isinstance(names, list) and all(isinstance(s, str) for s in names):
+            return list(names)
+        return None
+
+    def caption(self, label: int) -> str:
+        names = self.class_names
+        if names and 0 <= label < len(names):
+            return names[label]
+        return "uncond" if label == self.null_class else str(label)
+
+
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
+
+
+def imagenet_to_model_label(imagenet_id: int) -> int:
+    """The official models were trained on ImageFolder dirs "0".."999", sorted as strings."""
+    if not 0 <= imagenet_id < 1000:
+        raise ValueError(f"ImageNet id {imagenet_id} is not in [0, 1000)")
+    return sorted(str(i) for i in range(1000)).index(str(imagenet_id))
+
+
+def resolve_cfg_mode(info: ModelInfo, options: SampleOptions) -> str:
+    folded = info.folded_cfg
+    if folded and options.cfg_mode and options.cfg_mode != folded:
+        raise SamplingError(f"this graph has {folded!r} guidance folded in; --cfg-mode "
+                            f"{options.cfg_mode} needs a re-export with --cfg {options.cfg_mode} "
+                            f"(or --cfg none)")
+    return folded or options.cfg_mode or info.default_cfg_mode
+
+
+def resolve_clip(info: ModelInfo, options: SampleOptions) -> bool:
+    return options.clip_denoised if options.clip_denoised is not None else info.pixel_space
+
+
+def guided_forward(forward: Forward, info: ModelInfo, x: np.ndarray, t: int, y: np.ndarray,
+                   options: SampleOptions) -> np.ndarray:
+    """The guided model output for B images at timestep t."""
+    n = x.shape[0]
+    tt = np.full(n, t, dtype=np.float32)
+    if info.folded_cfg:
+        return forward(x, tt, y, options.cfg_scale)
+    if options.cfg_scale == 1.0:
+        return forward(x, tt, y)
+    null = np.full(n, info.null_class, dtype=np.int64)
+    out = forward(np.concatenate([x, x]), np.concatenate([tt, tt]), np.concatenate([y, null]))
+    return guide(out, np.float32(options.cfg_scale), resolve_cfg_mode(info, options),
+                 info.in_channels)
+
+
+def sample_latents(forward: Forward, info: ModelInfo, indices: Sequence[int],
+                   labels: Sequence[int], options: SampleOptions,
+                   initial: Optional[np.ndarray] = None,
+                   on_step: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """Final latents (B, C, H, W) of images `indices` with model labels `labels`."""
+    c, s = info.in_channels, info.input_size
+    if options.cfg_scale != 1.0:
+        resolve_cfg_mode(info, options)     # refuses a mode the graph cannot do
+    rngs = [image_rng(options.seed, int(i)) for i in indices]
+    x = np.stack([r.standard_normal((c, s, s), dtype=np.float32) for r in rngs])
+    if initial is not None:
+        if initial.shape != x.shape:
+            raise SamplingError(f"initial latents have shape {initial.shape}, expected {x.shape}")
+        x = np.ascontiguousarray(initial, dtype=np.float32)
+    y = np.asarray(labels, dtype=np.int64)
+    sched = make_scheduler(options.sampler, options.eta, resolve_clip(info, options))
+    sched.set_timesteps(options.steps)
+    sigma = getattr(sched, "init_noise_sigma", 1.0)      # sigma-space schedulers (diffusers')
+    if sigma != 1.0:
+        x = (x * np.float32(sigma)).astype(np.float32)
+    scale_input = getattr(sched, "scale_model_input", None)
+    for k, t in enumerate(sched.timesteps):
+        model_in = x if scale_input is None else scale_input(x, k)
+        out = guided_forward(forward, info, model_in, int(t), y, options)
+        noise = (np.stack([r.standard_normal((c, s, s), dtype=np.float32) for r in rngs])
+                 if sched.needs_noise else None)
+        x = sched.step(out, k, x, noise)
+        bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise SamplingError(f"image {int(indices[j])}: latents became NaN/Inf at step "
+                                f"{k + 1}/{len(sched.timesteps)} (t={int(t)}); check the model "
+                                f"weights, --cfg-scale and the dtype")
+        if on_step:
+            on_step(k)
+    return x

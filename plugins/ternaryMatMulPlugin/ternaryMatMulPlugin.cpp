@@ -7,6 +7,7 @@
 #include <iostream>
 #include <mutex>
 #include <new>
+#include <type_traits>
 
 using nvinfer1::DimsExprs;
 using nvinfer1::DynamicPluginTensorDesc;
@@ -23,7 +24,28 @@ namespace plugin
 namespace
 {
 
-// FieldType mirrors PluginFieldType so a field type converts by value.
+// FieldType mirrors PluginFieldType so a field type converts by value. kINT4 and kFP4 are newer than
+// TensorRT 10.0 (the 10.0.1 headers have neither, 10.7.0 has kINT4 only, 10.16 and 11.1 have both), so
+// they are compared only where the headers at hand define them; every other enumerator exists in all.
+template <typename E, typename = void>
+struct MirrorsInt4 : std::true_type
+{
+};
+template <typename E>
+struct MirrorsInt4<E, std::void_t<decltype(E::kINT4)>>
+    : std::integral_constant<bool, static_cast<int32_t>(E::kINT4) == static_cast<int32_t>(FieldType::kINT4)>
+{
+};
+template <typename E, typename = void>
+struct MirrorsFp4 : std::true_type
+{
+};
+template <typename E>
+struct MirrorsFp4<E, std::void_t<decltype(E::kFP4)>>
+    : std::integral_constant<bool, static_cast<int32_t>(E::kFP4) == static_cast<int32_t>(FieldType::kFP4)>
+{
+};
+
 static_assert(static_cast<int32_t>(FieldType::kFLOAT16) == static_cast<int32_t>(PluginFieldType::kFLOAT16), "");
 static_assert(static_cast<int32_t>(FieldType::kFLOAT32) == static_cast<int32_t>(PluginFieldType::kFLOAT32), "");
 static_assert(static_cast<int32_t>(FieldType::kFLOAT64) == static_cast<int32_t>(PluginFieldType::kFLOAT64), "");
@@ -36,8 +58,8 @@ static_assert(static_cast<int32_t>(FieldType::kUNKNOWN) == static_cast<int32_t>(
 static_assert(static_cast<int32_t>(FieldType::kBF16) == static_cast<int32_t>(PluginFieldType::kBF16), "");
 static_assert(static_cast<int32_t>(FieldType::kINT64) == static_cast<int32_t>(PluginFieldType::kINT64), "");
 static_assert(static_cast<int32_t>(FieldType::kFP8) == static_cast<int32_t>(PluginFieldType::kFP8), "");
-static_assert(static_cast<int32_t>(FieldType::kINT4) == static_cast<int32_t>(PluginFieldType::kINT4), "");
-static_assert(static_cast<int32_t>(FieldType::kFP4) == static_cast<int32_t>(PluginFieldType::kFP4), "");
+static_assert(MirrorsInt4<PluginFieldType>::value, "FieldType::kINT4 must equal PluginFieldType::kINT4");
+static_assert(MirrorsFp4<PluginFieldType>::value, "FieldType::kFP4 must equal PluginFieldType::kFP4");
 static_assert(kMAX_DIMS == nvinfer1::Dims::MAX_DIMS, "");
 
 //! The ILoggerFinder handed over by TensorRT through setLoggerFinder.

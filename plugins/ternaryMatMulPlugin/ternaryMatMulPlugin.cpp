@@ -25,9 +25,9 @@ namespace plugin
 namespace
 {
 
-// FieldType mirrors PluginFieldType so a field type converts by value. kINT4 and kFP4 are newer than
-// TensorRT 10.0 (the 10.0.1 headers have neither, 10.7.0 has kINT4 only, 10.16 and 11.1 have both), so
-// they are compared only where the headers at hand define them; every other enumerator exists in all.
+// FieldType mirrors PluginFieldType so a field type converts by value. kINT4 (TensorRT 10.1) and kFP4
+// (10.8) are newer than 10.0, so they are compared only where the headers at hand define them (detected,
+// not keyed on version numbers); every other enumerator exists in all 10.x and 11.x headers.
 template <typename E, typename = void>
 struct MirrorsInt4 : std::true_type
 {

@@ -95,7 +95,7 @@ public:
     {
         return -1;
     }
-    // Pure virtual in newer releases (10.16, 11.1), absent in older ones (10.0.1, 10.7.0): no override keyword.
+    // Pure virtual since TensorRT 10.10, absent before (10.0.1, 10.7.0): no override keyword.
     IPluginCreatorInterface* const* getAllCreatorsRecursive(int32_t* const numCreators) noexcept
     {
         *numCreators = 0;

@@ -29,7 +29,8 @@ LIB_NAME = "libterdit_kernels.so"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SOURCE_DIR = REPO_ROOT / "plugins" / "kernels"
 C_API_SOURCE = REPO_ROOT / "plugins" / "torch" / "terditKernelsC.cpp"
-DEFAULT_GENCODE = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
+DEFAULT_GENCODE = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+                   "-gencode=arch=compute_90,code=compute_90")
 C_SYMBOLS = ("terditTernaryMatmul", "terditTernaryMatmulEx", "terditCheck", "terditErrorString",
              "terditKernelsAbiVersion")
 ABI_VERSION = 1

@@ -1,11 +1,13 @@
-"""CPU checks of the CUDA kernel library: it compiles (sm_80 + sm_90a), exports only the C ABI,
-depends on glibc alone, rejects bad sizes without touching a GPU, and the torch binding validates
-its inputs before any CUDA call."""
+"""CPU checks of the CUDA kernel library: it compiles (sm_80 + sm_90a SASS, compute_90 PTX for newer
+GPUs), exports only the C ABI, depends on glibc alone, rejects bad sizes without touching a GPU, and
+the torch binding validates its inputs before any CUDA call."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +25,62 @@ def built_lib(tmp_path_factory):
     if kernels.find_nvcc() is None:
         pytest.skip("nvcc not found (CUDA toolkit absent): cannot compile the kernels")
     out_dir = tmp_path_factory.mktemp("terdit_kernels")
-    path = kernels.build_library(out_dir)  # both archs; about 35 s on 2 cores
+    path = kernels.build_library(out_dir)  # DEFAULT_GENCODE; about 50 s on 2 cores
     return path
+
+
+def _cuda_tool(name):
+    """A CUDA binary utility (cuobjdump, ptxas) on PATH or beside nvcc, or a skip."""
+    found = shutil.which(name)
+    nvcc = kernels.find_nvcc()
+    if found is None and nvcc is not None and (Path(nvcc).parent / name).is_file():
+        found = str(Path(nvcc).parent / name)
+    if found is None:
+        pytest.skip(f"{name} not found (CUDA toolkit binary utilities absent)")
+    return found
+
+
+def test_library_holds_sm80_and_sm90a_sass_and_compute90_ptx(built_lib):
+    cuobjdump = _cuda_tool("cuobjdump")
+    elf = subprocess.run([cuobjdump, "--list-elf", str(built_lib)], capture_output=True, text=True,
+                         check=True).stdout
+    ptx = subprocess.run([cuobjdump, "--list-ptx", str(built_lib)], capture_output=True, text=True,
+                         check=True).stdout
+    assert set(re.findall(r"\.(sm_\w+)\.cubin", elf)) == {"sm_80", "sm_90a"}
+    # One PTX per translation unit with device code, all generic compute_90 (not sm_90a).
+    assert set(re.findall(r"\.(sm_\w+)\.ptx", ptx)) == {"sm_90"}
+    assert len(re.findall(r"\.ptx", ptx)) == len(list(kernels.KERNEL_SOURCE_DIR.glob("*.cu")))
+
+
+def test_ptx_has_no_sm90a_instructions_and_assembles_for_a_newer_gpu(built_lib, tmp_path):
+    """The driver JIT-compiles the compute_90 PTX on GPUs without matching SASS (sm_100, sm_120, ...).
+    sm_90a instructions (wgmma) must not be in it: they are not forward compatible, and the launcher
+    only picks the wgmma kernels on compute capability 9, where the sm_90a SASS runs. ptxas for
+    sm_120 stands in for the driver's JIT here (no such GPU is at hand)."""
+    cuobjdump = _cuda_tool("cuobjdump")
+    ptxas = _cuda_tool("ptxas")
+    subprocess.run([cuobjdump, "-xptx", "all", str(built_lib)], cwd=tmp_path, capture_output=True,
+                   text=True, check=True)
+    files = sorted(tmp_path.glob("*.ptx"))
+    assert files
+    text = {f.name: f.read_text() for f in files}
+    for name, body in text.items():
+        assert re.search(r"^\.target sm_90\s*$", body, re.M), name
+        assert "wgmma" not in body and "setmaxnreg" not in body, name
+    # The tensor-core kernels (skinny, tc) are in the PTX through their mma.sync paths.
+    assert sum("mma.sync.aligned.m16n8k16" in body for body in text.values()) >= 2
+    for f in files:
+        proc = subprocess.run([ptxas, "-arch=sm_120", str(f), "-o", str(f.with_suffix(".cubin"))],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{f.name}: {proc.stderr[-2000:]}"
+
+
+def test_cmake_and_python_builds_use_the_same_gencode_list():
+    cmake = (kernels.KERNEL_SOURCE_DIR / "CMakeLists.txt").read_text()
+    match = re.search(r'set\(TERDIT_CUDA_GENCODE\s+"([^"]+)"', cmake)
+    assert match, "TERDIT_CUDA_GENCODE default not found in plugins/kernels/CMakeLists.txt"
+    assert tuple(match.group(1).split(";")) == kernels.DEFAULT_GENCODE
+    assert "-gencode=arch=compute_90,code=compute_90" in kernels.DEFAULT_GENCODE
 
 
 def test_library_exports_only_the_c_abi(built_lib):

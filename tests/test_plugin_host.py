@@ -85,25 +85,36 @@ def test_contract_yaml_matches_the_plugin_logic(logic_build):
     assert version["outputs"] == logic["outputs"]
 
     fields = logic["fields"]
+    assert [f["name"] for f in fields] == ["K", "N", "act_quant"]
     assert version["plugin_fields"] == [f["name"] for f in fields]
     assert version["plugin_field_types"] == {f["name"]: f["type"] for f in fields}
     assert version["plugin_field_length"] == {f["name"]: f["length"] for f in fields}
     for f in fields:
-        assert version["attribute_types"][f["name"]] == "int"
-        assert version["attribute_options"][f["name"]] == {
-            "min": logic["size_multiple"],
-            "multiple_of": logic["size_multiple"],
-        }
+        if f["type"] == "int32":
+            assert version["attribute_types"][f["name"]] == "int"
+            assert version["attribute_options"][f["name"]] == {
+                "min": logic["size_multiple"],
+                "multiple_of": logic["size_multiple"],
+            }
+        else:
+            # A STRING attribute reaches the creator as a kCHAR field of any length (length 0 here).
+            assert (f["type"], f["length"]) == ("char", 0)
+            assert version["attribute_types"][f["name"]] == "string"
+    assert version["attribute_options"]["act_quant"] == {
+        "values": logic["act_quant_values"],
+        "default": logic["act_quant_default"],
+    }
+    assert logic["act_quant_values"] == ["none", "fp8"] and logic["act_quant_default"] == "none"
     assert version["attribute_values"] == {
         "plugin_version": logic["version"],
         "plugin_namespace": logic["namespace"],
     }
-    assert set(version["attributes_required"]) == set(version["attributes"])
-    assert set(version["attributes"]) == {f["name"] for f in fields} | {
-        "plugin_version",
-        "plugin_namespace",
-    }
+    fixed = {"plugin_version", "plugin_namespace"}
+    assert set(version["attributes"]) == {f["name"] for f in fields} | fixed
+    assert set(version["attributes_required"]) == {f["name"] for f in fields if f["required"]} | fixed
+    assert set(version["attributes"]) - set(version["attributes_required"]) == {"act_quant"}
     assert set(version["attribute_types"]) == set(version["attributes"])
+    assert version["workspace"]["alignment"] == logic["workspace_alignment"] == 256
 
     assert version["configs"] == logic["formats"]
     for role in ("X", "W", "scale", "bias"):

@@ -55,6 +55,9 @@ enum class KernelPath : int32_t
     kSKINNY2 = 6, //!< small M: skinny with the weights streamed through cp.async rings (opt-in)
 };
 
+//! Activation quantization of the product (W1.58A8 when kFP8E4M3).
+enum class ActQuant : int32_t { kNONE = 0, kFP8E4M3 = 1 };
+
 struct TernaryMatmulParams
 {
     void const* x{nullptr};       //!< [M, K] row-major, contiguous, `dtype`
@@ -68,6 +71,9 @@ struct TernaryMatmulParams
     DataType dtype{DataType::kBF16};
     Epilogue epilogue{Epilogue::kNONE};
     KernelPath path{KernelPath::kAUTO};
+    ActQuant actQuant{ActQuant::kNONE};   //!< kFP8E4M3: x holds e4m3 bytes [M, K], xScale [M] float32
+    float const* xScale{nullptr};         //!< per-token scales of x (kFP8E4M3 only)
+    // dtype then names Y's type only (bf16 / fp16 / fp32) when actQuant == kFP8E4M3.
 };
 
 //! Returns cudaSuccess or the first CUDA error; cudaErrorInvalidValue when a size rule is broken.
@@ -75,5 +81,9 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
 
 //! Human-readable reason why `params` is rejected, or nullptr when it is valid.
 char const* ternaryMatmulCheck(TernaryMatmulParams const& params);
+
+//! Per-token e4m3 quantization: xq[m, k] = e4m3(x[m, k] / s[m]), s[m] = max(amax_k |x[m, k]|, 1e-12) / 448.
+cudaError_t launchQuantizeRowsE4m3(void const* x, DataType dtype, int64_t m, int32_t k,
+                                   uint8_t* xq, float* xScale, cudaStream_t stream);
 
 } // namespace terdit

@@ -110,6 +110,97 @@ int32_t roleOf(int32_t pos, int32_t nbInputs)
     return pos < nbInputs ? pos : 4;
 }
 
+//! Index of the field spec named `name`, or kNB_FIELDS.
+int32_t findField(char const* name)
+{
+    int32_t spec = 0;
+    while (spec < kNB_FIELDS && std::strcmp(kFIELD_SPECS[spec].name, name) != 0)
+    {
+        ++spec;
+    }
+    return spec;
+}
+
+//! Longest string field accepted: longer than any valid value, short enough that a corrupted length
+//! is refused before any byte is read.
+constexpr int32_t kMAX_STRING_LENGTH{64};
+
+void checkFieldShape(FieldView const& field, FieldSpec const& expected)
+{
+    bool const isString = expected.length == kSTRING_LENGTH;
+    bool const lengthOk = isString ? field.length >= 1 && field.length <= kMAX_STRING_LENGTH : field.length == expected.length;
+    if (field.type != expected.type || !lengthOk)
+    {
+        std::string const rule = isString
+            ? "expected type char and length 1 to " + std::to_string(kMAX_STRING_LENGTH) + " (an ONNX STRING attribute)"
+            : "expected type " + fieldTypeName(expected.type) + " and length " + std::to_string(expected.length)
+                + " (an ONNX INT attribute)";
+        fail(std::string{"field '"} + field.name + "' has type " + fieldTypeName(field.type) + " and length "
+            + std::to_string(field.length) + "; " + rule);
+    }
+    if (field.data == nullptr)
+    {
+        fail(std::string{"field '"} + field.name + "' has no data");
+    }
+}
+
+//! A kCHAR field's text: its bytes up to the first NUL (the ONNX parser counts the terminating NUL
+//! in the length; a producer that does not is accepted too). Bytes after the NUL are refused.
+std::string readString(FieldView const& field)
+{
+    char const* bytes = static_cast<char const*>(field.data);
+    std::string value(bytes, bytes + field.length);
+    size_t const end = value.find('\0');
+    if (end != std::string::npos)
+    {
+        if (value.find_first_not_of('\0', end) != std::string::npos)
+        {
+            fail(std::string{"field '"} + field.name + "' holds bytes after its terminating NUL");
+        }
+        value.resize(end);
+    }
+    return value;
+}
+
+//! The value as it can be printed in a message (non-printable bytes as '?').
+std::string printable(std::string value)
+{
+    for (char& c : value)
+    {
+        c = (c >= 0x20 && c < 0x7f) ? c : '?';
+    }
+    return value;
+}
+
+ActQuantMode parseActQuant(std::string const& value)
+{
+    if (value == "none")
+    {
+        return ActQuantMode::kNONE;
+    }
+    if (value == "fp8")
+    {
+        return ActQuantMode::kFP8E4M3;
+    }
+    fail("field act_quant='" + printable(value)
+        + "' is not one of 'none', 'fp8'; export the node with act_quant=\"fp8\" for W1.58A8 (activations "
+          "quantized per token to float8 e4m3), or without the attribute for the weight-only product");
+}
+
+//! rows * width * elementBytes rounded up to kWORKSPACE_ALIGNMENT; throws on int64 overflow.
+int64_t alignedBytes(int64_t rows, int64_t width, int64_t elementBytes)
+{
+    int64_t const rowBytes = width * elementBytes;
+    int64_t const limit = std::numeric_limits<int64_t>::max() - kWORKSPACE_ALIGNMENT;
+    if (rowBytes <= 0 || rows > limit / rowBytes)
+    {
+        fail("workspace for M=" + std::to_string(rows) + " rows of " + std::to_string(rowBytes)
+            + " bytes overflows int64");
+    }
+    int64_t const bytes = rows * rowBytes;
+    return (bytes + kWORKSPACE_ALIGNMENT - 1) / kWORKSPACE_ALIGNMENT * kWORKSPACE_ALIGNMENT;
+}
+
 } // namespace
 
 std::string fieldTypeName(FieldType type)
@@ -134,14 +225,25 @@ std::string fieldTypeName(FieldType type)
     return "type " + std::to_string(static_cast<int32_t>(type));
 }
 
-TernaryMatMulAttrs parseFields(FieldView const* fields, int32_t nbFields)
+char const* actQuantName(ActQuantMode mode)
+{
+    switch (mode)
+    {
+    case ActQuantMode::kNONE: return "none";
+    case ActQuantMode::kFP8E4M3: return "fp8";
+    }
+    fail("act_quant mode " + std::to_string(static_cast<int32_t>(mode)) + " is not one of 0 (none), 1 (fp8)");
+}
+
+ParsedFields parseFields(FieldView const* fields, int32_t nbFields, UnknownFields unknown)
 {
     if (nbFields < 0 || (fields == nullptr && nbFields > 0))
     {
         fail("invalid field collection (nbFields=" + std::to_string(nbFields)
             + (fields == nullptr ? ", fields=null)" : ")"));
     }
-    int32_t values[kNB_FIELDS]{};
+    ParsedFields result;
+    TernaryMatMulAttrs& attrs = result.attrs;
     bool seen[kNB_FIELDS]{};
     for (int32_t i = 0; i < nbFields; ++i)
     {
@@ -150,15 +252,17 @@ TernaryMatMulAttrs parseFields(FieldView const* fields, int32_t nbFields)
         {
             fail("field " + std::to_string(i) + " has no name");
         }
-        int32_t spec = 0;
-        while (spec < kNB_FIELDS && std::strcmp(kFIELD_SPECS[spec].name, field.name) != 0)
-        {
-            ++spec;
-        }
+        int32_t const spec = findField(field.name);
         if (spec == kNB_FIELDS)
         {
+            if (unknown == UnknownFields::kIGNORE)
+            {
+                result.ignored.emplace_back(field.name);
+                continue;
+            }
             fail(std::string{"unknown field '"} + field.name + "'; version " + kTERNARY_MATMUL_VERSION
-                + " takes exactly the fields K and N");
+                + " takes the fields K, N and (optional) act_quant; an engine holding other fields was built by "
+                  "another plugin version, rebuild it with this one");
         }
         FieldSpec const& expected = kFIELD_SPECS[spec];
         if (seen[spec])
@@ -166,45 +270,72 @@ TernaryMatMulAttrs parseFields(FieldView const* fields, int32_t nbFields)
             fail(std::string{"field '"} + field.name + "' is given twice");
         }
         seen[spec] = true;
-        if (field.type != expected.type || field.length != expected.length)
+        checkFieldShape(field, expected);
+        if (std::strcmp(expected.name, "act_quant") == 0)
         {
-            fail(std::string{"field '"} + field.name + "' has type " + fieldTypeName(field.type) + " and length "
-                + std::to_string(field.length) + "; expected type " + fieldTypeName(expected.type) + " and length "
-                + std::to_string(expected.length) + " (an ONNX INT attribute)");
+            attrs.actQuant = parseActQuant(readString(field));
         }
-        if (field.data == nullptr)
+        else
         {
-            fail(std::string{"field '"} + field.name + "' has no data");
+            // PluginField data carries no alignment promise, so copy instead of dereferencing.
+            std::memcpy(std::strcmp(expected.name, "K") == 0 ? &attrs.k : &attrs.n, field.data, sizeof(int32_t));
         }
-        // PluginField data carries no alignment promise, so copy instead of dereferencing.
-        std::memcpy(&values[spec], field.data, sizeof(int32_t));
     }
     for (int32_t spec = 0; spec < kNB_FIELDS; ++spec)
     {
-        if (!seen[spec])
+        if (kFIELD_SPECS[spec].required && !seen[spec])
         {
             fail(std::string{"required field '"} + kFIELD_SPECS[spec].name
                 + "' is missing; the ONNX node needs integer attributes K and N");
         }
     }
-    TernaryMatMulAttrs attrs{values[0], values[1]};
     validateAttrs(attrs);
-    return attrs;
+    return result;
 }
 
 void validateAttrs(TernaryMatMulAttrs const& attrs)
 {
     checkSizeValue("K", attrs.k);
     checkSizeValue("N", attrs.n);
+    actQuantName(attrs.actQuant);
 }
 
-int32_t const* fieldValue(TernaryMatMulAttrs const& attrs, int32_t index)
+FieldData fieldData(TernaryMatMulAttrs const& attrs, int32_t index)
 {
     if (index < 0 || index >= kNB_FIELDS)
     {
         fail("field index " + std::to_string(index) + " out of range");
     }
-    return std::strcmp(kFIELD_SPECS[index].name, "K") == 0 ? &attrs.k : &attrs.n;
+    char const* name = kFIELD_SPECS[index].name;
+    if (std::strcmp(name, "act_quant") == 0)
+    {
+        char const* value = actQuantName(attrs.actQuant);
+        return {value, static_cast<int32_t>(std::strlen(value) + 1)};
+    }
+    return {std::strcmp(name, "K") == 0 ? &attrs.k : &attrs.n, 1};
+}
+
+WorkspaceLayout workspaceLayout(TernaryMatMulAttrs const& attrs, int64_t rows)
+{
+    if (rows < 0)
+    {
+        fail("workspace requested for " + std::to_string(rows) + " rows of X");
+    }
+    WorkspaceLayout layout;
+    if (attrs.actQuant == ActQuantMode::kNONE)
+    {
+        return layout;
+    }
+    int64_t const xqBytes = alignedBytes(rows, attrs.k, 1);
+    int64_t const scaleBytes = alignedBytes(rows, 1, static_cast<int64_t>(sizeof(float)));
+    if (xqBytes > std::numeric_limits<int64_t>::max() - scaleBytes)
+    {
+        fail("workspace for M=" + std::to_string(rows) + ", K=" + std::to_string(attrs.k) + " overflows int64");
+    }
+    layout.xqOffset = 0;
+    layout.xScaleOffset = xqBytes;
+    layout.size = xqBytes + scaleBytes;
+    return layout;
 }
 
 int64_t packedWords(int32_t k) noexcept
@@ -371,9 +502,13 @@ std::string contractJson()
     for (int32_t i = 0; i < kNB_FIELDS; ++i)
     {
         os << (i ? ", " : "") << "{\"name\": \"" << kFIELD_SPECS[i].name << "\", \"type\": \""
-           << fieldTypeName(kFIELD_SPECS[i].type) << "\", \"length\": " << kFIELD_SPECS[i].length << "}";
+           << fieldTypeName(kFIELD_SPECS[i].type) << "\", \"length\": " << kFIELD_SPECS[i].length
+           << ", \"required\": " << (kFIELD_SPECS[i].required ? "true" : "false") << "}";
     }
-    os << "], \"inputs\": [\"X\", \"W\", \"scale\", \"bias\"], \"optional_inputs\": [\"bias\"], "
+    os << "], \"act_quant_values\": [\"" << actQuantName(ActQuantMode::kNONE) << "\", \""
+       << actQuantName(ActQuantMode::kFP8E4M3) << "\"], \"act_quant_default\": \""
+       << actQuantName(TernaryMatMulAttrs{}.actQuant) << "\", \"workspace_alignment\": " << kWORKSPACE_ALIGNMENT;
+    os << ", \"inputs\": [\"X\", \"W\", \"scale\", \"bias\"], \"optional_inputs\": [\"bias\"], "
           "\"outputs\": [\"Y\"], \"size_multiple\": "
        << kSIZE_MULTIPLE << ", \"codes_per_word\": " << kCODES_PER_WORD << ", \"formats\": {";
     bool first = true;

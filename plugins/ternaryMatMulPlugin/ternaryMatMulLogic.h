@@ -62,18 +62,24 @@ enum class FieldType : int32_t
 //! Short name used in messages and in the contract ("int32", "char", ...; "type 42" when unknown).
 std::string fieldTypeName(FieldType type);
 
+//! FieldSpec::length of a string field: any length (the ONNX parser passes a STRING attribute as kCHAR
+//! with its terminating NUL counted; getFieldsToSerialize does the same).
+constexpr int32_t kSTRING_LENGTH{0};
+
 //! One entry of getFieldNames() / getFieldsToSerialize().
 struct FieldSpec
 {
     char const* name;
     FieldType type;
-    int32_t length;
+    int32_t length; //!< element count of a valid field; kSTRING_LENGTH for a string
+    bool required;  //!< optional fields take their default when absent
 };
 
 //! The creator's fields, in getFieldNames() order; getFieldsToSerialize() emits the same list.
 constexpr FieldSpec kFIELD_SPECS[] = {
-    {"K", FieldType::kINT32, 1},
-    {"N", FieldType::kINT32, 1},
+    {"K", FieldType::kINT32, 1, true},
+    {"N", FieldType::kINT32, 1, true},
+    {"act_quant", FieldType::kCHAR, kSTRING_LENGTH, false},
 };
 constexpr int32_t kNB_FIELDS{static_cast<int32_t>(sizeof(kFIELD_SPECS) / sizeof(kFIELD_SPECS[0]))};
 
@@ -86,23 +92,71 @@ struct FieldView
     int32_t length;
 };
 
+//! Activation quantization of the product (ONNX attribute / plugin field `act_quant`).
+enum class ActQuantMode : int32_t
+{
+    kNONE = 0,    //!< "none" (the default): X as given, the weight-only product
+    kFP8E4M3 = 1, //!< "fp8": W1.58A8, X quantized per token to float8 e4m3 inside the plugin
+};
+
+//! The attribute value of a mode: "none" or "fp8".
+char const* actQuantName(ActQuantMode mode);
+
 //! Creation state of the plugin: X [..., K] times W [N, ceil(K / 16)] gives Y [..., N].
 struct TernaryMatMulAttrs
 {
     int32_t k{0};
     int32_t n{0};
+    ActQuantMode actQuant{ActQuantMode::kNONE};
+};
+
+//! What createPlugin does with a field whose name the creator does not list.
+enum class UnknownFields : int32_t
+{
+    kIGNORE, //!< build phase: another producer's extra attribute; skipped and reported in ignored
+    kREJECT, //!< runtime phase: the fields come from this plugin's own getFieldsToSerialize
+};
+
+struct ParsedFields
+{
+    TernaryMatMulAttrs attrs;
+    std::vector<std::string> ignored; //!< names of the unknown fields skipped under UnknownFields::kIGNORE
 };
 
 //! Parses a field collection from the ONNX parser (build) or from getFieldsToSerialize (runtime).
-//! Throws on a null collection, a missing, duplicate or unknown field, a wrong type or length,
-//! null data, or values that validateAttrs rejects.
-TernaryMatMulAttrs parseFields(FieldView const* fields, int32_t nbFields);
+//! Throws on a null collection, a missing required field, a duplicate known field, an unknown field
+//! (kREJECT only), a wrong type or length, null data, or values that validateAttrs rejects. Known
+//! fields are checked the same way in both modes.
+ParsedFields parseFields(FieldView const* fields, int32_t nbFields, UnknownFields unknown);
 
-//! K and N must be positive multiples of kSIZE_MULTIPLE.
+//! K and N must be positive multiples of kSIZE_MULTIPLE; actQuant one of the modes.
 void validateAttrs(TernaryMatMulAttrs const& attrs);
 
-//! The member of attrs that holds field kFIELD_SPECS[index] (what getFieldsToSerialize points at).
-int32_t const* fieldValue(TernaryMatMulAttrs const& attrs, int32_t index);
+//! Data of field kFIELD_SPECS[index] as getFieldsToSerialize emits it: points into attrs (K, N) or
+//! at a static NUL-terminated string (act_quant, length counting the NUL).
+struct FieldData
+{
+    void const* data;
+    int32_t length;
+};
+FieldData fieldData(TernaryMatMulAttrs const& attrs, int32_t index);
+
+//! Alignment of each region of the enqueue workspace, in bytes.
+constexpr int64_t kWORKSPACE_ALIGNMENT{256};
+
+//! The enqueue workspace. kFP8E4M3: the e4m3 copy of X (M * K bytes) at xqOffset, then M float32
+//! per-token scales at xScaleOffset, each region starting on a kWORKSPACE_ALIGNMENT boundary and
+//! padded to one. kNONE: no workspace (size 0).
+struct WorkspaceLayout
+{
+    int64_t xqOffset{0};
+    int64_t xScaleOffset{0};
+    int64_t size{0};
+};
+
+//! Layout for up to `rows` rows of X (getWorkspaceSize passes the profile's maximum M); throws on
+//! negative rows or a size that overflows int64.
+WorkspaceLayout workspaceLayout(TernaryMatMulAttrs const& attrs, int64_t rows);
 
 //! Number of int32 words per row of W: ceil(K / 16).
 int64_t packedWords(int32_t k) noexcept;

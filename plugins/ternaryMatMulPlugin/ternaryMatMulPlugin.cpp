@@ -1,5 +1,6 @@
 #include "ternaryMatMulPlugin.h"
 
+#include "ternaryMatMulKernelFeatures.h"
 #include "ternaryMatmul.h"
 
 #include <cstring>
@@ -7,6 +8,7 @@
 #include <iostream>
 #include <mutex>
 #include <new>
+#include <type_traits>
 
 using nvinfer1::DimsExprs;
 using nvinfer1::DynamicPluginTensorDesc;
@@ -23,7 +25,28 @@ namespace plugin
 namespace
 {
 
-// FieldType mirrors PluginFieldType so a field type converts by value.
+// FieldType mirrors PluginFieldType so a field type converts by value. kINT4 (TensorRT 10.1) and kFP4
+// (10.8) are newer than 10.0, so they are compared only where the headers at hand define them (detected,
+// not keyed on version numbers); every other enumerator exists in all 10.x and 11.x headers.
+template <typename E, typename = void>
+struct MirrorsInt4 : std::true_type
+{
+};
+template <typename E>
+struct MirrorsInt4<E, std::void_t<decltype(E::kINT4)>>
+    : std::integral_constant<bool, static_cast<int32_t>(E::kINT4) == static_cast<int32_t>(FieldType::kINT4)>
+{
+};
+template <typename E, typename = void>
+struct MirrorsFp4 : std::true_type
+{
+};
+template <typename E>
+struct MirrorsFp4<E, std::void_t<decltype(E::kFP4)>>
+    : std::integral_constant<bool, static_cast<int32_t>(E::kFP4) == static_cast<int32_t>(FieldType::kFP4)>
+{
+};
+
 static_assert(static_cast<int32_t>(FieldType::kFLOAT16) == static_cast<int32_t>(PluginFieldType::kFLOAT16), "");
 static_assert(static_cast<int32_t>(FieldType::kFLOAT32) == static_cast<int32_t>(PluginFieldType::kFLOAT32), "");
 static_assert(static_cast<int32_t>(FieldType::kFLOAT64) == static_cast<int32_t>(PluginFieldType::kFLOAT64), "");
@@ -36,8 +59,8 @@ static_assert(static_cast<int32_t>(FieldType::kUNKNOWN) == static_cast<int32_t>(
 static_assert(static_cast<int32_t>(FieldType::kBF16) == static_cast<int32_t>(PluginFieldType::kBF16), "");
 static_assert(static_cast<int32_t>(FieldType::kINT64) == static_cast<int32_t>(PluginFieldType::kINT64), "");
 static_assert(static_cast<int32_t>(FieldType::kFP8) == static_cast<int32_t>(PluginFieldType::kFP8), "");
-static_assert(static_cast<int32_t>(FieldType::kINT4) == static_cast<int32_t>(PluginFieldType::kINT4), "");
-static_assert(static_cast<int32_t>(FieldType::kFP4) == static_cast<int32_t>(PluginFieldType::kFP4), "");
+static_assert(MirrorsInt4<PluginFieldType>::value, "FieldType::kINT4 must equal PluginFieldType::kINT4");
+static_assert(MirrorsFp4<PluginFieldType>::value, "FieldType::kFP4 must equal PluginFieldType::kFP4");
 static_assert(kMAX_DIMS == nvinfer1::Dims::MAX_DIMS, "");
 
 //! The ILoggerFinder handed over by TensorRT through setLoggerFinder.
@@ -212,7 +235,25 @@ void checkIO(TernaryMatMulAttrs const& attrs, int32_t nbInputs, int32_t nbOutput
 
 std::string describe(TernaryMatMulAttrs const& attrs)
 {
-    return "K=" + std::to_string(attrs.k) + " N=" + std::to_string(attrs.n);
+    std::string description = "K=" + std::to_string(attrs.k) + " N=" + std::to_string(attrs.n);
+    if (attrs.actQuant != ActQuantMode::kNONE)
+    {
+        description += std::string{" act_quant="} + actQuantName(attrs.actQuant);
+    }
+    return description;
+}
+
+//! act_quant="fp8" runs kernels that only a kernels library defining launchQuantizeRowsE4m3 has
+//! (TERDIT_KERNELS_HAVE_FP8 is set by the build after looking for that symbol with nm).
+void requireKernels(TernaryMatMulAttrs const& attrs)
+{
+    if (attrs.actQuant == ActQuantMode::kFP8E4M3 && !TERDIT_KERNELS_HAVE_FP8)
+    {
+        throw TernaryMatMulError(std::string{kTERNARY_MATMUL_NAME}
+            + ": act_quant='fp8' needs the W1.58A8 kernels (terdit::launchQuantizeRowsE4m3), which the kernels "
+              "library linked into this plugin does not define; rebuild the plugin with kernels that have them, or "
+              "export the model without act_quant (weight-only)");
+    }
 }
 
 } // namespace
@@ -272,6 +313,12 @@ int32_t TernaryMatMulPlugin::configurePlugin(
         requireNonNull(out, "output description");
         checkIO(mAttrs, nbInputs, nbOutputs,
             [&](int32_t i) -> PluginTensorDesc const& { return i < nbInputs ? in[i].desc : out[i - nbInputs].desc; });
+        requireKernels(mAttrs);
+        if (mAttrs.actQuant != ActQuantMode::kNONE)
+        {
+            // The workspace of the profile's largest X must be representable (getWorkspaceSize cannot fail).
+            workspaceLayout(mAttrs, rowsOf(in[0].max.d, in[0].max.nbDims));
+        }
         mNbInputs = nbInputs;
         return 0;
     }
@@ -362,9 +409,27 @@ int32_t TernaryMatMulPlugin::getNbOutputs() const noexcept
     return 1;
 }
 
-size_t TernaryMatMulPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* /* inputs */, int32_t /* nbInputs */,
+size_t TernaryMatMulPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /* outputs */, int32_t /* nbOutputs */) const noexcept
 {
+    try
+    {
+        if (mAttrs.actQuant == ActQuantMode::kNONE)
+        {
+            return 0;
+        }
+        requireNonNull(inputs, "input description");
+        if (nbInputs < 1)
+        {
+            throw TernaryMatMulError(std::string{kTERNARY_MATMUL_NAME} + ": workspace query without inputs");
+        }
+        // Sized for the profile's largest X; every enqueue of the engine gets at least this much.
+        return static_cast<size_t>(workspaceLayout(mAttrs, rowsOf(inputs[0].max.d, inputs[0].max.nbDims)).size);
+    }
+    catch (...)
+    {
+        logCurrentException("getWorkspaceSize");
+    }
     return 0;
 }
 
@@ -387,6 +452,7 @@ int32_t TernaryMatMulPlugin::onShapeChange(
         requireNonNull(out, "output description");
         checkIO(mAttrs, nbInputs, nbOutputs,
             [&](int32_t i) -> PluginTensorDesc const& { return i < nbInputs ? in[i] : out[i - nbInputs]; });
+        requireKernels(mAttrs);
         rowsOf(in[0].dims.d, in[0].dims.nbDims);
         mNbInputs = nbInputs;
         return 0;
@@ -399,10 +465,11 @@ int32_t TernaryMatMulPlugin::onShapeChange(
 }
 
 int32_t TernaryMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
-    void const* const* inputs, void* const* outputs, void* /* workspace */, cudaStream_t stream) noexcept
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
     try
     {
+        requireKernels(mAttrs);
         if (mNbInputs != 3 && mNbInputs != 4)
         {
             throw TernaryMatMulError(std::string{kTERNARY_MATMUL_NAME}
@@ -423,12 +490,21 @@ int32_t TernaryMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         params.k = mAttrs.k;
         params.dtype = toKernelType(toTensorType(inputDesc[0].type));
         params.epilogue = Epilogue::kNONE;
-        cudaError_t const status = launchTernaryMatmul(params, stream);
+        char const* stage = "";
+        cudaError_t status = cudaSuccess;
+        if (mAttrs.actQuant == ActQuantMode::kFP8E4M3 && params.m > 0)
+        {
+            status = enqueueFp8(params, workspace, stream, stage);
+        }
+        else
+        {
+            status = launchTernaryMatmul(params, stream);
+        }
         if (status != cudaSuccess)
         {
             char const* reason = ternaryMatmulCheck(params);
             std::string const message = std::string{kTERNARY_MATMUL_NAME} + " enqueue (" + mDescription
-                + ", M=" + std::to_string(params.m) + "): " + cudaGetErrorName(status)
+                + ", M=" + std::to_string(params.m) + ")" + stage + ": " + cudaGetErrorName(status)
                 + (reason != nullptr ? std::string{": "} + reason : std::string{});
             logMessage(ILogger::Severity::kERROR, message.c_str());
         }
@@ -439,6 +515,38 @@ int32_t TernaryMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         logCurrentException("enqueue");
     }
     return static_cast<int32_t>(cudaErrorInvalidValue);
+}
+
+cudaError_t TernaryMatMulPlugin::enqueueFp8(
+    TernaryMatmulParams& params, void* workspace, cudaStream_t stream, char const*& stage) const
+{
+    // X's rows are quantized into the workspace, then the product reads the e4m3 copy; params.dtype
+    // keeps naming Y's type (X's type, by the format table).
+    requireNonNull(workspace, "workspace (act_quant='fp8' needs getWorkspaceSize bytes)");
+    WorkspaceLayout const layout = workspaceLayout(mAttrs, params.m);
+    auto* const base = static_cast<uint8_t*>(workspace);
+    auto* const xq = base + layout.xqOffset;
+    auto* const xScale = reinterpret_cast<float*>(base + layout.xScaleOffset);
+#if TERDIT_KERNELS_HAVE_FP8
+    stage = " quantizing X to e4m3";
+    cudaError_t const status = launchQuantizeRowsE4m3(params.x, params.dtype, params.m, params.k, xq, xScale, stream);
+    if (status != cudaSuccess)
+    {
+        return status;
+    }
+    stage = " fp8 product";
+    params.x = xq;
+    params.xScale = xScale;
+    params.actQuant = ActQuant::kFP8E4M3;
+    return launchTernaryMatmul(params, stream);
+#else
+    // requireKernels refused this plugin before it got here.
+    static_cast<void>(xq);
+    static_cast<void>(xScale);
+    static_cast<void>(stream);
+    stage = " fp8 product";
+    return cudaErrorNotSupported;
+#endif
 }
 
 nvinfer1::IPluginV3* TernaryMatMulPlugin::attachToContext(nvinfer1::IPluginResourceContext* /* context */) noexcept
@@ -454,8 +562,8 @@ PluginFieldCollection const* TernaryMatMulPlugin::getFieldsToSerialize() noexcep
         for (int32_t i = 0; i < kNB_FIELDS; ++i)
         {
             FieldSpec const& spec = kFIELD_SPECS[i];
-            mFieldsToSerialize.emplace_back(
-                spec.name, fieldValue(mAttrs, i), static_cast<PluginFieldType>(spec.type), spec.length);
+            FieldData const data = fieldData(mAttrs, i);
+            mFieldsToSerialize.emplace_back(spec.name, data.data, static_cast<PluginFieldType>(spec.type), data.length);
         }
         mFCToSerialize.nbFields = static_cast<int32_t>(mFieldsToSerialize.size());
         mFCToSerialize.fields = mFieldsToSerialize.data();
@@ -519,7 +627,19 @@ nvinfer1::IPluginV3* TernaryMatMulPluginCreator::createPlugin(
         }
         // A null array with a positive count reaches parseFields as such, and is rejected there.
         FieldView const* fields = fc->fields == nullptr ? nullptr : views.data();
-        return new TernaryMatMulPlugin(parseFields(fields, fc->nbFields));
+        // Building, the collection comes from a model (another producer may add attributes, and the ONNX
+        // parser passes only listed ones anyway): unknown fields are skipped with a warning. At run time it
+        // is this plugin's own getFieldsToSerialize, so an unknown field means another plugin version.
+        UnknownFields const unknown
+            = phase == nvinfer1::TensorRTPhase::kBUILD ? UnknownFields::kIGNORE : UnknownFields::kREJECT;
+        ParsedFields const parsed = parseFields(fields, fc->nbFields, unknown);
+        for (std::string const& ignored : parsed.ignored)
+        {
+            std::string const message = std::string{kTERNARY_MATMUL_NAME} + ": " + where + ": ignoring unknown field '"
+                + ignored + "' (version " + kTERNARY_MATMUL_VERSION + " reads K, N and act_quant)";
+            logMessage(ILogger::Severity::kWARNING, message.c_str());
+        }
+        return new TernaryMatMulPlugin(parsed.attrs);
     }
     catch (...)
     {

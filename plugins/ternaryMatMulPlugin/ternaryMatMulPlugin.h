@@ -9,6 +9,7 @@
 #pragma once
 
 #include "ternaryMatMulLogic.h"
+#include "ternaryMatmul.h"
 
 #include "NvInferRuntime.h"
 
@@ -66,8 +67,12 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
+    //! act_quant="fp8": quantizes X into the workspace, then runs the e4m3 product; `stage` names the
+    //! launch that failed.
+    cudaError_t enqueueFp8(TernaryMatmulParams& params, void* workspace, cudaStream_t stream, char const*& stage) const;
+
     TernaryMatMulAttrs mAttrs;
-    //! "K=<k> N=<n>": creation state for the timing cache and for engine inspection.
+    //! "K=<k> N=<n>" (+ " act_quant=fp8"): creation state for the timing cache and for engine inspection.
     std::string mDescription;
     //! 3 or 4 (with bias), learnt in configurePlugin / onShapeChange; enqueue is not told.
     int32_t mNbInputs{0};

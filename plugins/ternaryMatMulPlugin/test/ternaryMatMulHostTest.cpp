@@ -7,6 +7,7 @@
  *   ternaryMatMulHostTest libterdit_trt_plugin.so TernaryMatMul_PluginConfig.yaml
  */
 #include "contractYaml.h"
+#include "ternaryMatMulKernelFeatures.h"
 #include "testHarness.h"
 
 #include "NvInferRuntime.h"
@@ -157,6 +158,15 @@ public:
         }
         return count;
     }
+    int32_t warnings() const
+    {
+        int32_t count = 0;
+        for (auto const& m : messages)
+        {
+            count += m.first == Severity::kWARNING ? 1 : 0;
+        }
+        return count;
+    }
     std::string last() const
     {
         return messages.empty() ? "" : messages.back().second;
@@ -200,9 +210,17 @@ struct Fields
 {
     int32_t k{kK};
     int32_t n{kN};
+    std::string actQuant;
     std::vector<PluginField> fields{
         PluginField{"K", &k, PluginFieldType::kINT32, 1}, PluginField{"N", &n, PluginFieldType::kINT32, 1}};
     Fields() = default;
+    //! Adds act_quant as the ONNX parser passes a STRING attribute: kCHAR, NUL-terminated, NUL counted.
+    explicit Fields(std::string const& quant)
+        : actQuant(quant)
+    {
+        fields.emplace_back("act_quant", actQuant.c_str(), PluginFieldType::kCHAR,
+            static_cast<int32_t>(actQuant.size() + 1));
+    }
     Fields(Fields const&) = delete;
     PluginFieldCollection collection() const
     {
@@ -217,6 +235,10 @@ std::map<std::string, DataType> const kTYPES{
 std::map<std::string, PluginFieldType> const kFIELD_TYPES{{"int32", PluginFieldType::kINT32},
     {"char", PluginFieldType::kCHAR}, {"float32", PluginFieldType::kFLOAT32}, {"int64", PluginFieldType::kINT64}};
 
+//! Upper bound the profile gives a dynamic dimension in dynamicDesc.
+constexpr int64_t kPROFILE_MAX{16};
+
+//! A build-time description: dynamic dimensions (-1) range over 1 .. kPROFILE_MAX in the profile.
 DynamicPluginTensorDesc dynamicDesc(std::vector<int64_t> const& dims, DataType type, TensorFormat format)
 {
     DynamicPluginTensorDesc desc{};
@@ -228,6 +250,15 @@ DynamicPluginTensorDesc dynamicDesc(std::vector<int64_t> const& dims, DataType t
     desc.desc.type = type;
     desc.desc.format = format;
     desc.min = desc.opt = desc.max = desc.desc.dims;
+    for (int32_t i = 0; i < desc.desc.dims.nbDims; ++i)
+    {
+        if (desc.desc.dims.d[i] < 0)
+        {
+            desc.min.d[i] = 1;
+            desc.opt.d[i] = kPROFILE_MAX / 2;
+            desc.max.d[i] = kPROFILE_MAX;
+        }
+    }
     return desc;
 }
 
@@ -249,23 +280,49 @@ IPluginV3OneRuntime* runtime(IPluginV3* plugin)
     return static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
 }
 
-//! Returns the serialized fields as (name, type, length, value) for comparison.
-std::vector<std::tuple<std::string, PluginFieldType, int32_t, int32_t>> serialized(IPluginV3* plugin)
+//! A serialized field as (name, type, length, value); the value of a kINT32 field in decimal, of a
+//! kCHAR field as its bytes.
+using SerializedField = std::tuple<std::string, PluginFieldType, int32_t, std::string>;
+
+std::vector<SerializedField> serialized(IPluginV3* plugin)
 {
-    std::vector<std::tuple<std::string, PluginFieldType, int32_t, int32_t>> result;
+    std::vector<SerializedField> result;
     PluginFieldCollection const* fc = runtime(plugin)->getFieldsToSerialize();
     TEST_CHECK(fc != nullptr);
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
     {
-        int32_t value = 0;
-        TEST_CHECK(fc->fields[i].data != nullptr && fc->fields[i].length == 1);
-        if (fc->fields[i].data != nullptr)
+        PluginField const& field = fc->fields[i];
+        std::string value;
+        TEST_CHECK(field.data != nullptr);
+        if (field.data != nullptr && field.type == PluginFieldType::kINT32)
         {
-            std::memcpy(&value, fc->fields[i].data, sizeof(value));
+            TEST_CHECK(field.length == 1);
+            int32_t number = 0;
+            std::memcpy(&number, field.data, sizeof(number));
+            value = std::to_string(number);
         }
-        result.emplace_back(fc->fields[i].name, fc->fields[i].type, fc->fields[i].length, value);
+        else if (field.data != nullptr && field.type == PluginFieldType::kCHAR)
+        {
+            TEST_CHECK(field.length >= 1);
+            value.assign(static_cast<char const*>(field.data), static_cast<size_t>(std::max(field.length, 0)));
+        }
+        else
+        {
+            TEST_CHECK_MSG(false, std::string{"unexpected serialized field type of "} + field.name);
+        }
+        result.emplace_back(field.name, field.type, field.length, value);
     }
     return result;
+}
+
+//! The serialized fields of a K=256, N=48 plugin with the given act_quant, as the ONNX parser would pass
+//! them: act_quant NUL-terminated, NUL counted.
+std::vector<SerializedField> expectedFields(std::string const& actQuant)
+{
+    return {SerializedField{"K", PluginFieldType::kINT32, 1, std::to_string(kK)},
+        SerializedField{"N", PluginFieldType::kINT32, 1, std::to_string(kN)},
+        SerializedField{"act_quant", PluginFieldType::kCHAR, static_cast<int32_t>(actQuant.size() + 1),
+            actQuant + std::string(1, '\0')}};
 }
 
 // ---- Tests. ----
@@ -287,6 +344,7 @@ void testCreator(IPluginCreatorV3One* creator, YamlNode const& contract)
         TEST_CHECK_MSG(std::string{field.name} == expected[i], field.name);
         TEST_CHECK(field.type == kFIELD_TYPES.at(version.at("plugin_field_types").at(field.name).scalar));
         TEST_CHECK(std::to_string(field.length) == version.at("plugin_field_length").at(field.name).scalar);
+        TEST_CHECK(field.data == nullptr);
     }
 }
 
@@ -526,9 +584,10 @@ void testSerializeCloneRecreate(IPluginCreatorV3One* creator, IPluginV3* plugin)
     {
         TEST_CHECK(std::get<0>(fields[i]) == names->fields[i].name);
         TEST_CHECK(std::get<1>(fields[i]) == names->fields[i].type);
-        TEST_CHECK(std::get<2>(fields[i]) == names->fields[i].length);
+        // getFieldNames gives the length of a string field as 0 (any); the serialized one is its actual length.
+        TEST_CHECK(names->fields[i].length == 0 || std::get<2>(fields[i]) == names->fields[i].length);
     }
-    TEST_CHECK(std::get<3>(fields[0]) == kK && std::get<3>(fields[1]) == kN);
+    TEST_CHECK(fields == expectedFields("none"));
 
     // Re-create from the serialized collection, as TensorRT does when deserializing an engine.
     PluginFieldCollection const* fc = runtime(plugin)->getFieldsToSerialize();
@@ -600,7 +659,8 @@ void testRejectedCollections(IPluginCreatorV3One* creator)
                 Fields f;
                 f.fields[which].name = corrupted.c_str();
                 PluginFieldCollection const fc = f.collection();
-                rejected(&fc, phase, "unknown field", __LINE__);
+                // Building, the corrupted name is skipped as unknown and the field it was is then missing.
+                rejected(&fc, phase, phase == TensorRTPhase::kBUILD ? "is missing" : "unknown field", __LINE__);
             }
             for (int32_t type = 0; type <= 13; ++type)
             {
@@ -646,17 +706,154 @@ void testRejectedCollections(IPluginCreatorV3One* creator)
             PluginFieldCollection const fc = f.collection();
             rejected(&fc, phase, "given twice", __LINE__);
         }
+        for (char const* value : {"fp16", "FP8", "", "fp8 "})
         {
-            Fields f;
-            char const version[] = "1";
-            f.fields.push_back(PluginField{"plugin_version", version, PluginFieldType::kCHAR, 1});
+            Fields f{value};
             PluginFieldCollection const fc = f.collection();
-            rejected(&fc, phase, "unknown field 'plugin_version'", __LINE__);
+            rejected(&fc, phase, "field act_quant='" + std::string{value} + "' is not one of 'none', 'fp8'", __LINE__);
         }
+        {
+            Fields f{"fp8"};
+            f.fields[2].type = PluginFieldType::kINT32;
+            PluginFieldCollection const fc = f.collection();
+            rejected(&fc, phase, "field 'act_quant' has type int32 and length 4; expected type char", __LINE__);
+        }
+    }
+    {
+        Fields f;
+        char const version[] = "1";
+        f.fields.push_back(PluginField{"plugin_version", version, PluginFieldType::kCHAR, 2});
+        PluginFieldCollection const fc = f.collection();
+        rejected(&fc, TensorRTPhase::kRUNTIME, "unknown field 'plugin_version'", __LINE__);
     }
     Fields f;
     PluginFieldCollection const fc = f.collection();
     rejected(&fc, static_cast<TensorRTPhase>(5), "unknown phase 5", __LINE__);
+}
+
+//! Building, createPlugin skips fields it does not list with one warning each and creates the plugin;
+//! the known fields beside them are still checked. (It used to refuse any unknown field.)
+void testUnknownFieldsWhileBuilding(IPluginCreatorV3One* creator)
+{
+    Fields f;
+    char const version[] = "1";
+    int64_t const future = 3;
+    f.fields.push_back(PluginField{"plugin_version", version, PluginFieldType::kCHAR, 2});
+    f.fields.insert(f.fields.begin(), PluginField{"future_option", &future, PluginFieldType::kINT64, 1});
+    PluginFieldCollection const fc = f.collection();
+    int32_t const errorsBefore = gLogger.errors();
+    int32_t const warningsBefore = gLogger.warnings();
+    std::unique_ptr<IPluginV3> plugin(creator->createPlugin("node_with_extras", &fc, TensorRTPhase::kBUILD));
+    TEST_CHECK(plugin != nullptr);
+    TEST_CHECK(gLogger.errors() == errorsBefore);
+    TEST_CHECK(gLogger.warnings() == warningsBefore + 2);
+    size_t const n = gLogger.messages.size();
+    TEST_CHECK(n >= 2
+        && gLogger.messages[n - 2].second.find("ignoring unknown field 'future_option'") != std::string::npos
+        && gLogger.messages[n - 2].second.find("node_with_extras") != std::string::npos);
+    TEST_CHECK(n >= 1 && gLogger.messages[n - 1].second.find("ignoring unknown field 'plugin_version'") != std::string::npos);
+    if (plugin != nullptr)
+    {
+        // The extras are not serialized, so the engine's fields re-create the plugin at run time.
+        TEST_CHECK(serialized(plugin.get()) == expectedFields("none"));
+        std::unique_ptr<IPluginV3> recreated(
+            creator->createPlugin("node_with_extras", runtime(plugin.get())->getFieldsToSerialize(), TensorRTPhase::kRUNTIME));
+        TEST_CHECK(recreated != nullptr);
+    }
+    // The same collection at run time is refused.
+    int32_t const before = gLogger.errors();
+    std::unique_ptr<IPluginV3> refused(creator->createPlugin("node_with_extras", &fc, TensorRTPhase::kRUNTIME));
+    TEST_CHECK(refused == nullptr && gLogger.errors() == before + 1);
+    TEST_CHECK(gLogger.last().find("unknown field 'future_option'") != std::string::npos);
+    // Known fields stay strict beside unknown ones.
+    f.k = 40;
+    EXPECT_LOGGED_ERROR(creator->createPlugin("node_with_extras", &fc, TensorRTPhase::kBUILD) == nullptr,
+        "field K=40 must be a positive multiple of 16");
+}
+
+//! act_quant: both values create a plugin, serialize and re-create; the I/O rules do not change; fp8
+//! asks for the workspace of the quantized X and its scales; fp8 is refused at configure / shape
+//! change / enqueue when the linked kernels lack the W1.58A8 launchers.
+void testActQuant(IPluginCreatorV3One* creator, YamlNode const& version)
+{
+    for (std::string const mode : {"none", "fp8"})
+    {
+        Fields f{mode};
+        PluginFieldCollection const fc = f.collection();
+        int32_t const errorsBefore = gLogger.errors();
+        std::unique_ptr<IPluginV3> plugin(creator->createPlugin("quant", &fc, TensorRTPhase::kBUILD));
+        TEST_CHECK_MSG(plugin != nullptr && gLogger.errors() == errorsBefore, mode);
+        if (plugin == nullptr)
+        {
+            continue;
+        }
+        std::string const id = mode == "fp8" ? "K=256 N=48 act_quant=fp8" : "K=256 N=48";
+        TEST_CHECK(std::string{build(plugin.get())->getTimingCacheID()} == id);
+        TEST_CHECK(std::string{build(plugin.get())->getMetadataString()} == id);
+
+        // Serialization round trip, as an engine is saved and loaded.
+        TEST_CHECK(serialized(plugin.get()) == expectedFields(mode));
+        std::unique_ptr<IPluginV3> recreated(
+            creator->createPlugin("quant", runtime(plugin.get())->getFieldsToSerialize(), TensorRTPhase::kRUNTIME));
+        TEST_CHECK(recreated != nullptr);
+        if (recreated != nullptr)
+        {
+            TEST_CHECK(serialized(recreated.get()) == expectedFields(mode));
+            TEST_CHECK(std::string{build(recreated.get())->getTimingCacheID()} == id);
+        }
+        std::unique_ptr<IPluginV3> cloned(plugin->clone());
+        TEST_CHECK(cloned != nullptr && serialized(cloned.get()) == expectedFields(mode));
+
+        // Same format table and output types as the weight-only plugin: the quantization is internal.
+        testOutputTypes(plugin.get());
+        testFormats(plugin.get(), version);
+
+        // Workspace, for the profile's largest X: [16, 256, K] -> M = 4096 rows; [16, K] -> 16 rows.
+        IPluginV3OneBuild* b = build(plugin.get());
+        DynamicPluginTensorDesc in[] = {dynamicDesc({-1, 256, kK}, DataType::kBF16, TensorFormat::kLINEAR),
+            dynamicDesc({kN, kK / 16}, DataType::kINT32, TensorFormat::kLINEAR),
+            dynamicDesc({kN}, DataType::kFLOAT, TensorFormat::kLINEAR)};
+        DynamicPluginTensorDesc out[] = {dynamicDesc({-1, 256, kN}, DataType::kBF16, TensorFormat::kLINEAR)};
+        // fp8: 4096 * 256 = 1048576 bytes of e4m3 (a multiple of 256), then 4096 * 4 = 16384 bytes of scales.
+        TEST_CHECK(b->getWorkspaceSize(in, 3, out, 1) == (mode == "fp8" ? 1048576u + 16384u : 0u));
+        DynamicPluginTensorDesc small[] = {dynamicDesc({-1, kK}, DataType::kHALF, TensorFormat::kLINEAR)};
+        // fp8, 16 rows: 4096 bytes of e4m3, 64 bytes of scales padded to 256.
+        TEST_CHECK(b->getWorkspaceSize(small, 1, out, 1) == (mode == "fp8" ? 4096u + 256u : 0u));
+        DynamicPluginTensorDesc one[] = {dynamicDesc({kK}, DataType::kFLOAT, TensorFormat::kLINEAR)};
+        // fp8, one row: 256 bytes of e4m3, 4 bytes of scales padded to 256.
+        TEST_CHECK(b->getWorkspaceSize(one, 1, out, 1) == (mode == "fp8" ? 512u : 0u));
+        if (mode == "fp8")
+        {
+            EXPECT_LOGGED_ERROR(b->getWorkspaceSize(nullptr, 3, out, 1) == 0, "null input description");
+        }
+
+        bool const runnable = mode == "none" || TERDIT_KERNELS_HAVE_FP8;
+        IPluginV3OneRuntime* r = runtime(plugin.get());
+        PluginTensorDesc const rin[] = {tensorDesc({2, 256, kK}, DataType::kBF16),
+            tensorDesc({kN, kK / 16}, DataType::kINT32), tensorDesc({kN}, DataType::kFLOAT)};
+        PluginTensorDesc const rout[] = {tensorDesc({2, 256, kN}, DataType::kBF16)};
+        if (runnable)
+        {
+            TEST_CHECK(b->configurePlugin(in, 3, out, 1) == 0);
+            TEST_CHECK(r->onShapeChange(rin, 3, rout, 1) == 0);
+        }
+        else
+        {
+            char const* needle = "act_quant='fp8' needs the W1.58A8 kernels (terdit::launchQuantizeRowsE4m3)";
+            EXPECT_LOGGED_ERROR(b->configurePlugin(in, 3, out, 1) != 0, needle);
+            EXPECT_LOGGED_ERROR(r->onShapeChange(rin, 3, rout, 1) != 0, needle);
+            void const* inputs[3]{};
+            void* outputs[1]{};
+            EXPECT_LOGGED_ERROR(r->enqueue(rin, rout, inputs, outputs, nullptr, nullptr) != 0, needle);
+        }
+        if (mode == "fp8" && runnable)
+        {
+            // Refused before any CUDA call: TensorRT handed no workspace.
+            void const* inputs[3]{};
+            void* outputs[1]{};
+            EXPECT_LOGGED_ERROR(r->enqueue(rin, rout, inputs, outputs, nullptr, nullptr) != 0, "null workspace");
+        }
+    }
 }
 
 } // namespace
@@ -737,6 +934,8 @@ int main(int argc, char** argv)
         }
         testEnqueueRejections(creator);
         testRejectedCollections(creator);
+        testUnknownFieldsWhileBuilding(creator);
+        testActQuant(creator, version);
     }
     catch (std::exception const& e)
     {

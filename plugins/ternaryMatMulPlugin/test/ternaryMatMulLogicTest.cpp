@@ -9,6 +9,7 @@
 #include "ternaryMatMulLogic.h"
 #include "testHarness.h"
 
+#include <algorithm>
 #include <cstring>
 #include <iostream>
 #include <limits>
@@ -39,11 +40,27 @@ struct FieldSet
     FieldSet(FieldSet const&) = delete;
     FieldSet& operator=(FieldSet const&) = delete;
 
+    //! Parses as createPlugin does at run time (unknown fields refused).
     TernaryMatMulAttrs parse() const
     {
-        return parseFields(fields.data(), static_cast<int32_t>(fields.size()));
+        return parseFields(fields.data(), static_cast<int32_t>(fields.size()), UnknownFields::kREJECT).attrs;
+    }
+    //! Parses as createPlugin does while building (unknown fields skipped and listed).
+    ParsedFields parseBuild() const
+    {
+        return parseFields(fields.data(), static_cast<int32_t>(fields.size()), UnknownFields::kIGNORE);
+    }
+    void addActQuant(char const* value, int32_t length)
+    {
+        fields.push_back({"act_quant", value, FieldType::kCHAR, length});
     }
 };
+
+//! Length of a string field as the ONNX parser passes it: the characters and the terminating NUL.
+int32_t onnxLength(char const* value)
+{
+    return static_cast<int32_t>(std::strlen(value) + 1);
+}
 
 void testValidFields()
 {
@@ -65,8 +82,9 @@ void testValidFields()
         {"K", raw + 1, FieldType::kINT32, 1},
         {"N", raw + 1 + sizeof(k), FieldType::kINT32, 1},
     };
-    TernaryMatMulAttrs const read = parseFields(unaligned, 2);
+    TernaryMatMulAttrs const read = parseFields(unaligned, 2, UnknownFields::kREJECT).attrs;
     TEST_CHECK(read.k == 4096 && read.n == 16384);
+    TEST_CHECK(read.actQuant == ActQuantMode::kNONE);
 
     for (int32_t const value : {16, 32, 1024, 4096, 18432, 1 << 30})
     {
@@ -80,10 +98,13 @@ void testValidFields()
 void testCollectionRejected()
 {
     FieldSet set;
-    TEST_THROWS(TernaryMatMulError, parseFields(nullptr, 2), "invalid field collection");
-    TEST_THROWS(TernaryMatMulError, parseFields(set.fields.data(), -1), "invalid field collection");
-    TEST_THROWS(TernaryMatMulError, parseFields(nullptr, 0), "required field 'K' is missing");
-    TEST_THROWS(TernaryMatMulError, parseFields(set.fields.data(), 0), "required field 'K' is missing");
+    for (UnknownFields const unknown : {UnknownFields::kREJECT, UnknownFields::kIGNORE})
+    {
+        TEST_THROWS(TernaryMatMulError, parseFields(nullptr, 2, unknown), "invalid field collection");
+        TEST_THROWS(TernaryMatMulError, parseFields(set.fields.data(), -1, unknown), "invalid field collection");
+        TEST_THROWS(TernaryMatMulError, parseFields(nullptr, 0, unknown), "required field 'K' is missing");
+        TEST_THROWS(TernaryMatMulError, parseFields(set.fields.data(), 0, unknown), "required field 'K' is missing");
+    }
 }
 
 void testMissingAndDuplicate()
@@ -112,20 +133,195 @@ void testMissingAndDuplicate()
 
 void testNamesRejected()
 {
-    for (char const* name : {"k", "n", "M", "", "K ", "KK", "plugin_version", "plugin_namespace"})
+    for (char const* name : {"k", "n", "M", "", "K ", "KK", "plugin_version", "plugin_namespace", "act_quant "})
     {
         FieldSet set;
         set.fields[0].name = name;
         TEST_THROWS(TernaryMatMulError, set.parse(), std::string{"unknown field '"} + name + "'");
+        // Building, the unknown field is skipped, so the renamed K is now missing.
+        TEST_THROWS(TernaryMatMulError, set.parseBuild(), "required field 'K' is missing");
     }
     FieldSet set;
     set.fields[1].name = nullptr;
     TEST_THROWS(TernaryMatMulError, set.parse(), "field 1 has no name");
+    TEST_THROWS(TernaryMatMulError, set.parseBuild(), "field 1 has no name");
 
     FieldSet extra;
     int32_t const version = 1;
     extra.fields.push_back({"plugin_version", &version, FieldType::kINT32, 1});
     TEST_THROWS(TernaryMatMulError, extra.parse(), "unknown field 'plugin_version'");
+}
+
+//! While building, unknown fields (any name, type, length or data) are skipped and listed; the known
+//! fields are checked exactly as at run time.
+void testUnknownFieldsIgnoredWhileBuilding()
+{
+    FieldSet set;
+    char const text[] = "1";
+    int32_t const number = 7;
+    set.fields.insert(set.fields.begin(), {"plugin_version", text, FieldType::kCHAR, 2});
+    set.fields.push_back({"future_option", &number, FieldType::kINT32, 1});
+    set.fields.push_back({"null_data", nullptr, static_cast<FieldType>(99), -5});
+    set.fields.push_back({"future_option", &number, FieldType::kINT32, 1});
+    ParsedFields const parsed = set.parseBuild();
+    TEST_CHECK(parsed.attrs.k == kK && parsed.attrs.n == kN && parsed.attrs.actQuant == ActQuantMode::kNONE);
+    TEST_CHECK((parsed.ignored
+        == std::vector<std::string>{"plugin_version", "future_option", "null_data", "future_option"}));
+    TEST_THROWS(TernaryMatMulError, set.parse(), "unknown field 'plugin_version'");
+
+    FieldSet none;
+    TEST_CHECK(none.parseBuild().ignored.empty());
+
+    // Known fields stay strict beside unknown ones.
+    FieldSet badType;
+    badType.fields.push_back({"future_option", &number, FieldType::kINT32, 1});
+    badType.fields[0].type = FieldType::kINT64;
+    TEST_THROWS(TernaryMatMulError, badType.parseBuild(), "expected type int32 and length 1");
+    FieldSet badValue;
+    badValue.fields.push_back({"future_option", &number, FieldType::kINT32, 1});
+    badValue.n = 17;
+    TEST_THROWS(TernaryMatMulError, badValue.parseBuild(), "field N=17 must be a positive multiple of 16");
+    FieldSet twice;
+    twice.fields.push_back({"future_option", &number, FieldType::kINT32, 1});
+    twice.fields.push_back(twice.fields[1]);
+    TEST_THROWS(TernaryMatMulError, twice.parseBuild(), "field 'N' is given twice");
+    FieldSet badQuant;
+    badQuant.fields.push_back({"future_option", &number, FieldType::kINT32, 1});
+    badQuant.addActQuant("fp16", onnxLength("fp16"));
+    TEST_THROWS(TernaryMatMulError, badQuant.parseBuild(), "field act_quant='fp16' is not one of 'none', 'fp8'");
+}
+
+void testActQuant()
+{
+    TEST_CHECK(TernaryMatMulAttrs{}.actQuant == ActQuantMode::kNONE);
+    TEST_CHECK(std::string{actQuantName(ActQuantMode::kNONE)} == "none");
+    TEST_CHECK(std::string{actQuantName(ActQuantMode::kFP8E4M3)} == "fp8");
+    TEST_THROWS(TernaryMatMulError, actQuantName(static_cast<ActQuantMode>(2)), "act_quant mode 2");
+    struct Case
+    {
+        char const* bytes;
+        int32_t length;
+        ActQuantMode mode;
+    };
+    // As the ONNX parser passes them (NUL counted), without the NUL, and NUL-padded.
+    char const fp8Padded[] = {'f', 'p', '8', '\0', '\0', '\0'};
+    for (Case const c : {Case{"fp8", 4, ActQuantMode::kFP8E4M3}, Case{"fp8", 3, ActQuantMode::kFP8E4M3},
+             Case{fp8Padded, 6, ActQuantMode::kFP8E4M3}, Case{"none", 5, ActQuantMode::kNONE},
+             Case{"none", 4, ActQuantMode::kNONE}})
+    {
+        for (bool const build : {false, true})
+        {
+            FieldSet set;
+            set.addActQuant(c.bytes, c.length);
+            std::swap(set.fields[0], set.fields[2]);
+            TernaryMatMulAttrs const attrs = build ? set.parseBuild().attrs : set.parse();
+            TEST_CHECK_MSG(attrs.actQuant == c.mode && attrs.k == kK && attrs.n == kN, c.bytes);
+        }
+    }
+    for (char const* bad : {"", "FP8", "fp8 ", " fp8", "fp16", "int8", "e4m3", "None", "fp8e4m3"})
+    {
+        FieldSet set;
+        set.addActQuant(bad, onnxLength(bad));
+        TEST_THROWS(TernaryMatMulError, set.parse(), "field act_quant='" + std::string{bad} + "' is not one of 'none', 'fp8'");
+        TEST_THROWS(TernaryMatMulError, set.parseBuild(), "export the node with act_quant=\"fp8\"");
+    }
+    {
+        char const embedded[] = {'f', 'p', '8', '\0', 'x', '\0'};
+        FieldSet set;
+        set.addActQuant(embedded, 6);
+        TEST_THROWS(TernaryMatMulError, set.parse(), "field 'act_quant' holds bytes after its terminating NUL");
+    }
+    {
+        char const binary[] = {'f', '\x01', '8', '\0'};
+        FieldSet set;
+        set.addActQuant(binary, 4);
+        TEST_THROWS(TernaryMatMulError, set.parse(), "field act_quant='f?8'");
+    }
+    for (int32_t const length : {0, -1, 65, std::numeric_limits<int32_t>::max()})
+    {
+        FieldSet set;
+        set.addActQuant("fp8", length);
+        TEST_THROWS(TernaryMatMulError, set.parse(),
+            "field 'act_quant' has type char and length " + std::to_string(length) + "; expected type char and length 1 to 64");
+    }
+    {
+        int32_t const one = 1;
+        FieldSet set;
+        set.fields.push_back({"act_quant", &one, FieldType::kINT32, 1});
+        TEST_THROWS(TernaryMatMulError, set.parseBuild(), "has type int32 and length 1; expected type char");
+    }
+    {
+        FieldSet set;
+        set.addActQuant(nullptr, 4);
+        TEST_THROWS(TernaryMatMulError, set.parse(), "field 'act_quant' has no data");
+    }
+    {
+        FieldSet set;
+        set.addActQuant("fp8", 4);
+        set.addActQuant("none", 5);
+        TEST_THROWS(TernaryMatMulError, set.parse(), "field 'act_quant' is given twice");
+    }
+    TernaryMatMulAttrs bad{kK, kN, static_cast<ActQuantMode>(7)};
+    TEST_THROWS(TernaryMatMulError, validateAttrs(bad), "act_quant mode 7");
+}
+
+//! What getFieldsToSerialize emits parses back to the same attributes, for both modes.
+void testFieldDataRoundTrip()
+{
+    for (ActQuantMode const mode : {ActQuantMode::kNONE, ActQuantMode::kFP8E4M3})
+    {
+        TernaryMatMulAttrs const attrs{4096, 18432, mode};
+        std::vector<FieldView> views;
+        for (int32_t i = 0; i < kNB_FIELDS; ++i)
+        {
+            FieldData const data = fieldData(attrs, i);
+            views.push_back({kFIELD_SPECS[i].name, data.data, kFIELD_SPECS[i].type, data.length});
+        }
+        FieldData const quant = fieldData(attrs, 2);
+        TEST_CHECK(std::string{kFIELD_SPECS[2].name} == "act_quant");
+        TEST_CHECK(quant.length == static_cast<int32_t>(std::strlen(actQuantName(mode)) + 1));
+        TEST_CHECK(static_cast<char const*>(quant.data)[quant.length - 1] == '\0');
+        TernaryMatMulAttrs const back = parseFields(views.data(), kNB_FIELDS, UnknownFields::kREJECT).attrs;
+        TEST_CHECK(back.k == attrs.k && back.n == attrs.n && back.actQuant == mode);
+    }
+    TernaryMatMulAttrs const attrs{32, 64};
+    TEST_CHECK(*static_cast<int32_t const*>(fieldData(attrs, 0).data) == 32 && fieldData(attrs, 0).length == 1);
+    TEST_CHECK(*static_cast<int32_t const*>(fieldData(attrs, 1).data) == 64 && fieldData(attrs, 1).length == 1);
+    TEST_THROWS(TernaryMatMulError, fieldData(attrs, kNB_FIELDS), "out of range");
+    TEST_THROWS(TernaryMatMulError, fieldData(attrs, -1), "out of range");
+}
+
+//! fp8: M * K bytes of e4m3 X, then M float32 scales, each region padded to 256 bytes; none: no workspace.
+void testWorkspaceLayout()
+{
+    auto align = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+    for (int64_t const m : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{7}, int64_t{33}, int64_t{64}, int64_t{1000},
+             int64_t{8192}})
+    {
+        for (int32_t const k : {16, 48, 1024, 3072, 8192})
+        {
+            WorkspaceLayout const none = workspaceLayout(TernaryMatMulAttrs{k, 32, ActQuantMode::kNONE}, m);
+            TEST_CHECK(none.size == 0);
+            WorkspaceLayout const fp8 = workspaceLayout(TernaryMatMulAttrs{k, 32, ActQuantMode::kFP8E4M3}, m);
+            TEST_CHECK(fp8.xqOffset == 0);
+            TEST_CHECK(fp8.xScaleOffset == align(m * k));
+            TEST_CHECK(fp8.xScaleOffset % kWORKSPACE_ALIGNMENT == 0 && fp8.size % kWORKSPACE_ALIGNMENT == 0);
+            TEST_CHECK_MSG(fp8.size == align(m * k) + align(4 * m), "m " + std::to_string(m) + " k " + std::to_string(k));
+            TEST_CHECK(fp8.size >= m * k + 4 * m);
+        }
+    }
+    // Hand-checked: M = 2, K = 48: 96 bytes -> 256, 8 bytes of scales -> 256.
+    WorkspaceLayout const small = workspaceLayout(TernaryMatMulAttrs{48, 16, ActQuantMode::kFP8E4M3}, 2);
+    TEST_CHECK(small.xScaleOffset == 256 && small.size == 512);
+    // M = 512, K = 3072: 1572864 bytes (already aligned) + 2048 bytes.
+    WorkspaceLayout const big = workspaceLayout(TernaryMatMulAttrs{3072, 16, ActQuantMode::kFP8E4M3}, 512);
+    TEST_CHECK(big.xScaleOffset == 1572864 && big.size == 1572864 + 2048);
+    TEST_THROWS(TernaryMatMulError, workspaceLayout(TernaryMatMulAttrs{16, 16, ActQuantMode::kFP8E4M3}, -1),
+        "workspace requested for -1 rows");
+    TEST_THROWS(TernaryMatMulError,
+        workspaceLayout(TernaryMatMulAttrs{1 << 30, 16, ActQuantMode::kFP8E4M3}, std::numeric_limits<int64_t>::max() / 4),
+        "overflows int64");
+    TEST_CHECK(workspaceLayout(TernaryMatMulAttrs{1 << 30, 16, ActQuantMode::kNONE}, int64_t{1} << 40).size == 0);
 }
 
 void testTypesAndLengthsRejected()
@@ -169,15 +365,6 @@ void testValuesRejected()
         TEST_THROWS(TernaryMatMulError, n.parse(), "field N=" + std::to_string(bad) + " must be a positive multiple of 16");
     }
     TEST_THROWS(TernaryMatMulError, validateAttrs(TernaryMatMulAttrs{}), "field K=0");
-
-    TernaryMatMulAttrs const attrs{32, 64};
-    for (int32_t i = 0; i < kNB_FIELDS; ++i)
-    {
-        int32_t const expected = std::string{kFIELD_SPECS[i].name} == "K" ? 32 : 64;
-        TEST_CHECK(*fieldValue(attrs, i) == expected);
-    }
-    TEST_THROWS(TernaryMatMulError, fieldValue(attrs, kNB_FIELDS), "out of range");
-    TEST_THROWS(TernaryMatMulError, fieldValue(attrs, -1), "out of range");
 }
 
 //! Every truncation and every single-field corruption of a valid serialized set is rejected.
@@ -355,17 +542,37 @@ void testContract(char const* contractPath)
 
     std::vector<std::string> const fields = listOf(version.at("plugin_fields"));
     TEST_CHECK(static_cast<int32_t>(fields.size()) == kNB_FIELDS);
+    std::vector<std::string> const attributes = listOf(version.at("attributes"));
+    std::vector<std::string> const required = listOf(version.at("attributes_required"));
+    auto contains = [](std::vector<std::string> const& list, std::string const& name) {
+        return std::find(list.begin(), list.end(), name) != list.end();
+    };
     for (int32_t i = 0; i < kNB_FIELDS && i < static_cast<int32_t>(fields.size()); ++i)
     {
         FieldSpec const& spec = kFIELD_SPECS[i];
         TEST_CHECK_MSG(fields[i] == spec.name, fields[i]);
         TEST_CHECK(version.at("plugin_field_types").at(spec.name).scalar == fieldTypeName(spec.type));
         TEST_CHECK(version.at("plugin_field_length").at(spec.name).scalar == std::to_string(spec.length));
-        TEST_CHECK(version.at("attribute_types").at(spec.name).scalar == "int");
-        TEST_CHECK(version.at("attribute_options").at(spec.name).at("multiple_of").scalar
-            == std::to_string(kSIZE_MULTIPLE));
-        TEST_CHECK(version.at("attribute_options").at(spec.name).at("min").scalar == std::to_string(kSIZE_MULTIPLE));
+        TEST_CHECK(contains(attributes, spec.name));
+        TEST_CHECK_MSG(contains(required, spec.name) == spec.required, spec.name);
+        if (spec.type == FieldType::kINT32)
+        {
+            TEST_CHECK(version.at("attribute_types").at(spec.name).scalar == "int");
+            TEST_CHECK(version.at("attribute_options").at(spec.name).at("multiple_of").scalar
+                == std::to_string(kSIZE_MULTIPLE));
+            TEST_CHECK(
+                version.at("attribute_options").at(spec.name).at("min").scalar == std::to_string(kSIZE_MULTIPLE));
+        }
+        else
+        {
+            TEST_CHECK(version.at("attribute_types").at(spec.name).scalar == "string");
+        }
     }
+    YamlNode const& actQuant = version.at("attribute_options").at("act_quant");
+    TEST_CHECK((actQuant.at("values").list
+        == std::vector<std::string>{actQuantName(ActQuantMode::kNONE), actQuantName(ActQuantMode::kFP8E4M3)}));
+    TEST_CHECK(actQuant.at("default").scalar == actQuantName(TernaryMatMulAttrs{}.actQuant));
+    TEST_CHECK(version.at("workspace").at("alignment").scalar == std::to_string(kWORKSPACE_ALIGNMENT));
 
     YamlNode const& configs = version.at("configs");
     TEST_CHECK(configs.map.size() == sizeof(kSUPPORTED_FORMATS) / sizeof(kSUPPORTED_FORMATS[0]));
@@ -415,6 +622,10 @@ int main(int argc, char** argv)
     testCollectionRejected();
     testMissingAndDuplicate();
     testNamesRejected();
+    testUnknownFieldsIgnoredWhileBuilding();
+    testActQuant();
+    testFieldDataRoundTrip();
+    testWorkspaceLayout();
     testTypesAndLengthsRejected();
     testValuesRejected();
     testEveryTruncationAndCorruption();

@@ -13,9 +13,9 @@ import torch
 from exporter import ExportOptions, export
 from runtime import Pipeline, SampleOptions, TerDiTPipeline, open_backend
 from runtime.__main__ import main as runtime_main
-from terdit import TerDiTConfig, load_checkpoint, save_checkpoint
+from terdit import load_checkpoint, save_checkpoint
 from terdit_common.images import load_npz
-from tests.helpers import random_model
+from tests.helpers import pixel_checkpoint, random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -24,11 +24,8 @@ NAMES = ["tee", "trouser", "bag"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(1)
     root = tmp_path_factory.mktemp("api")
-    cfg = TerDiTConfig(input_size=8, patch_size=2, in_channels=1, dim=32, n_layers=2, n_heads=2,
-                       multiple_of=32, num_classes=3)
-    save_checkpoint(random_model(cfg), root / "ck", metadata={"class_names": NAMES})
+    pixel_checkpoint(root / "ck", seed=1, class_names=NAMES)
     export(root / "ck", root / "onnx", ExportOptions(validate=False), **QUIET)
     return root
 

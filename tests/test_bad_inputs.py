@@ -10,11 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from exporter import ExportOptions, export
-from terdit import TerDiTConfig, save_checkpoint
-from tests.helpers import random_model
+from tests.helpers import pixel_checkpoint
 
 QUIET = dict(log=lambda *_: None)
 
@@ -24,13 +22,12 @@ def base(tmp_path_factory):
     """A tiny pixel model as a checkpoint and as an export; both are copied before a case may
     damage them."""
     root = tmp_path_factory.mktemp("bad")
-    torch.manual_seed(0)
-    cfg = TerDiTConfig(input_size=8, patch_size=2, in_channels=1, dim=32, n_layers=1, n_heads=2,
-                       multiple_of=32, num_classes=3)
-    save_checkpoint(random_model(cfg), root / "ck", metadata={"class_names": ["a", "b", "c"]})
-    save_checkpoint(random_model(cfg.replace(ternary=False)), root / "fp")
+    pixel_checkpoint(root / "ck", n_layers=1, class_names="abc")
+    pixel_checkpoint(root / "fp", n_layers=1, fp=True)
     export(root / "ck", root / "onnx", ExportOptions(validate=False), **QUIET)
     export(root / "ck", root / "onnx_cfg", ExportOptions(validate=False, cfg="standard"), **QUIET)
+    export(root / "ck", root / "onnx_ext", ExportOptions(validate=False, external_data=True),
+           **QUIET)
     np.savez(root / "good.npz", np.zeros((4, 8, 8, 3), np.uint8), np.arange(4) % 3)
     return root
 
@@ -156,6 +153,34 @@ def _disk_full(monkeypatch):
     monkeypatch.setattr(files, "atomic_write", full)
 
 
+def _reseal(export_dir: Path) -> None:
+    from terdit_common.manifest import files_record, seal
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    manifest["files"] = files_record(export_dir)
+    (export_dir / "manifest.json").write_text(json.dumps(seal(manifest)))
+
+
+def _truncate_data(tmp, base):
+    shutil.copytree(base / "onnx_ext", tmp / "onnx")
+    data = tmp / "onnx" / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    _reseal(tmp / "onnx")
+
+
+def _data_outside(tmp, base):
+    """model.onnx points its weights at ../outside.data (consistently hashed and sealed)."""
+    import onnx
+    shutil.copytree(base / "onnx_ext", tmp / "onnx")
+    model = onnx.load(str(tmp / "onnx" / "model.onnx"), load_external_data=False)
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save(model, str(tmp / "onnx" / "model.onnx"))
+    (tmp / "onnx" / "model.onnx.data").rename(tmp / "outside.data")
+    _reseal(tmp / "onnx")
+
+
 LONG = "n" * 300
 EX = ["exporter", "{B}/ck", "-o", "{T}/o"]
 EXC = ["exporter", "{T}/ck", "-o", "{T}/o"]
@@ -227,6 +252,8 @@ CASES = [
     ("rs-manifest-config-huge", SAMPLE_T, "input_size=1099511627776", _edit_manifest(lambda d: d["config"].update(input_size=2 ** 40)), None),
     ("rs-manifest-metadata-list", SAMPLE_T, "field 'metadata' is list", _edit_manifest(lambda d: d.update(metadata=[1, 2])), None),
     ("rs-truncated-onnx-rehashed", SAMPLE_T, "ONNX Runtime cannot load", None, "truncate_onnx"),
+    ("rs-truncated-data-rehashed", SAMPLE_T, "model.onnx: ONNX Runtime cannot load", _truncate_data, None),
+    ("rs-data-outside-dir", SAMPLE_T, "model.onnx: ONNX Runtime cannot load", _data_outside, None),
     # runtime sample: flags
     ("rs-class-high", SAMPLE + ["--classes", "3"], r"--classes 3: outside \[0, 3\)", None, None),
     ("rs-class-neg", SAMPLE + ["--classes", "-1"], "--classes -1", None, None),
@@ -341,14 +368,10 @@ def _snapshot(root: Path) -> dict:
 
 
 def _truncate_onnx(tmp, base, monkeypatch):
-    from terdit_common.manifest import files_record
     shutil.copytree(base / "onnx", tmp / "onnx")
     path = tmp / "onnx" / "model.onnx"
     path.write_bytes(path.read_bytes()[:1000])
-    from terdit_common.manifest import seal
-    manifest = json.loads((tmp / "onnx" / "manifest.json").read_text())
-    manifest["files"] = files_record(tmp / "onnx")
-    (tmp / "onnx" / "manifest.json").write_text(json.dumps(seal(manifest)))
+    _reseal(tmp / "onnx")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from terdit import TerDiT, TerDiTConfig, save_checkpoint
 from terdit.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
 from terdit.evaluate import evaluate_images
 from terdit.evaluate import main as evaluate_main
@@ -19,6 +18,7 @@ from terdit.fid import (feature_stats, fid_from_features, frechet_distance, load
                         reference_features)
 from terdit_common.errors import UserError
 from terdit_common.images import from_uint8, load_npz, write_npz
+from tests.helpers import pixel_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,18 +147,11 @@ def test_load_npz_reads_grayscale_stored_as_rgb(tmp_path):
     assert load_npz(tmp_path / "c.npz")[0].shape == (2, 8, 8, 3)
 
 
-def _pixel_checkpoint(path):
-    torch.manual_seed(0)
-    cfg = TerDiTConfig(input_size=8, patch_size=2, in_channels=1, dim=32, n_layers=1, n_heads=2,
-                       multiple_of=32, num_classes=3)
-    return save_checkpoint(TerDiT(cfg), path, metadata={"class_names": ["a", "b", "c"]})
-
-
 def test_metrics_samples_are_the_runtime_images(tmp_path):
     """`evaluate metrics --model` and `runtime sample --backend torch` with the same flags give
     the same images: one sampler."""
     from runtime.__main__ import main as runtime_main
-    ckpt = _pixel_checkpoint(tmp_path / "ck")
+    ckpt = pixel_checkpoint(tmp_path / "ck", n_layers=1, class_names="abc")
     flags = ["--steps", "3", "--cfg-scale", "2.5", "--seed", "4", "--batch-size", "2"]
     assert evaluate_main(["metrics", "--model", str(ckpt), "--num-images", "5", "--ref", "none",
                           "--save-samples", str(tmp_path / "e.npz"), "--no-progress", *flags]) == 0
@@ -197,7 +190,7 @@ def test_cli_end_to_end(tmp_path):
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["num_samples"] == 20 and result["accuracy"] == acc
     # grid from a checkpoint: one column per class, captioned with its class names
-    ckpt = _pixel_checkpoint(tmp_path / "ckpt")
+    ckpt = pixel_checkpoint(tmp_path / "ckpt", n_layers=1, class_names="abc")
     assert evaluate_main(["--threads", "1", "grid", "--model", str(ckpt), "--out",
                           str(tmp_path / "g.png"), "--per-class", "2", "--steps", "2"]) == 0
     # grid from the sample file (first 3 of each class)

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from exporter import ExportOptions, export
 from runtime import open_backend
 from runtime.__main__ import main as runtime_main
-from terdit import TerDiTConfig, save_checkpoint
 from terdit_common.errors import UserError
-from tests.helpers import random_model
+from tests.helpers import pixel_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -28,10 +26,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
-    torch.manual_seed(0)
-    cfg = TerDiTConfig(input_size=8, patch_size=2, in_channels=1, dim=32, n_layers=1, n_heads=2,
-                       multiple_of=32, num_classes=3)
-    save_checkpoint(random_model(cfg), root / "ck")
+    pixel_checkpoint(root / "ck", n_layers=1)
     export(root / "ck", root / "onnx", ExportOptions(validate=False, external_data=True), **QUIET)
     return root / "onnx"
 

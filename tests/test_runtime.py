@@ -14,7 +14,7 @@ from runtime.__main__ import main as cli_main
 from terdit import TerDiTConfig, save_checkpoint
 from terdit_common.guidance import guide
 from terdit_common.sampling import ModelInfo, image_rng
-from tests.helpers import random_model
+from tests.helpers import pixel_checkpoint, random_model, tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -24,11 +24,8 @@ FAST = SampleOptions(steps=4, sampler="ddim", cfg_scale=3.0, seed=7, batch_size=
 @pytest.fixture(scope="module")
 def pixel(tmp_path_factory):
     """A 1-channel pixel-space model: checkpoint + fp32 export (cfg outside) + folded-cfg export."""
-    torch.manual_seed(3)
     root = tmp_path_factory.mktemp("pixel")
-    cfg = TerDiTConfig(input_size=8, patch_size=2, in_channels=1, dim=32, n_layers=2, n_heads=2,
-                       multiple_of=32, num_classes=5)
-    save_checkpoint(random_model(cfg), root / "ck", metadata={"class_names": list("abcde")})
+    pixel_checkpoint(root / "ck", seed=3, num_classes=5, class_names="abcde")
     export(root / "ck", root / "onnx", ExportOptions(validate=False), **QUIET)
     export(root / "ck", root / "onnx_cfg", ExportOptions(cfg="standard", validate=False), **QUIET)
     return root
@@ -193,12 +190,8 @@ def test_latent_model_without_vae_writes_latents_only(tmp_path):
 
 
 def test_vae_decode_through_the_export(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                                  layers_per_block=1, norm_num_groups=8)
-    vae.save_pretrained(tmp_path / "vae")
+    pytest.importorskip("diffusers")
+    vae = tiny_vae(tmp_path / "vae")
     save_checkpoint(random_model(TerDiTConfig.from_name("TerDiT-tiny")), tmp_path / "ck")
     export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(validate=False, vae=str(tmp_path / "vae")), **QUIET)
     assert cli_main(["sample", "--model", str(tmp_path / "onnx"), "--classes", "1", "2", "--steps", "3",

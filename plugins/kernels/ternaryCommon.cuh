@@ -347,10 +347,12 @@ inline int64_t yElementBytes(TernaryMatmulParams const& p)
     return p.dtype == DataType::kFLOAT ? 4 : 2;
 }
 
-//! Raises a kernel's dynamic shared-memory limit once per device (the attribute is per device;
-//! doing it once keeps the call out of CUDA-graph captures after a warm-up launch).
-template <typename Kernel>
-cudaError_t configureSmem(Kernel kernel, int bytes)
+//! Raises kKERNEL's dynamic shared-memory limit once per device (the attribute is per device;
+//! doing it once keeps the call out of CUDA-graph captures after a warm-up launch). The kernel is
+//! a template argument so that every kernel has its own flags (kernels of one signature share a
+//! function type).
+template <auto kKERNEL>
+cudaError_t configureSmem(int bytes)
 {
     constexpr int kMAX_DEVICES = 64;
     static bool configured[kMAX_DEVICES] = {};
@@ -364,7 +366,7 @@ cudaError_t configureSmem(Kernel kernel, int bytes)
     {
         return cudaSuccess;
     }
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    err = cudaFuncSetAttribute(kKERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err == cudaSuccess && device >= 0 && device < kMAX_DEVICES)
     {
         configured[device] = true;

@@ -16,6 +16,8 @@
  */
 #include "ternaryCommon.cuh"
 
+#include <type_traits>
+
 namespace terdit
 {
 namespace kernels
@@ -337,7 +339,7 @@ template <typename Op, int BM>
 cudaError_t launchTcT(TcArgs a, int64_t mTotal, int64_t yElem, cudaStream_t stream)
 {
     constexpr int smem = kSTAGES * stageBytes<Op, BM>();
-    cudaError_t err = configureSmem(tcKernel<Op, BM>, smem);
+    cudaError_t err = configureSmem<tcKernel<Op, BM>>(smem);
     if (err != cudaSuccess)
     {
         return err;

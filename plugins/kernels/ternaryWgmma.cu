@@ -499,7 +499,7 @@ cudaError_t launchWsT(LaunchContext const& ctx, WsArgs a, cudaStream_t stream)
     {
         return cudaErrorInvalidValue;
     }
-    cudaError_t err = configureSmem(wsKernel<Op, TOK>, Tile::kSMEM_BYTES);
+    cudaError_t err = configureSmem<wsKernel<Op, TOK>>(Tile::kSMEM_BYTES);
     if (err != cudaSuccess)
     {
         return err;

@@ -400,7 +400,7 @@ template <typename T, int MW, int NB>
 cudaError_t launchW2T(W2Args a, int64_t mTotal, cudaStream_t stream)
 {
     using Tile = W2Tile<MW, NB>;
-    cudaError_t err = configureSmem(w2Kernel<T, MW, NB>, Tile::kSMEM_BYTES);
+    cudaError_t err = configureSmem<w2Kernel<T, MW, NB>>(Tile::kSMEM_BYTES);
     if (err != cudaSuccess)
     {
         return err;

@@ -95,29 +95,34 @@ __device__ __forceinline__ float e4m3ToFloat(uint32_t b)
     return (b & 0x80u) ? -v : v;
 }
 
-//! Keeps a constant in a register: LOP3 takes one 32-bit immediate, so `(w & mask) | magic` is one
-//! instruction only when the magic is a register operand (with both as immediates ptxas emits
-//! two LOP3s per decoded pair). Call once outside the loops.
-__device__ __forceinline__ uint32_t inRegister(uint32_t v)
-{
-    asm volatile("" : "+r"(v));
-    return v;
-}
-
 // ---- decoders --------------------------------------------------------------------------------
 
-//! The three bf16 / fp16 magics of decodeWordPairs, held in registers (see inRegister).
-template <typename T>
-struct PairMagics
+//! Decode constants as kernel arguments. LOP3 takes one 32-bit immediate, so `(w & mask) | magic`
+//! is one instruction only when the magic sits in a register; a compile-time magic is folded
+//! into an immediate by ptxas (whatever the source does to hide it) and every decoded pair costs
+//! two LOP3s. A kernel argument is a run-time value: ptxas loads it into a register once.
+struct DecodeMagics
 {
-    uint32_t m0, m2, m4;
-    __device__ __forceinline__ void load()
-    {
-        m0 = inRegister(Elem<T>::kMAGIC0);
-        m2 = inRegister(Elem<T>::kMAGIC2);
-        m4 = inRegister(Elem<T>::kMAGIC4);
-    }
+    uint32_t m0, m2, m4; //!< decodeWordPairs / decodeAdjacentPair (m0)
+    uint32_t frag;       //!< decodeFragPair
 };
+
+//! The magics of element type T (host side, into the kernel arguments).
+template <typename T>
+inline DecodeMagics decodeMagics()
+{
+    return DecodeMagics{Elem<T>::kMAGIC0, Elem<T>::kMAGIC2, Elem<T>::kMAGIC4, Elem<T>::kMAGIC_FRAG};
+}
+
+//! The magics of the launch's 16-bit element type; zeros for e4m3 (not used there).
+inline DecodeMagics decodeMagics(TernaryMatmulParams const& p)
+{
+    if (p.actQuant == ActQuant::kFP8E4M3)
+    {
+        return DecodeMagics{};
+    }
+    return p.dtype == DataType::kHALF ? decodeMagics<__half>() : decodeMagics<__nv_bfloat16>();
+}
 
 //! Decodes one k16 word (codes 0..15 of one weight row) into eight packed pairs. Pair j holds the
 //! weights of columns pairLo(j) (half 0) and pairLo(j) + 8 (half 1). Each pair is one mask-OR
@@ -127,7 +132,7 @@ struct PairMagics
 //!   j : 0      1      2       3       4       5       6       7
 //!       (0,8)  (1,9)  (2,10)  (4,12)  (5,13)  (6,14)  (3,11)  (7,15)
 template <typename T>
-__device__ __forceinline__ void decodeWordPairs(uint32_t w, PairMagics<T> const& mg, uint32_t (&d)[8])
+__device__ __forceinline__ void decodeWordPairs(uint32_t w, DecodeMagics const& mg, uint32_t (&d)[8])
 {
     uint32_t const w8 = w >> 8;
     uint32_t const w6 = w >> 6;
@@ -150,7 +155,7 @@ __host__ __device__ constexpr int pairLo(int j)
 
 //! Two adjacent codes (bits 0-1 and 2-3 of `nibble`, higher bits ignored) -> a packed pair
 //! (weight of the lower column in half 0). Used where the activations come from ldmatrix, which
-//! hands out adjacent columns. `magic0` = Elem<T>::kMAGIC0 in a register.
+//! hands out adjacent columns. `magic0` = Elem<T>::kMAGIC0 (a kernel argument, see DecodeMagics).
 template <typename T>
 __device__ __forceinline__ uint32_t decodeAdjacentPair(uint32_t nibble, uint32_t magic0)
 {
@@ -175,7 +180,7 @@ __host__ __device__ constexpr uint32_t fragSelector(uint32_t b)
 //! half 0 and code c + 1 at bit 2 of half 1 (bits 18-19), and the per-half magic / offset pair
 //! turns both into code - 1 exactly (see Elem). For lane t of an m16n8k16 / m64nNk16 A fragment:
 //! c = 2t (registers 0, 1) and 2t + 8 (registers 2, 3), one shift by 4 * (t & 1) per word.
-//! `magic` = Elem<T>::kMAGIC_FRAG in a register.
+//! `magic` = Elem<T>::kMAGIC_FRAG (a kernel argument, see DecodeMagics).
 template <typename T>
 __device__ __forceinline__ uint32_t decodeFragPair(uint32_t x, uint32_t sel, uint32_t magic)
 {

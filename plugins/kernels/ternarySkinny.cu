@@ -45,6 +45,7 @@ struct SkinnyArgs
     int32_t steps;    //!< ceil(kw / 16)
     int32_t warpsK;   //!< warps splitting K (1, 2, 4 or 8); kWARPS / warpsK warps split rows
     int32_t nTiles;   //!< n / 16
+    DecodeMagics magics;
     bool vecW;
 };
 
@@ -90,10 +91,12 @@ __device__ __forceinline__ int32_t physTile(SkinnyArgs const& a, int32_t v)
 }
 
 //! Two CTAs per SM (<= 128 registers) except where the activation registers of 4 words x MT
-//! tiles would spill under that cap; those variants run one CTA (8 warps) per SM.
+//! tiles would spill under that cap (MT = 2, R = 2 spilled 24 bytes on sm_90a once the decode
+//! magics moved into registers); those variants run one CTA (8 warps) per SM, which the planner
+//! counts.
 __host__ __device__ constexpr int skinnyMinBlocks(int mt, int r)
 {
-    return (mt == 4 || mt * r >= 8) ? 1 : 2;
+    return (mt == 4 || (mt == 2 && r == 2)) ? 1 : 2;
 }
 
 template <typename T, int MT, int R>
@@ -137,8 +140,7 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
     // double buffer); the larger variants have no registers to spare for it.
     constexpr bool kPREFETCH = MT * R <= 2;
     uint32_t wr[R][2][4];
-    PairMagics<T> magics;
-    magics.load();
+    DecodeMagics const magics = a.magics;
     if (kPREFETCH)
     {
 #pragma unroll
@@ -393,6 +395,7 @@ cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream)
     a.kw = p.k / 16;
     a.steps = (a.kw + kSTEP_WORDS - 1) / kSTEP_WORDS;
     a.nTiles = p.n / 16;
+    a.magics = decodeMagics(p);
     a.vecW = ctx.vecW;
 
     // Tokens beyond kSKINNY_MAX_M (only when the path is forced) run as further launches.

@@ -39,7 +39,6 @@ struct TcOp
     static constexpr int kBK = 64;      //!< 16-bit X: 64 columns = 128 bytes
     static constexpr int kW_BYTES = 16; //!< 4 k16 words
     static constexpr int kELEM = 2;
-    static constexpr uint32_t kMAGIC0 = Elem<Op>::kMAGIC0;
 };
 
 template <>
@@ -48,12 +47,10 @@ struct TcOp<E4m3>
     static constexpr int kBK = 128;
     static constexpr int kW_BYTES = 32; //!< 8 k16 words
     static constexpr int kELEM = 1;
-    static constexpr uint32_t kMAGIC0 = 0;
 };
 
 static_assert(TcOp<E4m3>::kBK * TcOp<E4m3>::kELEM == kX_ROW_BYTES && TcOp<__half>::kBK * TcOp<__half>::kELEM
         == kX_ROW_BYTES, "a k tile is one 128-byte row of X per token");
-static_assert(TcOp<E4m3>::kMAGIC0 == 0, "e4m3 operands need no decode magic");
 
 struct TcArgs
 {
@@ -64,6 +61,7 @@ struct TcArgs
     int32_t n;
     int32_t k;
     int32_t kw;
+    uint32_t magic0; //!< DecodeMagics::m0 of the 16-bit type (in a register, not an immediate)
     bool vecW;
 };
 
@@ -216,9 +214,9 @@ __global__ void __launch_bounds__(kTC_THREADS, 1) tcKernel(TcArgs const a)
         int const cb = blockIdx.x;
         int64_t const m0 = static_cast<int64_t>(blockIdx.y) * BM;
         int const kTiles = (a.k + Traits::kBK - 1) / Traits::kBK;
-        uint32_t const magic0 = inRegister(TcOp<Op>::kMAGIC0); // decode constants in registers
+        uint32_t const magic0 = a.magic0;
         uint32_t const sel = quadSelector(t);
-        uint32_t const lut = inRegister(kE4M3_LUT);
+        uint32_t const lut = kE4M3_LUT;
 
         float acc[MI][NJ][4];
 #pragma unroll
@@ -385,6 +383,7 @@ cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream)
     a.n = p.n;
     a.k = p.k;
     a.kw = p.k / 16;
+    a.magic0 = decodeMagics(p).m0;
     a.vecW = ctx.vecW;
 
     // Dispatch table: BM = 64 while 128-token tiles would leave SMs idle, else BM = 128;

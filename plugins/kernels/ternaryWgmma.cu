@@ -105,6 +105,7 @@ struct WsArgs
     int32_t n;         //!< weight rows
     int32_t kTiles;
     int32_t featTiles; //!< tiles along the weight rows (SwiGLU: 64 output columns each)
+    uint32_t magicFrag; //!< DecodeMagics::frag of the 16-bit type (in a register, not an immediate)
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -123,12 +124,12 @@ template <typename Op>
 struct WsDecode
 {
     uint32_t shift, selLo, selHi, magic;
-    __device__ __forceinline__ void init(int t)
+    __device__ __forceinline__ void init(int t, uint32_t magicFrag)
     {
         shift = 4u * (t & 1);
         selLo = fragSelector(t >> 1);
         selHi = fragSelector(2 + (t >> 1));
-        magic = inRegister(Elem<Op>::kMAGIC_FRAG);
+        magic = magicFrag;
     }
     __device__ __forceinline__ void run(uint32_t (&af)[4][4], char const* sw, int rowLo, int rowHi) const
     {
@@ -153,10 +154,10 @@ template <>
 struct WsDecode<E4m3>
 {
     uint32_t sel, lut;
-    __device__ __forceinline__ void init(int t)
+    __device__ __forceinline__ void init(int t, uint32_t)
     {
         sel = quadSelector(t);
-        lut = inRegister(kE4M3_LUT);
+        lut = kE4M3_LUT;
     }
     //! k32 step kk: a0 / a2 = columns 4t .. of words 2kk / 2kk + 1 of row lo, a1 / a3 of row hi.
     __device__ __forceinline__ void run(uint32_t (&af)[4][4], char const* sw, int rowLo, int rowHi) const
@@ -213,7 +214,7 @@ __device__ __forceinline__ void wsConsume(
     int const rowLo = a.ep.swiglu ? unit * 8 + g : unit * 16 + g;
     int const rowHi = a.ep.swiglu ? 64 + unit * 8 + g : unit * 16 + g + 8;
     WsDecode<Op> decode;
-    decode.init(t);
+    decode.init(t, a.magicFrag);
 
     float acc[Tile::kACC];
     uint32_t af0[4][4];
@@ -541,6 +542,7 @@ cudaError_t launchWgmma(LaunchContext const& ctx, cudaStream_t stream)
     a.ep = makeEpilogue(p);
     a.m = p.m;
     a.n = p.n;
+    a.magicFrag = decodeMagics(p).frag;
     a.featTiles = a.ep.swiglu ? (a.ep.halfRows + kWS_ROWS / 2 - 1) / (kWS_ROWS / 2) : (p.n + kWS_ROWS - 1) / kWS_ROWS;
     bool const fp8 = p.actQuant == ActQuant::kFP8E4M3;
     int const kTiles = (p.k + (fp8 ? 127 : 63)) / (fp8 ? 128 : 64);

@@ -50,6 +50,7 @@ struct W2Args
     int32_t k;
     int32_t kw;
     int32_t halfRows;
+    uint32_t magicFrag;
     bool swiglu;
     bool vecW;
 };
@@ -295,7 +296,7 @@ __global__ void __launch_bounds__(kW2_THREADS, W2Tile<MW, NB>::kMIN_BLOCKS) w2Ke
     uint32_t const shift = 4u * (t & 1);
     uint32_t const selLo = fragSelector(t >> 1);
     uint32_t const selHi = fragSelector(2 + (t >> 1));
-    uint32_t const magic = inRegister(Elem<T>::kMAGIC_FRAG);
+    uint32_t const magic = a.magicFrag;
 
     // One k tile: wait for its stage, refill the stage tile kt - 2 used, decode + issue, then
     // retire tile kt - 1 (wait_group 1) so its A registers and stage become free.
@@ -493,6 +494,7 @@ cudaError_t launchWgmma2(LaunchContext const& ctx, cudaStream_t stream)
     a.kw = p.k / 16;
     a.halfRows = p.n / 2;
     a.swiglu = a.ep.swiglu;
+    a.magicFrag = decodeMagics(p).frag;
     a.vecW = ctx.vecW;
 
     // Weight rows per CTA tile are the same with SwiGLU (it halves rows and output columns alike).

@@ -20,6 +20,7 @@ Writes <out>/w2a8-accuracy-<device>-<date>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import sys
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from terdit import kernels  # noqa: E402
-from terdit.accel import to_w2a8_  # noqa: E402
+from terdit.accel import W2A8Linear  # noqa: E402
 from terdit.fused import FusedTerDiT  # noqa: E402
 from terdit.ternary import pack_k16, ternary_linear_ref  # noqa: E402
 
@@ -81,10 +82,16 @@ def demo_errors(device: str, num_samples: int, fid: bool) -> list[dict]:
     sc = ev.SampleConfig(num_samples=num_samples, batch_size=min(250, num_samples))
     images = {}
     for mode in ("weight-only", "w2a8"):
-        fused = FusedTerDiT(model)
+        # The sampler needs TerDiT.forward_with_cfg, so the unfused model's token GEMMs are swapped
+        # (q, k, v and w1, w3 quantize the same input: the same values the fused layers see).
+        m = copy.deepcopy(model)
         if mode == "w2a8":
-            to_w2a8_(fused)
-        images[mode], labels = ev.generate(fused, sc)  # uint8 (N, H, W, C), same seeds
+            for block in m.layers:
+                for parent, names in ((block.attention, ("wq", "wk", "wv", "wo")),
+                                      (block.feed_forward, ("w1", "w2", "w3"))):
+                    for name in names:
+                        setattr(parent, name, W2A8Linear(getattr(parent, name)))
+        images[mode], labels = ev.generate(m, sc)  # uint8 (N, H, W, C), same seeds
     mx, mean = rel(images["w2a8"].float(), images["weight-only"].float())
     row = {"part": "demo-ddim50", "model": "TerDiT-demo", "samples": num_samples, "max_rel": mx,
            "mean_rel": mean}

@@ -8,7 +8,8 @@
 #
 # Stages (a failing stage does not stop the next one; each gets min(its own limit, what is left
 # of TERDIT_GPU_BUDGET_S, default 470 s, minus a reserve for the later stages)):
-#   1. environment, and the carried libterdit_kernels.so loads (else it is rebuilt there, 16 cores)
+#   1. environment, and the carried libterdit_kernels.so loads (else it is rebuilt there, 16 cores);
+#      a smoke test of every kernel path on one shape (90 s at most)
 #   2. kernel GPU tests        tests/test_kernels_gpu.py (every path incl. W1.58A8 vs the reference)
 #   3. fast-backend GPU tests  tests/test_accel_gpu.py (weight-only and W1.58A8 models)
 #   4. bench/kernels.py        per layer: ours bf16, ours W1.58A8, cuBLAS bf16, cuBLASLt FP8, wgmma2
@@ -42,6 +43,39 @@ if ! python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$lib" >>"$log" 2
 fi
 export TERDIT_KERNELS_LIB=$(realpath "$lib")
 pytest_args="-q -rs --tb=short -p no:cacheprovider -p no:logging -m gpu --timeout 120"
+
+stage "smoke: every path once (a hang or a wrong result shows here in seconds)"
+timeout 90 python3 - <<'PY' 2>&1 | tee -a "$log"
+import torch
+from terdit import kernels
+from terdit.ternary import pack_k16
+kernels.load()
+g = torch.Generator(device="cuda").manual_seed(0)
+for path, w2a8, m, n, k in [("skinny", False, 7, 256, 512), ("tc", False, 300, 256, 512),
+                            ("wgmma", False, 300, 256, 512), ("wgmma", False, 1000, 384, 1024),
+                            ("wgmma2", False, 300, 256, 512), ("generic", False, 33, 96, 80),
+                            ("wgmma", True, 300, 256, 512), ("tc", True, 300, 256, 512),
+                            ("generic", True, 33, 96, 80)]:
+    t = torch.randint(-1, 2, (n, k), generator=g, device="cuda")
+    w, scale = pack_k16(t), torch.rand(n, generator=g, device="cuda") + 0.5
+    x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    try:
+        with kernels.force_path(path):
+            if w2a8:
+                xq, xs = torch.ops.terdit.quantize_rows_e4m3(x)
+                kernels.matmul_e4m3_into(out, xq, xs, w, scale)
+                ref = (xq.double() @ t.double().t()) * xs.double()[:, None] * scale.double()
+            else:
+                kernels.matmul_into(out, x, w, scale)
+                ref = (x.double() @ t.double().t()) * scale.double()
+        torch.cuda.synchronize()
+        err = float((out.double() - ref).norm() / ref.norm())
+        print(f"smoke {path:8s} {'W1.58A8' if w2a8 else 'bf16':8s} M={m} N={n} K={k}: rel err {err:.1e} "
+              f"{'ok' if err < 1e-2 else 'WRONG'}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"smoke {path} {'W1.58A8' if w2a8 else 'bf16'}: FAILED {type(e).__name__}: {e}", flush=True)
+PY
 
 stage "GPU tests: kernels"
 timeout "$(limit 150 270)" python3 -m pytest $pytest_args tests/test_kernels_gpu.py 2>&1 | tail -45 | tee -a "$log"

@@ -226,9 +226,14 @@ def reference_w2a8(xq, xs, t, scale, bias=None, *, swiglu=False):
     if bias is not None:
         a = a + bias.double()
     if fp8_capable():
-        lowp = torch._scaled_mm(xq, t.to(torch.float8_e4m3fn).t(), scale_a=xs[:, None].float(),
+        # cuBLASLt wants M in multiples of 16 here: zero rows (scale 1) pad it.
+        m = xq.shape[0]
+        pad = (-m) % 16
+        xq_p = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])]) if pad else xq
+        xs_p = torch.cat([xs, xs.new_ones(pad)]) if pad else xs
+        lowp = torch._scaled_mm(xq_p, t.to(torch.float8_e4m3fn).t(), scale_a=xs_p[:, None].float(),
                                 scale_b=scale[None, :].float(), out_dtype=torch.bfloat16,
-                                use_fast_accum=True).float()
+                                use_fast_accum=True).float()[:m]
         if bias is not None:
             lowp = lowp + bias
     else:

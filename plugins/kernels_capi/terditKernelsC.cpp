@@ -47,7 +47,7 @@ TERDIT_C_API int terditTernaryMatmulEx(void const* x, int32_t const* w, float co
     return static_cast<int>(terdit::launchTernaryMatmul(p, static_cast<cudaStream_t>(stream)));
 }
 
-//! Same with the automatic kernel choice (TERDIT_KERNEL_PATH may still force one).
+//! Same with the automatic kernel choice.
 TERDIT_C_API int terditTernaryMatmul(void const* x, int32_t const* w, float const* scale, float const* bias,
     void* y, int64_t m, int32_t n, int32_t k, int32_t dtype, int32_t epilogue, void* stream)
 {

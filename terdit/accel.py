@@ -4,8 +4,9 @@ through SDPA's flash kernel), and the whole forward captured in one CUDA graph p
 
 W1.58A8 mode (`w2a8=True`): the token GEMMs (qkv, wo, w1|w3, w2) quantize their input per token
 to float8 e4m3 (terdit.kernels.quantize_rows_e4m3_ref: pure torch ops, so inside the compiled
-block inductor fuses the quantization into RMSNorm + modulate for qkv and w1|w3, and into one
-kernel for the inputs of wo and w2) and multiply those bytes by the 2-bit codes on FP8 tensor
+block inductor fuses the quantization into RMSNorm + modulate for qkv and w1|w3 (one kernel on
+CPU inductor, torch 2.13; compiled and eager quantization agree bit for bit), and into one kernel
+for the inputs of wo and w2) and multiply those bytes by the 2-bit codes on FP8 tensor
 cores (`terdit::ternary_matmul_e4m3`; the codes are decoded to e4m3 in registers, exact for
 -1, 0, +1), with the token scale and the per-channel ternary scale in the GEMM epilogue. The
 weights stay 2-bit codes on the GPU: no e4m3 weight copy. The small-M adaLN GEMM stays weight-only.

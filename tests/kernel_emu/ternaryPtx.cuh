@@ -503,7 +503,7 @@ inline void setMaxRegisters()
 // transaction count is back to zero. Bulk tensor copies are recorded at issue and land (copy,
 // then complete_tx of their bytes) when some thread waits on their barrier, so a kernel that
 // reads a stage without waiting on its barrier reads poison; a copy nobody waits for fails the
-// kernel at exit. A wait that never completes fails after 20 s (a deadlock in the protocol).
+// kernel at exit. A wait that never completes fails after 60 s (a deadlock in the protocol).
 
 namespace detail
 {
@@ -663,12 +663,18 @@ inline bool mbarTryWait(uint32_t bar, uint32_t parity)
 
 inline void mbarWait(uint32_t bar, uint32_t parity)
 {
+    // Back off after a few polls: hundreds of waiting threads that only yield would starve the
+    // one producer thread that can complete the phase (the CPU has a few cores, not an SM).
     auto const start = std::chrono::steady_clock::now();
-    while (!mbarTryWait(bar, parity))
+    for (int polls = 0; !mbarTryWait(bar, parity); ++polls)
     {
-        if (std::chrono::steady_clock::now() - start > std::chrono::seconds(20))
+        if (polls >= 16)
         {
-            emu::fail("mbarrier wait did not complete in 20 s (deadlock in the pipeline protocol)");
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+        if (std::chrono::steady_clock::now() - start > std::chrono::seconds(60))
+        {
+            emu::fail("mbarrier wait did not complete in 60 s (deadlock in the pipeline protocol)");
         }
     }
 }

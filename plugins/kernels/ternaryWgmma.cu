@@ -471,7 +471,7 @@ cudaError_t launchWsT(LaunchContext const& ctx, WsArgs a, cudaStream_t stream)
         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (res != CUDA_SUCCESS)
     {
-        return cudaErrorInvalidValue;
+        return launchTensorCore(ctx, stream); // a driver that refuses the map: the mma.sync kernel
     }
     // W: bytes [N, K / 4]; boxes of kW_BYTES x 128 rows, or with SwiGLU [2][H][K / 4] boxes of
     // kW_BYTES x 64 rows x both halves (gate rows, then the matching up rows).
@@ -498,7 +498,7 @@ cudaError_t launchWsT(LaunchContext const& ctx, WsArgs a, cudaStream_t stream)
     }
     if (res != CUDA_SUCCESS)
     {
-        return cudaErrorInvalidValue;
+        return launchTensorCore(ctx, stream);
     }
     cudaError_t err = configureSmem<wsKernel<Op, TOK>>(Tile::kSMEM_BYTES);
     if (err != cudaSuccess)

@@ -4,17 +4,19 @@
 
 For TerDiT-600M and 4.2B shapes (random weights in the official layout), 256x256 (32x32 latents),
 1 and 8 images with classifier-free guidance (batch 2 and 16), it times in one run:
-  ours            fused TernaryMatMul kernels + compiled blocks + CUDA graph (bf16)
-  ours-wgmma2     the same with the pipelined sm_90a wgmma2 kernel for the token GEMMs (Hopper)
-  ours-v2         wgmma2 for the token GEMMs and skinny2 (cp.async weight ring) for small M
-  ours-fp8        the same with FP8 activations on the token GEMMs (W1.58A8)
-  ours-fp8-fast   ours-fp8 with cuBLASLt's fast FP8 accumulation
+  ours            fused TernaryMatMul kernels + compiled blocks + CUDA graph (bf16, weight-only)
+  ours-w2a8       the same with W1.58A8 token GEMMs: per-token e4m3 activations x the 2-bit
+                  codes on FP8 tensor cores (terdit.accel w2a8=True; weights stay 2-bit)
+  ours-fp8-e4m3w  comparison: the same quantization, cuBLASLt FP8 on an e4m3 weight copy
+                  (w2a8_gemm="cublaslt", fast accumulation; one byte per weight)
   bf16-eager      dense bf16 DiT, eager PyTorch
   bf16-compiled   dense bf16 DiT, torch.compile'd blocks + CUDA graph (the strongest peer)
   official        the official deployment: unpack 2-bit HQQ codes to float, then F.linear
-Reports ms per forward (median, triton do_bench), ms per DDIM-50 sample (runtime pipeline with the
-numpy scheduler), images/s, weight memory and peak memory; JSON + markdown + a bar chart under
-bench/results/. FP8 accuracy: output and DDIM-50 final-latent error vs the weight-only path.
+Each row: model, images, path, ms_per_forward (median, triton do_bench), weight_gib, peak_gib,
+and ms per DDIM-50 sample (runtime pipeline, numpy scheduler) and images/s. W1.58A8 accuracy rows:
+output and DDIM-50 final-latent max / mean relative error vs the weight-only path (same weights,
+same noise). The markdown ends with the issue-11 targets, met or missed. JSON + markdown + a bar
+chart in --out (default bench/results/).
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import sys
 import time
 import traceback
@@ -59,11 +60,14 @@ def model_config(label: str) -> TerDiTConfig:
     if DRY["on"]:
         return TerDiTConfig.from_name("TerDiT-tiny", num_classes=1000)
     return TerDiTConfig.from_name(MODELS[label])
-PATHS = ("ours", "ours-wgmma2", "ours-v2", "ours-fp8", "ours-fp8-fast", "bf16-eager",
-         "bf16-compiled", "official")
-# kernel choices (read by the launcher at each launch, so baked into each captured CUDA graph)
-KERNEL_ENV = {"ours-wgmma2": {"TERDIT_LARGE_M_KERNEL": "wgmma2"},
-              "ours-v2": {"TERDIT_LARGE_M_KERNEL": "wgmma2", "TERDIT_SMALL_M_KERNEL": "skinny2"}}
+PATHS = ("ours", "ours-w2a8", "ours-fp8-e4m3w", "bf16-eager", "bf16-compiled", "official")
+# W1.58A8 variants: AcceleratedTerDiT keyword arguments
+W2A8_PATHS = {"ours-w2a8": {"w2a8": True},
+              "ours-fp8-e4m3w": {"w2a8": True, "w2a8_gemm": "cublaslt", "fp8_fast_accum": True}}
+# Issue 11 targets: (model, images, path, max ratio of its ms_per_forward to bf16-compiled's)
+TARGETS = [("4.2B", 1, "ours-w2a8", 0.60), ("4.2B", 1, "ours", 0.93),
+           ("4.2B", 8, "ours-w2a8", 0.55), ("4.2B", 8, "ours", 0.90),
+           ("600M", 1, "ours-w2a8", 0.75)]
 
 
 # ---- model builders ---------------------------------------------------------------------------
@@ -288,32 +292,21 @@ def run_model(label: str, images_list, quick: bool, paths, log) -> list[dict]:
     wb = module_bytes(ours_model)
     for n in images_list:
         add("ours", n, ours, wb)
-    hopper = not DRY["on"] and torch.cuda.get_device_capability()[0] == 9
-    for name, env in KERNEL_ENV.items():
-        if name not in paths or not hopper:
-            continue
-        # the same weights, other kernels for the GEMMs (captured with them)
-        os.environ.update(env)
-        try:
-            variant = AcceleratedTerDiT(FusedTerDiT(packed).to(torch.bfloat16), compile=True,
-                                        cuda_graphs=True)
-            for n in images_list:
-                add(name, n, variant, wb)
-            del variant
-        finally:
-            for key in env:
-                os.environ.pop(key, None)
-    for name, fast in (("ours-fp8", False), ("ours-fp8-fast", True)):
+    fp8_ok = DRY["on"] or torch.cuda.get_device_capability() >= (8, 9)
+    for name, kwargs in W2A8_PATHS.items():
         if name not in paths:
             continue
+        if not fp8_ok:
+            rows.append({"model": label, "path": name, "error": "needs FP8 tensor cores (sm_89+)"})
+            continue
         try:
-            fp8_model = FusedTerDiT(random_packed(cfg)).to(torch.bfloat16)
-            fp8 = AcceleratedTerDiT(fp8_model, compile=True, cuda_graphs=graphs, fp8=True,
-                                    fp8_fast_accum=fast, compile_backend=backend)
-            wb8 = module_bytes(fp8_model)
+            w2a8_model = FusedTerDiT(random_packed(cfg)).to(torch.bfloat16)  # same codes (seed 0)
+            fast = AcceleratedTerDiT(w2a8_model, compile=True, cuda_graphs=graphs,
+                                     compile_backend=backend, **kwargs)
+            wb8 = module_bytes(fast.model)
             for n in images_list:
-                add(name, n, fp8, wb8)
-            del fp8, fp8_model
+                add(name, n, fast, wb8)
+            del fast, w2a8_model
         except Exception as err:  # noqa: BLE001
             rows.append({"model": label, "path": name, "error": f"{type(err).__name__}: {err}"})
             traceback.print_exc()
@@ -338,19 +331,37 @@ def run_model(label: str, images_list, quick: bool, paths, log) -> list[dict]:
     gc.collect()
     if not DRY["on"]:
         torch.cuda.empty_cache()
-    # FP8 accuracy vs the weight-only path (same random codes: seed 0 in random_packed)
+    # W1.58A8 accuracy vs the weight-only path (same random codes: seed 0 in random_packed)
     for n in images_list:
-        for name in ("ours-fp8", "ours-fp8-fast"):
+        for name in W2A8_PATHS:
             if ("ours", n) not in results or (name, n) not in results:
                 continue
             (o1, l1), (o2, l2) = results[("ours", n)], results[(name, n)]
             rel = (o2.float() - o1.float()).abs() / o1.float().abs().max()
             lat_rel = np.abs(l2 - l1) / np.abs(l1).max()
-            rows.append({"model": label, "path": "fp8-accuracy", "mode": name, "images": n,
+            rows.append({"model": label, "path": "w2a8-accuracy", "mode": name, "images": n,
                          "output_max_rel": float(rel.max()), "output_mean_rel": float(rel.mean()),
                          "ddim50_latent_max_rel": float(lat_rel.max()),
                          "ddim50_latent_mean_rel": float(lat_rel.mean())})
     return rows
+
+
+def targets_markdown(rows) -> list[str]:
+    """The issue-11 speed targets against this run's bf16-compiled rows, met or missed."""
+    ms = {(r["model"], r["images"], r["path"]): r["ms_per_forward"] for r in rows
+          if "ms_per_forward" in r}
+    lines = ["", "Targets (ratio of ms per forward to bf16-compiled, same run):", "",
+             "| model | images | path | ms | bf16-compiled ms | ratio | target | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, images, path, limit in TARGETS:
+        ours, peer = ms.get((model, images, path)), ms.get((model, images, "bf16-compiled"))
+        if ours is None or peer is None:
+            lines.append(f"| {model} | {images} | {path} | - | - | - | <= {limit:.2f} | not run |")
+            continue
+        ratio = ours / peer
+        lines.append(f"| {model} | {images} | {path} | {ours:.2f} | {peer:.2f} | {ratio:.2f} | "
+                     f"<= {limit:.2f} | {'yes' if ratio <= limit else 'no'} |")
+    return lines
 
 
 def write_results(rows, out_dir: Path, meta: dict) -> Path:
@@ -370,14 +381,15 @@ def write_results(rows, out_dir: Path, meta: dict) -> Path:
                          f"{r['weight_gib']:.2f} | {r['peak_gib']:.2f} |")
         elif "error" in r:
             lines.append(f"| {r['model']} | {r['path']} | {r.get('images', '')} | failed: {r['error'][:80]} | | | | |")
-    acc = [r for r in rows if r.get("path") == "fp8-accuracy"]
+    acc = [r for r in rows if r.get("path") == "w2a8-accuracy"]
     if acc:
-        lines += ["", "FP8 mode vs weight-only (same weights and noise):", "",
+        lines += ["", "W1.58A8 vs weight-only (same weights and noise):", "",
                   "| model | mode | images | output max rel | output mean rel | DDIM-50 latents max rel | mean rel |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r.get('mode', 'ours-fp8')} | {r['images']} | {r['output_max_rel']:.2e} | "
+        lines += [f"| {r['model']} | {r.get('mode', 'ours-w2a8')} | {r['images']} | {r['output_max_rel']:.2e} | "
                   f"{r['output_mean_rel']:.2e} | {r['ddim50_latent_max_rel']:.2e} | "
                   f"{r['ddim50_latent_mean_rel']:.2e} |" for r in acc]
+    lines += targets_markdown(rows)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

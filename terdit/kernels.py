@@ -1,13 +1,21 @@
-"""CUDA kernels for `terdit::ternary_matmul` and `terdit::ternary_matmul_swiglu`.
+"""CUDA kernels for the TernaryMatMul ops, and the W1.58A8 ops with their CPU definition.
 
 `load()` finds (or builds) `libterdit_kernels.so` (plugins/kernels), loads it with ctypes and
-registers its CUDA implementations for both ops; CPU tensors keep the reference implementation.
+registers its CUDA implementations of `terdit::ternary_matmul`, `terdit::ternary_matmul_swiglu`
+(defined in terdit.ternary), `terdit::ternary_matmul_e4m3`, `terdit::ternary_matmul_e4m3_swiglu`
+and `terdit::quantize_rows_e4m3` (defined here); CPU tensors keep the reference implementations.
 The library is plain C ABI + static cudart, so one build made with nvcc on a machine without a GPU
 runs under any torch with a CUDA 13 driver (no torch C++ extension, no version coupling).
 
+W1.58A8 (weights 1.58 bits, activations 8 bits): `quantize_rows_e4m3_ref(x)` quantizes each token
+to float8 e4m3 with the scale amax / 448; `ternary_matmul_e4m3(xq, x_scale, w, scale, bias,
+out_dtype)` multiplies those bytes by the 2-bit codes (exact in e4m3) with fp32 sums and applies
+x_scale[m] * scale[n] + bias[n]. Their CPU implementations are the definition the CUDA kernels are
+tested against (and an emulation for accuracy studies on any machine).
+
 Importing this module makes no CUDA call. Kernel choice: see plugins/kernels/README.md;
-`force_path("skinny" | "skinny2" | "tc" | "generic" | "wgmma" | "wgmma2")` pins one kernel family
-(tests, benchmarks).
+`force_path("skinny" | "tc" | "generic" | "wgmma" | "wgmma2")` pins one kernel family (tests,
+benchmarks).
 """
 from __future__ import annotations
 
@@ -23,20 +31,27 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
-from terdit import ternary as _ternary  # noqa: F401  (defines the ops we register kernels for)
+from terdit import ternary as _ternary  # defines the ternary_matmul ops we register kernels for
+from terdit.ternary import unpack_k16
 
 LIB_NAME = "libterdit_kernels.so"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SOURCE_DIR = REPO_ROOT / "plugins" / "kernels"
-C_API_SOURCE = REPO_ROOT / "plugins" / "torch" / "terditKernelsC.cpp"
+C_API_SOURCE = REPO_ROOT / "plugins" / "kernels_capi" / "terditKernelsC.cpp"
 DEFAULT_GENCODE = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
                    "-gencode=arch=compute_90,code=compute_90")
+# Per-file additions (plugins/kernels/CMakeLists.txt sets the same): the tc kernel's W1.58A8
+# variant is e4m3 mma.sync, which exists from sm_89.
+EXTRA_GENCODE = {"ternaryTensorCore.cu": ("-gencode=arch=compute_89,code=sm_89",)}
 C_SYMBOLS = ("terditTernaryMatmul", "terditTernaryMatmulEx", "terditCheck", "terditErrorString",
-             "terditKernelsAbiVersion")
-ABI_VERSION = 1
+             "terditKernelsAbiVersion", "terditTernaryMatmulE4m3", "terditCheckE4m3",
+             "terditQuantizeRowsE4m3")
+ABI_VERSION = 2
 
-PATHS = {"auto": 0, "skinny": 1, "tc": 2, "generic": 3, "wgmma": 4, "wgmma2": 5, "skinny2": 6}
+PATHS = {"auto": 0, "skinny": 1, "tc": 2, "generic": 3, "wgmma": 4, "wgmma2": 5}
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+E4M3_MAX = 448.0
+E4M3_MIN_AMAX = 1e-12
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -79,33 +94,55 @@ def find_nvcc() -> Optional[str]:
     return str(default) if default.exists() else None
 
 
-def nvcc_command(out: Path, gencode=DEFAULT_GENCODE, nvcc: Optional[str] = None) -> List[str]:
-    """One nvcc invocation that builds the shared library exactly as the CMake target does."""
+def nvcc_commands(out: Path, gencode=DEFAULT_GENCODE, nvcc: Optional[str] = None,
+                  obj_dir: Optional[Path] = None) -> List[List[str]]:
+    """The nvcc invocations that build the shared library as the CMake target does: one compile
+    per source (they can run in parallel) and the final link, last."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise KernelLibraryError("nvcc was not found (looked in $CUDA_HOME/bin, PATH and "
                                  "/usr/local/cuda/bin); install the CUDA toolkit or point "
                                  "TERDIT_KERNELS_LIB at a prebuilt libterdit_kernels.so")
-    sources = sorted(str(p) for p in KERNEL_SOURCE_DIR.glob("*.cu")) + [str(C_API_SOURCE)]
-    return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler=-fPIC,-fvisibility=hidden",
-            *gencode, "-cudart=static", f"-I{KERNEL_SOURCE_DIR}",
+    obj_dir = Path(obj_dir) if obj_dir is not None else Path(out).parent
+    common = [nvcc, "-O3", "-std=c++17", "-Xcompiler=-fPIC,-fvisibility=hidden", *gencode,
+              f"-I{KERNEL_SOURCE_DIR}"]
+    sources = sorted(KERNEL_SOURCE_DIR.glob("*.cu")) + [C_API_SOURCE]
+    compiles, objects = [], []
+    for src in sources:
+        obj = obj_dir / (src.stem + ".o")
+        objects.append(str(obj))
+        compiles.append([*common, *EXTRA_GENCODE.get(src.name, ()), "-c", str(src), "-o", str(obj)])
+    link = [nvcc, "-shared", *gencode, "-cudart=static",
             f"-Xlinker=--version-script={KERNEL_SOURCE_DIR / 'terditKernels.map'}",
             "-Xlinker=--no-undefined", "-Xcompiler=-static-libstdc++,-static-libgcc",
-            *sources, "-o", str(out)]
+            *objects, "-o", str(out)]
+    return [*compiles, link]
 
 
-def build_library(out_dir: Optional[Path] = None, gencode=DEFAULT_GENCODE) -> Path:
-    """Builds libterdit_kernels.so into `out_dir` (default: the user cache) with nvcc and
-    returns its path. Takes about a minute on two cores."""
+def build_library(out_dir: Optional[Path] = None, gencode=DEFAULT_GENCODE,
+                  jobs: Optional[int] = None) -> Path:
+    """Builds libterdit_kernels.so into `out_dir` (default: the user cache) with nvcc, `jobs`
+    sources at a time (default: the CPU count), and returns its path. About two and a half
+    minutes on two cores."""
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / LIB_NAME
     tmp = out_dir / (LIB_NAME + f".tmp{os.getpid()}")
-    cmd = nvcc_command(tmp, gencode)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise KernelLibraryError(f"building {LIB_NAME} failed (exit {proc.returncode}):\n"
-                                 f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    import concurrent.futures
+    import tempfile
+    with tempfile.TemporaryDirectory(dir=out_dir) as obj_dir:
+        *compiles, link = nvcc_commands(tmp, gencode, obj_dir=Path(obj_dir))
+
+        def run(cmd):
+            return cmd, subprocess.run(cmd, capture_output=True, text=True)
+
+        workers = jobs or os.cpu_count() or 2
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(run, compiles))
+        for cmd, proc in [*results, run(link)]:
+            if proc.returncode != 0:
+                raise KernelLibraryError(f"building {LIB_NAME} failed (exit {proc.returncode}):\n"
+                                         f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     os.replace(tmp, out)
     return out
 
@@ -122,6 +159,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.terditErrorString.restype = ctypes.c_char_p
     lib.terditKernelsAbiVersion.argtypes = []
     lib.terditKernelsAbiVersion.restype = ctypes.c_int
+    e4m3 = [vp, vp, vp, vp, vp, vp, i64, i32, i32, i32, i32, i32]
+    lib.terditTernaryMatmulE4m3.argtypes = [*e4m3, vp]
+    lib.terditTernaryMatmulE4m3.restype = ctypes.c_int
+    lib.terditCheckE4m3.argtypes = e4m3
+    lib.terditCheckE4m3.restype = ctypes.c_char_p
+    lib.terditQuantizeRowsE4m3.argtypes = [vp, i32, i64, i32, vp, vp, vp]
+    lib.terditQuantizeRowsE4m3.restype = ctypes.c_int
 
 
 def open_library(path: Path) -> ctypes.CDLL:
@@ -130,13 +174,17 @@ def open_library(path: Path) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise KernelLibraryError(f"cannot load {path}: {e}") from e
+    if not hasattr(lib, "terditKernelsAbiVersion"):
+        raise KernelLibraryError(f"{path} is not a TernaryMatMul kernel library; rebuild it "
+                                 f"from plugins/kernels")
+    lib.terditKernelsAbiVersion.restype = ctypes.c_int
+    if lib.terditKernelsAbiVersion() != ABI_VERSION:
+        raise KernelLibraryError(f"{path} has C ABI version {lib.terditKernelsAbiVersion()}, "
+                                 f"this module needs {ABI_VERSION}; rebuild it")
     missing = [s for s in C_SYMBOLS if not hasattr(lib, s)]
     if missing:
         raise KernelLibraryError(f"{path} lacks {missing}; rebuild it from plugins/kernels")
     _declare(lib)
-    if lib.terditKernelsAbiVersion() != ABI_VERSION:
-        raise KernelLibraryError(f"{path} has C ABI version {lib.terditKernelsAbiVersion()}, "
-                                 f"this module needs {ABI_VERSION}; rebuild it")
     return lib
 
 
@@ -165,6 +213,12 @@ def load(lib_path: Optional[os.PathLike] = None, build: bool = True) -> ctypes.C
         torch.library.register_kernel("terdit::ternary_matmul", "cuda", _ternary_matmul_cuda)
         torch.library.register_kernel("terdit::ternary_matmul_swiglu", "cuda",
                                       _ternary_matmul_swiglu_cuda)
+        torch.library.register_kernel("terdit::ternary_matmul_e4m3", "cuda",
+                                      _ternary_matmul_e4m3_cuda)
+        torch.library.register_kernel("terdit::ternary_matmul_e4m3_swiglu", "cuda",
+                                      _ternary_matmul_e4m3_swiglu_cuda)
+        torch.library.register_kernel("terdit::quantize_rows_e4m3", "cuda",
+                                      _quantize_rows_e4m3_cuda)
         _lib, _lib_path = lib, path
         return lib
 
@@ -187,9 +241,9 @@ def is_available() -> bool:
 
 @contextlib.contextmanager
 def force_path(name: str) -> Iterator[None]:
-    """Within the block, run every call on one kernel family: "auto", "skinny", "skinny2", "tc",
-    "generic", "wgmma" or "wgmma2" (float32 inputs always run "generic"; "wgmma" and "wgmma2" run
-    "tc" on GPUs other than sm_90)."""
+    """Within the block, run every call on one kernel family: "auto", "skinny", "tc", "generic",
+    "wgmma" or "wgmma2" (the launcher's rules still apply: float32 inputs run "generic", "wgmma*"
+    runs "tc" off sm_90, W1.58A8 runs on wgmma / tc / generic; plugins/kernels/README.md)."""
     global _forced_path
     if name not in PATHS:
         raise ValueError(f"kernel path {name!r} is not one of {sorted(PATHS)}")
@@ -202,18 +256,13 @@ def force_path(name: str) -> Iterator[None]:
 
 # ---- the CUDA implementations ------------------------------------------------------------------
 
-def _prepare(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor]):
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{op}: x has dtype {x.dtype}; the CUDA kernels take float32, float16 or "
-                        f"bfloat16")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least one dimension [..., K]")
-    k = x.shape[-1]
-    if k == 0:
-        raise ValueError(f"{op}: in_features K=0 is not supported by the CUDA kernels")
+def _prepare_weights(op: str, k: int, device: torch.device, w: Tensor, scale: Tensor,
+                     bias: Optional[Tensor]):
+    """Checks W / scale / bias against K and the activations' device; returns (scale, bias, N)
+    with scale and bias as contiguous float32."""
     for name, t in (("w", w), ("scale", scale), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move both to "
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}; move both to "
                              f"the same CUDA device")
     if k % 16:
         raise ValueError(f"{op}: in_features K={k} must be a multiple of 16 for the CUDA kernels; "
@@ -232,12 +281,24 @@ def _prepare(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor
         raise ValueError(f"{op}: scale must have shape ({n},), got {tuple(scale.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
-    # Activations are often views: compact them. scale / bias are N floats: cast if needed.
-    x = x.contiguous()
+    # scale / bias are N floats: cast if needed.
     scale = scale.to(torch.float32).contiguous()
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
-    return x, scale, bias, n, k
+    return scale, bias, n
+
+
+def _prepare(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor]):
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{op}: x has dtype {x.dtype}; the CUDA kernels take float32, float16 or "
+                        f"bfloat16")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension [..., K]")
+    k = x.shape[-1]
+    if k == 0:
+        raise ValueError(f"{op}: in_features K=0 is not supported by the CUDA kernels")
+    scale, bias, n = _prepare_weights(op, k, x.device, w, scale, bias)
+    return x.contiguous(), scale, bias, n, k  # activations are often views: compact them
 
 
 def _launch(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor], out: Tensor,
@@ -303,3 +364,192 @@ def _ternary_matmul_swiglu_cuda(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
     if m:
         _launch(op, x, w, scale, None, out, m, n, k, 1)
     return out
+
+
+# ---- W1.58A8: per-token e4m3 activations x 2-bit ternary weights -------------------------------
+
+def quantize_rows_e4m3_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The definition of the per-token quantization: s = max(amax |x|, 1e-12) / 448 per row,
+    xq = e4m3(x / s) (round to nearest even; |x / s| <= 448 by construction). Returns (xq as
+    float8_e4m3fn [..., K], s as float32 [...]). A NaN in a row makes its s and xq NaN. Pure
+    torch ops: inside torch.compile the quantization fuses into whatever produces x."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(E4M3_MIN_AMAX) / E4M3_MAX  # (..., 1)
+    return (xf / s).to(torch.float8_e4m3fn), s.squeeze(-1)
+
+
+def ternary_linear_e4m3_ref(xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                            bias: Optional[Tensor] = None,
+                            out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The definition of the W1.58A8 product: (xq @ T^T) with exact products and fp32 sums, times
+    x_scale[m] * scale[n], plus bias[n], in out_dtype."""
+    k, n = xq.shape[-1], w.shape[0]
+    xf = xq.float()
+    rows = max(1, (1 << 24) // max(k, 1))  # unpack at most ~16M weights at a time
+    acc = torch.cat([xf @ unpack_k16(w[i:i + rows], k, torch.float32).t()
+                     for i in range(0, n, rows)], dim=-1)                # (..., N) fp32
+    y = acc * x_scale.float().unsqueeze(-1) * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def _e4m3_swiglu_ref(xq, x_scale, w, scale, out_dtype):
+    a = ternary_linear_e4m3_ref(xq, x_scale, w, scale, None, torch.float32)
+    h = a.shape[-1] // 2
+    return (torch.nn.functional.silu(a[..., :h]) * a[..., h:]).to(out_dtype)
+
+
+def _check_e4m3_args(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                     bias: Optional[Tensor], out_dtype: torch.dtype) -> None:
+    if xq.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"{op}: xq has dtype {xq.dtype}; quantize X with quantize_rows_e4m3 "
+                        f"(float8_e4m3fn)")
+    if out_dtype not in _DTYPES:
+        raise TypeError(f"{op}: out_dtype={out_dtype} is not float32, float16 or bfloat16")
+    if tuple(x_scale.shape) != tuple(xq.shape[:-1]):
+        raise ValueError(f"{op}: x_scale must have shape {tuple(xq.shape[:-1])} (one scale per "
+                         f"token), got {tuple(x_scale.shape)}")
+    _ternary._check_op_args(xq, w, scale, bias)
+
+
+@torch.library.custom_op("terdit::quantize_rows_e4m3", mutates_args=())
+def quantize_rows_e4m3(x: Tensor) -> tuple[Tensor, Tensor]:
+    """terdit::quantize_rows_e4m3: quantize_rows_e4m3_ref; `load()` registers the CUDA kernel
+    (launchQuantizeRowsE4m3) for CUDA tensors."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"quantize_rows_e4m3: x has dtype {x.dtype}; float32, float16 or bfloat16")
+    xq, s = quantize_rows_e4m3_ref(x)
+    return xq, s
+
+
+@quantize_rows_e4m3.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1],
+                                                                       dtype=torch.float32)
+
+
+@torch.library.custom_op("terdit::ternary_matmul_e4m3", mutates_args=())
+def ternary_matmul_e4m3(xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                        bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """terdit::ternary_matmul_e4m3 (W1.58A8): ternary_linear_e4m3_ref; `load()` registers the CUDA
+    kernels (FP8 tensor cores on sm_89+) for CUDA tensors."""
+    _check_e4m3_args("ternary_matmul_e4m3", xq, x_scale, w, scale, bias, out_dtype)
+    return ternary_linear_e4m3_ref(xq, x_scale, w, scale, bias, out_dtype)
+
+
+@ternary_matmul_e4m3.register_fake
+def _(xq, x_scale, w, scale, bias, out_dtype):
+    return xq.new_empty(*xq.shape[:-1], w.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("terdit::ternary_matmul_e4m3_swiglu", mutates_args=())
+def ternary_matmul_e4m3_swiglu(xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                               out_dtype: torch.dtype) -> Tensor:
+    """SwiGLU over a fused w1|w3 W1.58A8 product (the kernels fuse the gate in the epilogue)."""
+    _check_e4m3_args("ternary_matmul_e4m3_swiglu", xq, x_scale, w, scale, None, out_dtype)
+    if w.shape[0] % 2:
+        raise ValueError(f"ternary_matmul_e4m3_swiglu: N={w.shape[0]} must be even (w1|w3)")
+    return _e4m3_swiglu_ref(xq, x_scale, w, scale, out_dtype)
+
+
+@ternary_matmul_e4m3_swiglu.register_fake
+def _(xq, x_scale, w, scale, out_dtype):
+    return xq.new_empty(*xq.shape[:-1], w.shape[0] // 2, dtype=out_dtype)
+
+
+def _launch_e4m3(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                 bias: Optional[Tensor], out: Tensor, m: int, n: int, k: int,
+                 epilogue: int) -> None:
+    lib = _lib
+    assert lib is not None, "load() registers these implementations"
+    with torch.cuda.device(xq.device):
+        stream = torch.cuda.current_stream(xq.device).cuda_stream
+        args = (xq.data_ptr(), x_scale.data_ptr(), w.data_ptr(), scale.data_ptr(),
+                None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
+                _DTYPES[out.dtype], epilogue, _forced_path)
+        rc = lib.terditTernaryMatmulE4m3(*args, stream)
+    if rc != 0:
+        reason = lib.terditCheckE4m3(*args)
+        detail = f": {reason.decode()}" if reason else ""
+        raise RuntimeError(f"{op}: CUDA kernel failed with {lib.terditErrorString(rc).decode()} "
+                           f"(cudaError {rc}){detail}")
+
+
+def _prepare_e4m3(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                  bias: Optional[Tensor], out_dtype: torch.dtype):
+    _check_e4m3_args(op, xq, x_scale, w, scale, bias, out_dtype)
+    if x_scale.device != xq.device:
+        raise ValueError(f"{op}: x_scale is on {x_scale.device} but xq is on {xq.device}")
+    k = xq.shape[-1]
+    scale, bias, n = _prepare_weights(op, k, xq.device, w, scale, bias)
+    return xq.contiguous(), x_scale.to(torch.float32).contiguous(), scale, bias, n, k
+
+
+def matmul_e4m3_into(out: Tensor, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                     bias: Optional[Tensor] = None, *, swiglu: bool = False) -> Tensor:
+    """Writes the W1.58A8 product (or its SwiGLU) of e4m3 activations xq [..., K] with per-token
+    scales x_scale [...] into the preallocated CUDA tensor `out` (its dtype is the output type)
+    and returns it. For CUDA graphs, benchmarks and tests; needs `load()` first."""
+    if _lib is None:
+        raise KernelLibraryError("call terdit.kernels.load() before matmul_e4m3_into()")
+    op = "matmul_e4m3_into"
+    xq, x_scale, scale, bias, n, k = _prepare_e4m3(op, xq, x_scale, w, scale, bias, out.dtype)
+    if swiglu and n % 32:
+        raise ValueError(f"{op}: N={n} must be a multiple of 32 for the SwiGLU epilogue")
+    expected = (*xq.shape[:-1], n // 2 if swiglu else n)
+    if tuple(out.shape) != expected or out.device != xq.device or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous {expected} on {xq.device}, got "
+                         f"{tuple(out.shape)} on {out.device}")
+    m = xq.numel() // k
+    if m:
+        _launch_e4m3(op, xq, x_scale, w, scale, bias, out, m, n, k, 1 if swiglu else 0)
+    return out
+
+
+def _ternary_matmul_e4m3_cuda(xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                              bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    op = "ternary_matmul_e4m3"
+    xq, x_scale, scale, bias, n, k = _prepare_e4m3(op, xq, x_scale, w, scale, bias, out_dtype)
+    out = torch.empty(*xq.shape[:-1], n, dtype=out_dtype, device=xq.device)
+    m = xq.numel() // k
+    if m:
+        _launch_e4m3(op, xq, x_scale, w, scale, bias, out, m, n, k, 0)
+    return out
+
+
+def _ternary_matmul_e4m3_swiglu_cuda(xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
+                                     out_dtype: torch.dtype) -> Tensor:
+    op = "ternary_matmul_e4m3_swiglu"
+    xq, x_scale, scale, _, n, k = _prepare_e4m3(op, xq, x_scale, w, scale, None, out_dtype)
+    if n % 32:
+        raise ValueError(f"{op}: N={n} must be a multiple of 32 (w1|w3 halves of a multiple of 16 "
+                         f"each) for the CUDA kernels")
+    out = torch.empty(*xq.shape[:-1], n // 2, dtype=out_dtype, device=xq.device)
+    m = xq.numel() // k
+    if m:
+        _launch_e4m3(op, xq, x_scale, w, scale, None, out, m, n, k, 1)
+    return out
+
+
+def _quantize_rows_e4m3_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
+    lib = _lib
+    assert lib is not None, "load() registers these implementations"
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"quantize_rows_e4m3: x has dtype {x.dtype}; float32, float16 or bfloat16")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError("quantize_rows_e4m3: x must be [..., K] with K > 0")
+    x = x.contiguous()
+    k = x.shape[-1]
+    m = x.numel() // k
+    xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if m:
+        with torch.cuda.device(x.device):
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+            rc = lib.terditQuantizeRowsE4m3(x.data_ptr(), _DTYPES[x.dtype], m, k, xq.data_ptr(),
+                                            s.data_ptr(), stream)
+        if rc != 0:
+            raise RuntimeError(f"quantize_rows_e4m3: CUDA kernel failed with "
+                               f"{lib.terditErrorString(rc).decode()} (cudaError {rc})")
+    return xq, s

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from terdit import TerDiTConfig, pack_model_
-from terdit.accel import AcceleratedTerDiT, Fp8Linear, output_error
+from terdit import kernels
+from terdit.accel import AcceleratedTerDiT, Fp8Linear, W2A8Linear, output_error
 from terdit.fused import FusedTerDiT
 from tests.helpers import random_model
 
@@ -39,13 +40,55 @@ def test_fp8_linear_matches_its_definition():
     assert output_error(f8(x), layer(x)) < 0.1  # e4m3 keeps ~3 significant bits per token value
 
 
-def test_fp8_mode_runs_the_whole_model():
+def test_cublaslt_comparison_mode_runs_the_whole_model():
     x, t, y = _inputs()
     with torch.no_grad():
         ref = _fused()(x, t, y)
-    fast = AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, fp8=True)
+    fast = AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, w2a8=True,
+                             w2a8_gemm="cublaslt")
     assert all(isinstance(b.qkv, Fp8Linear) and isinstance(b.w13, Fp8Linear) for b in fast.model.layers)
     assert output_error(fast(x, t, y), ref) < 0.1
+
+
+def test_w2a8_linear_is_the_emulated_definition_on_the_2bit_codes():
+    layer = _fused().layers[0].qkv
+    lin = W2A8Linear(layer)
+    assert lin.codes.data_ptr() == layer.codes.data_ptr()  # no weight copy
+    assert not any(b.dtype == torch.float8_e4m3fn for b in lin.buffers())
+    x = torch.randn(2, 5, layer.in_features)
+    xq, s = kernels.quantize_rows_e4m3_ref(x)
+    expect = kernels.ternary_linear_e4m3_ref(xq, s, layer.codes, layer.scale, layer.bias, x.dtype)
+    assert torch.equal(lin(x), expect)
+    assert output_error(lin(x), layer(x)) < 0.1  # e4m3 keeps ~3 significant bits per token value
+    w13 = _fused().layers[0].w13
+    xs = torch.randn(3, w13.in_features)
+    assert output_error(W2A8Linear(w13).swiglu(xs), w13.swiglu(xs)) < 0.1
+    # The cuBLASLt comparison layer uses the same quantization (same result up to fp32 sums).
+    assert output_error(Fp8Linear(layer)(x), expect) < 1e-2
+
+
+def test_w2a8_mode_runs_the_whole_model_and_fp8_is_its_deprecated_name():
+    x, t, y = _inputs()
+    with torch.no_grad():
+        ref = _fused()(x, t, y)
+    fast = AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, w2a8=True)
+    assert all(isinstance(b.qkv, W2A8Linear) and isinstance(b.w2, W2A8Linear)
+               for b in fast.model.layers)
+    out = fast(x, t, y)
+    assert 0 < output_error(out, ref) < 0.1
+    with pytest.warns(DeprecationWarning, match="w2a8=True"):
+        old = AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, fp8=True)
+    assert old.w2a8 and torch.equal(old(x, t, y), out)
+    with pytest.raises(ValueError, match="w2a8_gemm"):
+        AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, w2a8=True, w2a8_gemm="int8")
+
+
+def test_w2a8_blocks_compile_in_one_graph():
+    x, t, y = _inputs()
+    eager = AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, w2a8=True)
+    fast = AcceleratedTerDiT(_fused(), compile=True, cuda_graphs=False, w2a8=True,
+                             compile_backend="aot_eager")
+    assert output_error(fast(x, t, y), eager(x, t, y)) < 1e-5
 
 
 def test_cuda_graphs_need_cuda():

@@ -1,8 +1,9 @@
-"""CPU checks of the CUDA kernel library: it compiles (sm_80 + sm_90a SASS, compute_90 PTX for newer
-GPUs), exports only the C ABI, depends on glibc alone, rejects bad sizes without touching a GPU, and
-the torch binding validates its inputs before any CUDA call."""
+"""CPU checks of the CUDA kernel library: it compiles (sm_80, sm_89 for tc, sm_90a SASS, compute_90
+PTX for newer GPUs), exports only the C ABI, depends on glibc alone, rejects bad sizes without
+touching a GPU, and the torch binding validates its inputs before any CUDA call."""
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ def built_lib(tmp_path_factory):
     if kernels.find_nvcc() is None:
         pytest.skip("nvcc not found (CUDA toolkit absent): cannot compile the kernels")
     out_dir = tmp_path_factory.mktemp("terdit_kernels")
-    path = kernels.build_library(out_dir)  # DEFAULT_GENCODE; about 50 s on 2 cores
+    path = kernels.build_library(out_dir)  # every arch (SASS + PTX); 1-3 minutes on 2 cores
     return path
 
 
@@ -116,6 +117,7 @@ def test_size_rules_rejected_without_gpu(built_lib):
     assert b"SwiGLU" in check(2, 48, 32, epilogue=1)
     assert b"dtype=7" in check(2, 32, 32, dtype=7)
     assert b"epilogue=5" in check(2, 32, 32, epilogue=5)
+    assert b"path=6" in lib.terditCheck(None, None, None, None, None, 2, 32, 32, 2, 0, 6)  # skinny2
     assert b"null" in check(2, 32, 32)
     assert check(0, 64, 32, epilogue=1) is None
     # Rejected before any CUDA call, so this works on a machine without a GPU.
@@ -124,6 +126,15 @@ def test_size_rules_rejected_without_gpu(built_lib):
     assert lib.terditErrorString(rc) == b"invalid argument"
     # m == 0 is a no-op.
     assert lib.terditTernaryMatmulEx(None, None, None, None, None, 0, 32, 32, 2, 0, 0, None) == 0
+    # W1.58A8: the per-token scales are required, the size rules are the same.
+    dummy = ctypes.c_void_p(16)
+    assert b"xScale" in lib.terditCheckE4m3(dummy, None, dummy, dummy, None, dummy, 2, 32, 32, 2, 0, 0)
+    assert b"k=40" in lib.terditCheckE4m3(dummy, dummy, dummy, dummy, None, dummy, 2, 32, 40, 2, 0, 0)
+    assert lib.terditCheckE4m3(dummy, dummy, dummy, dummy, None, dummy, 2, 32, 32, 0, 1, 0) is None
+    assert lib.terditTernaryMatmulE4m3(dummy, None, dummy, dummy, None, dummy, 2, 32, 32, 2, 0, 0,
+                                       None) == INVALID_VALUE
+    assert lib.terditQuantizeRowsE4m3(None, 2, 2, 16, None, None, None) == INVALID_VALUE
+    assert lib.terditQuantizeRowsE4m3(None, 7, 0, 16, None, None, None) == 0  # m == 0: no-op
 
 
 def test_binding_validates_before_launch():
@@ -144,6 +155,13 @@ def test_binding_validates_before_launch():
         kernels._prepare("op", x, torch.cat([w, w], 1)[:, ::2], scale, None)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         kernels._prepare("op", x.to(torch.float64), w, scale, None)
+    xq, xs = kernels.quantize_rows_e4m3_ref(x)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        kernels._prepare_e4m3("op", x, xs, w, scale, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="one scale per token"):
+        kernels._prepare_e4m3("op", xq, xs[:2], w, scale, None, torch.bfloat16)
+    with pytest.raises(TypeError, match="out_dtype"):
+        kernels._prepare_e4m3("op", xq, xs, w, scale, None, torch.float64)
     xx, s, b, n, k = kernels._prepare("op", x.t().contiguous().t(), w, scale.double(),
                                       torch.rand(32, dtype=torch.bfloat16))
     assert xx.is_contiguous() and s.dtype == torch.float32 and b.dtype == torch.float32
@@ -154,9 +172,26 @@ def test_force_path_rejects_unknown_names():
     with pytest.raises(ValueError, match="not one of"):
         with kernels.force_path("fast"):
             pass
+    with pytest.raises(ValueError, match="not one of"):
+        with kernels.force_path("skinny2"):  # deleted: measured no faster than skinny
+            pass
     with kernels.force_path("tc"):
         assert kernels._forced_path == kernels.PATHS["tc"]
     assert kernels._forced_path == 0
+
+
+def test_build_commands_give_tc_its_sm89_cubin(tmp_path):
+    if kernels.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    *compiles, link = kernels.nvcc_commands(tmp_path / "lib.so", obj_dir=tmp_path)
+    by_source = {next(a for a in c if a.endswith((".cu", ".cpp"))).rsplit("/", 1)[-1]: c
+                 for c in compiles}
+    assert set(by_source) == {p.name for p in kernels.KERNEL_SOURCE_DIR.glob("*.cu")} | {
+        kernels.C_API_SOURCE.name}
+    sm89 = "-gencode=arch=compute_89,code=sm_89"
+    assert sm89 in by_source["ternaryTensorCore.cu"]
+    assert all(sm89 not in c for name, c in by_source.items() if name != "ternaryTensorCore.cu")
+    assert link[-1] == str(tmp_path / "lib.so") and "-shared" in link
 
 
 def test_import_makes_no_cuda_call():

@@ -1,8 +1,11 @@
 """The real TernaryMatMul kernel sources run on the CPU (tests/kernel_emu): every kernel family
-(skinny, skinny2, tc, wgmma, wgmma2, generic) against the fp64 reference, with poisoned outputs, fenced
-buffers, misaligned weights, K / N / M tails and SwiGLU. This checks the kernels' index math and
-data flow under the emulator's model of mma.sync / ldmatrix / cp.async / wgmma (asynchronous,
-retired by wgmma.wait_group), not the GPU itself (that is tests/test_kernels_gpu.py)."""
+(skinny, tc, wgmma, wgmma2, generic) and the W1.58A8 variants (e4m3 activations on wgmma, tc and
+generic) against the fp64 reference, with poisoned outputs, fenced buffers, misaligned weights,
+K / N / M tails and SwiGLU, and the quantization kernel bit for bit against its torch
+definition. This checks the kernels' index math and data flow under the emulator's model of
+mma.sync (bf16 / fp16 / e4m3) / ldmatrix / cp.async / wgmma (asynchronous, retired by
+wgmma.wait_group) / mbarrier / the bulk tensor copy, not the GPU itself (that is
+tests/test_kernels_gpu.py)."""
 from __future__ import annotations
 
 import os
@@ -34,18 +37,29 @@ def drive(lib, *args, sms):
 
 
 def test_emulated_kernels_bf16(emulated_lib):
-    # 2 "SMs": the quick shapes then reach every skinny (MT, R) instantiation; wgmma2 cycles its
-    # three tile configurations over the cases.
-    out = drive(emulated_lib, "--quick", "--paths", "skinny,skinny2,tc,wgmma,wgmma2@cycle,generic",
-                sms=2)
+    # 2 "SMs": the quick shapes then reach every skinny (MT, R) instantiation, and the persistent
+    # wgmma kernel's CTAs walk several tiles each.
+    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc,wgmma,wgmma2,generic", sms=2)
+    assert " 0 failed" in out
+
+
+def test_emulated_kernels_w2a8(emulated_lib):
+    # W1.58A8: e4m3 activations on the TMA / wgmma kernel (k32 fragments decoded by byte
+    # permutes), on tc (mma.sync m16n8k32) and generic, with bf16 and float32 outputs.
+    out = drive(emulated_lib, "--quick", "--paths", "wgmma@e4m3,tc@e4m3,generic@e4m3",
+                "--dtypes", "bf16,fp32", sms=2)
+    assert " 0 failed" in out
+
+
+def test_emulated_quantize_matches_definition(emulated_lib):
+    out = drive(emulated_lib, "--quantize", sms=2)
     assert " 0 failed" in out
 
 
 def test_emulated_kernels_fp16_fp32(emulated_lib):
-    # fp16 decoders (word pairs: skinny; adjacent pairs: tc and wgmma; fragment pairs: wgmma2)
+    # fp16 decoders (word pairs: skinny; adjacent pairs: tc; fragment pairs: wgmma, wgmma2)
     # and the float32 path.
-    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc,wgmma2@cycle", "--dtypes", "fp16",
-                sms=2)
+    out = drive(emulated_lib, "--quick", "--paths", "skinny,tc,wgmma", "--dtypes", "fp16", sms=2)
     assert " 0 failed" in out
     out = drive(emulated_lib, "--quick", "--paths", "auto", "--dtypes", "fp32", sms=2)
     assert " 0 failed" in out
@@ -53,7 +67,7 @@ def test_emulated_kernels_fp16_fp32(emulated_lib):
 
 @pytest.mark.slow
 def test_emulated_kernels_full(emulated_lib):
-    # Every family incl. auto and every wgmma2 tile configuration, bf16 and fp16, all shapes
-    # and M values (several minutes).
+    # Every family incl. auto and the W1.58A8 paths, bf16 and fp16, all shapes and M values
+    # (several minutes).
     out = drive(emulated_lib, sms=1)
     assert " 0 failed" in out

@@ -2,8 +2,11 @@
 
 Error rule (FlashAttention style): ||ours - ref|| <= 2 * ||torch - ref|| + tiny, where ref is the
 fp64 product of the same (low-precision) inputs and `torch` is torch's own F.linear in the same
-dtype on the materialised weight scale * T. Outputs are poisoned with NaN before every call, so an
-unwritten element fails, and a non-finite output never passes.
+dtype on the materialised weight scale * T. W1.58A8 (e4m3 activations): ref is the fp64 product of
+the same e4m3 values and scales (the fp32 emulation's exact counterpart), `torch` is cuBLASLt FP8
+(torch._scaled_mm, row-wise scales, fast accumulation, bf16 output) on an e4m3 copy of the
+weights, or the bf16 rounding of ref where the GPU has no FP8. Outputs are poisoned with NaN
+before every call, so an unwritten element fails, and a non-finite output never passes.
 
 TERDIT_KERNEL_TEST_DRY_RUN=1 runs the same test logic on CPU with the reference standing in for
 the kernels (smaller sizes): it checks the tests themselves on a machine without a GPU.
@@ -31,8 +34,8 @@ pytestmark = [
 ]
 cuda_only = pytest.mark.skipif(DRY_RUN, reason="CUDA-specific (dry run on CPU)")
 
-PATHS = ["auto", "skinny", "skinny2", "tc", "generic", "wgmma", "wgmma2"]  # wgmma* run tc off sm_90
-WGMMA2_TILES = ["128x256", "256x128", "128x128"]  # TERDIT_WGMMA2_TILE (features x tokens per CTA)
+PATHS = ["auto", "skinny", "tc", "generic", "wgmma", "wgmma2"]  # wgmma* run tc off sm_90
+W2A8_PATHS = ["auto", "tc", "generic", "wgmma"]  # the launcher's rules pick among wgmma/tc/generic
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKEN_M = [1, 2, 7, 16, 33, 128, 512, 1000, 2048]
 COND_M = [1, 2, 7, 16, 33]  # adaLN layers see M = batch
@@ -132,14 +135,12 @@ def assert_close(ours, ref, lowp, what):
 @pytest.mark.parametrize("model,layer,n,k,bias,ms", LAYER_CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in LAYER_CASES])
 @pytest.mark.parametrize("dtype,path", [("bf16", "auto"), ("fp16", "auto"), ("fp32", "auto"),
-                                        ("bf16", "wgmma"), ("bf16", "wgmma2"), ("bf16", "skinny2")])
+                                        ("bf16", "wgmma"), ("bf16", "wgmma2"), ("bf16", "tc")])
 def test_layer_shapes(model, layer, n, k, bias, ms, dtype, path):
-    if path in ("wgmma", "wgmma2"):
-        ms = [m for m in ms if m > 32]  # the large-M kernel
+    if path in ("wgmma", "wgmma2", "tc"):
+        ms = [m for m in ms if m > 32]  # the large-M kernels
         if not ms:
             pytest.skip("no M > 32 for this layer")
-    if path == "skinny2":
-        ms = [m for m in ms if m <= 33]  # the small-M kernel (33: two launches)
     if dtype != "bf16" and model != "600M":
         pytest.skip("fp16 / fp32 are swept on the 600M shapes (bf16 covers 4.2B)")
     if dtype == "fp32" and layer not in ("wo", "adaln"):
@@ -160,7 +161,7 @@ def test_layer_shapes(model, layer, n, k, bias, ms, dtype, path):
 # ---- every kernel family on odd shapes -----------------------------------------------------------
 
 ODD_NK = [(16, 16), (48, 48), (80, 80), (16, 272), (208, 80), (144, 1040), (96, 4112),
-          (80, 576), (48, 2112)]  # the last two: K % 64 == 0 (16-byte weight loads, skinny2 rings)
+          (80, 576), (48, 2112)]  # the last two: K % 64 == 0 (16-byte weight loads, the TMA kernel)
 ODD_M = [1, 3, 5, 8, 9, 17, 33, 65, 130]
 
 
@@ -178,27 +179,160 @@ def test_paths_odd_shapes(path, dtype):
                                           f"bias={b is not None}")
 
 
-# ---- every wgmma2 tile configuration -------------------------------------------------------------
+# ---- the persistent wgmma kernel: both token tiles, many tiles per CTA, SwiGLU -------------------
 
-@pytest.mark.parametrize("tile", WGMMA2_TILES)
-def test_wgmma2_tiles(tile, monkeypatch):
-    # The launcher's cost model picks one configuration per shape; here each one is forced on the
-    # 4.2B token GEMMs, odd shapes (N / K / M tails, 4-byte weight loads) and SwiGLU.
-    monkeypatch.setenv("TERDIT_WGMMA2_TILE", tile)
-    g = gen(1500 + WGMMA2_TILES.index(tile))
-    cases = [(n, k, False, ms) for _, n, k, _, ms in LAYERS["4.2B"][:4]]
-    cases = [(n, k, sw, [m for m in ms if m in (33, 512, 1000)]) for n, k, sw, ms in cases]
-    cases += [(n, k, False, [33, 130, 300]) for n, k in ODD_NK]
-    cases += [(2 * 8192, 3072, True, [512, 1000]), (96, 80, True, [33, 300])]
+def test_wgmma_token_tiles_and_swiglu():
+    # The launcher picks 128- or 256-token tiles with a wave model; these M values reach both on
+    # 132 SMs (and walk several tiles per CTA at M = 4096), on the 4.2B token GEMMs and SwiGLU.
+    g = gen(1500)
+    cases = [(n, k, False, [33, 300, 512, 1000, 4096]) for _, n, k, _, _ in LAYERS["4.2B"][:4]]
+    cases += [(2 * 8192, 3072, True, [512, 1000, 4096]), (96, 192, True, [33, 300])]
     if DRY_RUN:
-        cases = [c for c in cases if c[0] * c[1] <= 1 << 20]
+        cases = [(n, k, sw, [m for m in ms if m <= 300]) for n, k, sw, ms in cases
+                 if n * k <= 1 << 20]
     for i, (n, k, swiglu, ms) in enumerate(cases):
         t, w, scale, b = make_weights(n, k, g, bias=bool(i % 2) and not swiglu)
         for m in ms:
             x = make_x(m, k, torch.bfloat16, g)
-            ours = run(x, w, scale, b, swiglu=swiglu, path="wgmma2")
+            ours = run(x, w, scale, b, swiglu=swiglu, path="wgmma")
             ref, lowp = reference(x, t, scale, b, swiglu=swiglu)
-            assert_close(ours, ref, lowp, f"wgmma2 tile={tile} N={n} K={k} M={m} swiglu={swiglu}")
+            assert_close(ours, ref, lowp, f"wgmma N={n} K={k} M={m} swiglu={swiglu}")
+
+
+# ---- W1.58A8 ----------------------------------------------------------------------------------
+
+def fp8_capable():
+    return not DRY_RUN and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def run_w2a8(xq, xs, w, scale, bias=None, *, swiglu=False, out_dtype=torch.bfloat16, path="auto"):
+    n = w.shape[0]
+    out = torch.full((*xq.shape[:-1], n // 2 if swiglu else n), float("nan"), dtype=out_dtype,
+                     device=xq.device)
+    if DRY_RUN:
+        if swiglu:
+            out.copy_(torch.ops.terdit.ternary_matmul_e4m3_swiglu(xq, xs, w, scale, out_dtype))
+        else:
+            out.copy_(torch.ops.terdit.ternary_matmul_e4m3(xq, xs, w, scale, bias, out_dtype))
+        return out
+    with kernels.force_path(path):
+        kernels.matmul_e4m3_into(out, xq, xs, w, scale, bias, swiglu=swiglu)
+    return out
+
+
+def reference_w2a8(xq, xs, t, scale, bias=None, *, swiglu=False):
+    """fp64 product of the e4m3 values, and torch's own W1.58A8 result for the bound."""
+    a = (xq.double() @ t.double().t()) * xs.double()[..., None] * scale.double()
+    if bias is not None:
+        a = a + bias.double()
+    if fp8_capable():
+        # cuBLASLt wants M in multiples of 16 here: zero rows (scale 1) pad it.
+        m = xq.shape[0]
+        pad = (-m) % 16
+        xq_p = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])]) if pad else xq
+        xs_p = torch.cat([xs, xs.new_ones(pad)]) if pad else xs
+        lowp = torch._scaled_mm(xq_p, t.to(torch.float8_e4m3fn).t(), scale_a=xs_p[:, None].float(),
+                                scale_b=scale[None, :].float(), out_dtype=torch.bfloat16,
+                                use_fast_accum=True).float()[:m]
+        if bias is not None:
+            lowp = lowp + bias
+    else:
+        lowp = None
+    if swiglu:
+        h = a.shape[-1] // 2
+        a = F.silu(a[..., :h]) * a[..., h:]
+        if lowp is not None:
+            lowp = (F.silu(lowp[..., :h]) * lowp[..., h:])
+    if lowp is None:
+        lowp = a.to(torch.bfloat16)  # no FP8 here: the bf16 rounding of the exact result
+    return a, lowp.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_quantize_matches_definition(dtype):
+    g = gen(9000 + list(DTYPES).index(dtype))
+    for m, k, offset in [(1, 16, 0), (7, 1040, 0), (33, 3072, 0), (512, 8192, 0), (5, 24, 0),
+                         (9, 80, 1), (2, 8, 3)]:
+        x = offset_view((m, k), DTYPES[dtype], offset)
+        x.copy_(torch.randn(m, k, generator=g, device=DEVICE) * 10)
+        if m > 3:
+            x[3, k // 2] = float("nan")
+        xq, xs = torch.ops.terdit.quantize_rows_e4m3(x)
+        ref_q, ref_s = kernels.quantize_rows_e4m3_ref(x)
+        same_q = (xq.view(torch.uint8) == ref_q.view(torch.uint8)) | (
+            torch.isnan(xq.float()) & torch.isnan(ref_q.float()))
+        same_s = (xs == ref_s) | (torch.isnan(xs) & torch.isnan(ref_s))
+        assert bool(same_q.all()) and bool(same_s.all()), (
+            f"{dtype} M={m} K={k}: {int((~same_q).sum())} bytes, {int((~same_s).sum())} scales "
+            f"differ from quantize_rows_e4m3_ref")
+
+
+def quantized(m, k, g):
+    xq, xs = kernels.quantize_rows_e4m3_ref(torch.randn(m, k, generator=g, device=DEVICE))
+    return xq, xs
+
+
+@pytest.mark.parametrize("model,layer,n,k,bias,ms", [c for c in LAYER_CASES if c[1] != "adaln_stacked"],
+                         ids=[f"{c[0]}-{c[1]}" for c in LAYER_CASES if c[1] != "adaln_stacked"])
+def test_w2a8_layer_shapes(model, layer, n, k, bias, ms):
+    if DRY_RUN:
+        if model != "600M":
+            pytest.skip("dry run: large shapes only on the GPU")
+        ms = [m for m in ms if m <= 33]
+    g = gen(zlib.crc32(f"w2a8-{model}-{layer}".encode()))
+    t, w, scale, b = make_weights(n, k, g, bias)
+    for m in ms:
+        xq, xs = quantized(m, k, g)
+        ours = run_w2a8(xq, xs, w, scale, b)
+        ref, lowp = reference_w2a8(xq, xs, t, scale, b)
+        assert_close(ours, ref, lowp, f"W1.58A8 {model} {layer} N={n} K={k} M={m}")
+
+
+@pytest.mark.parametrize("path", W2A8_PATHS)
+@pytest.mark.parametrize("out", list(DTYPES))
+def test_w2a8_paths_odd_shapes(path, out):
+    # Bound: torch's W1.58A8 error at bf16 output, whatever Y's type (loose for fp16 / fp32
+    # outputs, still far below what a wrong index or decode produces).
+    g = gen(9500 + W2A8_PATHS.index(path) * 10 + list(DTYPES).index(out))
+    for i, (n, k) in enumerate(ODD_NK + [(160, 576), (272, 128), (48, 2112)]):
+        t, w, scale, b = make_weights(n, k, g, bias=bool(i % 2))
+        for m in ODD_M:
+            xq, xs = quantized(m, k, g)
+            ours = run_w2a8(xq, xs, w, scale, b, out_dtype=DTYPES[out], path=path)
+            ref, lowp = reference_w2a8(xq, xs, t, scale, b)
+            assert_close(ours, ref, lowp,
+                         f"W1.58A8 path={path} out={out} N={n} K={k} M={m}")
+    for n, k, ms in SWIGLU_CASES:
+        if DRY_RUN and n > 1024:
+            continue
+        t, w, scale, _ = make_weights(n, k, g)
+        for m in ms:
+            xq, xs = quantized(m, k, g)
+            ours = run_w2a8(xq, xs, w, scale, swiglu=True, out_dtype=DTYPES[out], path=path)
+            ref, lowp = reference_w2a8(xq, xs, t, scale, swiglu=True)
+            assert_close(ours, ref, lowp, f"W1.58A8 swiglu path={path} out={out} N={n} K={k} M={m}")
+
+
+def test_w2a8_nan_token_and_misaligned_pointers():
+    g = gen(9800)
+    n, k, m = 96, 192, 37
+    t, w, scale, b = make_weights(n, k, g, bias=True)
+    x = torch.randn(m, k, generator=g, device=DEVICE)
+    x[5, 7] = float("nan")
+    xq, xs = torch.ops.terdit.quantize_rows_e4m3(x)
+    out = run_w2a8(xq, xs, w, scale, b)
+    assert torch.isnan(out[5]).all(), "a NaN input must reach every output of its token"
+    keep = torch.arange(m, device=DEVICE) != 5
+    ref, lowp = reference_w2a8(xq[keep], xs[keep], t, scale, b)
+    assert_close(out[keep], ref, lowp, "W1.58A8 tokens without NaN")
+    xq, xs = quantized(m, k, g)
+    ref, lowp = reference_w2a8(xq, xs, t, scale, b)
+    xq_off = offset_view(xq.shape, torch.float8_e4m3fn, 3)  # X not 16-byte aligned: generic
+    xq_off.copy_(xq)
+    assert_close(run_w2a8(xq_off, xs, w, scale, b), ref, lowp, "W1.58A8 misaligned X")
+    w_off = offset_view(w.shape, torch.int32, 1)  # W 4-byte aligned: tc instead of wgmma
+    w_off.copy_(w)
+    assert_close(run_w2a8(xq, xs, w_off, scale, b), ref, lowp, "W1.58A8 misaligned W")
 
 
 # ---- SwiGLU epilogue -----------------------------------------------------------------------------
@@ -330,8 +464,8 @@ def test_rejects_bad_sizes():
 
 
 @cuda_only
-@pytest.mark.parametrize("path,m", [("skinny", 2), ("skinny", 16), ("skinny2", 2), ("skinny2", 16),
-                                    ("tc", 512), ("generic", 64), ("wgmma", 300), ("wgmma2", 300)])
+@pytest.mark.parametrize("path,m", [("skinny", 2), ("skinny", 16), ("tc", 512), ("generic", 64),
+                                    ("wgmma", 300), ("wgmma", 4096), ("wgmma2", 300)])
 def test_cuda_graph_capture(path, m):
     g = gen(6000)
     n, k = 256, 512
@@ -356,6 +490,42 @@ def test_cuda_graph_capture(path, m):
 
 
 @cuda_only
+def test_w2a8_cuda_graph_capture():
+    if not fp8_capable():
+        pytest.skip("W1.58A8 tensor-core paths need sm_89+")
+    g = gen(6100)
+    n, k, m = 512, 1024, 300
+    t, w, scale, b = make_weights(n, k, g, bias=True)
+    x = make_x(m, k, torch.bfloat16, g)
+    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=DEVICE)
+    xs = torch.empty(m, device=DEVICE)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=DEVICE)
+
+    def step():
+        q, s = torch.ops.terdit.quantize_rows_e4m3(x)
+        xq.copy_(q)
+        xs.copy_(s)
+        kernels.matmul_e4m3_into(out, xq, xs, w, scale, b)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        x.copy_(make_x(m, k, torch.bfloat16, g))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        q, s = kernels.quantize_rows_e4m3_ref(x)
+        ref, lowp = reference_w2a8(q, s, t, scale, b)
+        assert_close(out, ref, lowp, "W1.58A8 graph replay")
+
+
+@cuda_only
 def test_side_stream():
     g = gen(7000)
     t, w, scale, b = make_weights(512, 1024, g, bias=True)
@@ -372,12 +542,12 @@ def test_side_stream():
 
 @cuda_only
 @pytest.mark.parametrize("path", ["tc", "generic", "wgmma", "wgmma2"])
-def test_m_beyond_one_grid(path, monkeypatch):
-    # More token tiles than gridDim.y allows (65535 x 128 for tc / wgmma / wgmma2 with 128-token
-    # tiles, 65535 x 64 for generic): the launcher splits M.
-    monkeypatch.setenv("TERDIT_WGMMA2_TILE", "128x128")
+def test_m_beyond_one_grid(path):
+    # More token tiles than gridDim.y allows (65535 x 128 for tc / wgmma2 with 128-token tiles,
+    # 65535 x 64 for generic): the launcher splits M; the persistent wgmma kernel (K = 64: its
+    # smallest shape) walks them with SM-count CTAs.
     g = gen(8000)
-    n, k = 16, 16
+    n, k = 16, 64
     m = 65535 * 128 + 37
     t, w, scale, b = make_weights(n, k, g, bias=True)
     x = make_x(m, k, torch.bfloat16, g)

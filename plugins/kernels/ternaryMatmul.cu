@@ -1,27 +1,27 @@
 /*
- * TernaryMatMul: size checks, the dispatch table, and the generic (float32 / any alignment) kernel.
+ * TernaryMatMul: size checks, the dispatch table, and the generic (float32 / any alignment /
+ * e4m3 on GPUs without FP8 tensor cores) kernel.
  *
- * Dispatch (first matching row wins; README.md has the same table):
+ * Dispatch (first matching row wins; README.md has the same table). "fp8" = ActQuant::kFP8E4M3,
+ * "FP8 MMA" = compute capability >= 8.9, "vecW" = W rows 16-byte aligned (K % 64 == 0):
  *
- *   | condition                                   | kernel                                 |
- *   |---------------------------------------------|----------------------------------------|
- *   | m == 0                                      | nothing                                |
- *   | dtype float32, or X / Y not 16-byte aligned | generic  (FFMA, fp32, 64x64 tiles)     |
- *   | path forced (params.path / env)             | that kernel (wgmma, wgmma2: sm_90 only, |
- *   |                                             |   else tc)                             |
- *   | m <= 32, or m <= 64 and < 1 tc column block  | skinny   (swap-AB mma.sync, split-K)   |
- *   |   per SM                                    |                                        |
- *   | otherwise                                   | tc       (mma.sync, 4-stage cp.async)  |
+ *   | condition                                                   | kernel                         |
+ *   |-------------------------------------------------------------|--------------------------------|
+ *   | m == 0                                                      | nothing                        |
+ *   | X / Y not 16-byte aligned; float32 X; fp8 without FP8 MMA   | generic (FFMA, fp32, 64 x 64)  |
+ *   | path forced                                                 | that kernel, then the rules    |
+ *   |                                                             |   below the table              |
+ *   | fp8                                                         | wgmma (sm_90, vecW), else tc   |
+ *   | m <= 32, or m <= 64 and fewer 128-row column blocks than SMs | skinny (swap-AB mma.sync)      |
+ *   | sm_90 and vecW                                              | wgmma (TMA + mbarrier ring)    |
+ *   | otherwise                                                   | tc (mma.sync, cp.async ring)   |
  *
- * wgmma and wgmma2 (sm_90a warpgroup MMA) are opt-in (TERDIT_LARGE_M_KERNEL=wgmma | wgmma2) until
- * the GPU bench shows them faster than tc.
- * 16-byte weight loads are used when K % 64 == 0 and W is 16-byte aligned, 4-byte loads otherwise.
+ * A forced or chosen wgmma / wgmma2 runs tc off sm_90, wgmma without vecW runs tc, wgmma2 with
+ * fp8 runs wgmma, skinny with fp8 runs tc (the e4m3 kernels are wgmma, tc and generic).
  */
 #include "ternaryCommon.cuh"
 
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 
 namespace terdit
 {
@@ -40,38 +40,48 @@ struct GenericArgs
 {
     void const* x;
     uint32_t const* w;
-    float const* scale;
-    float const* bias;
-    void* y;
-    int32_t m;
+    int64_t m;     //!< all tokens
+    int64_t mBase; //!< first token of this launch (launches are split at 65535 row blocks)
     int32_t n;
     int32_t k;
     int32_t kw;
-    int32_t halfRows;
-    bool swiglu;
+    EpilogueOp ep;
 };
 
 //! Physical weight row of virtual column v (0..63) of column block cb, or -1 when out of range.
 //! SwiGLU: columns 0..31 are gate rows, 32..63 the matching up rows.
 __device__ __forceinline__ int32_t genericRow(GenericArgs const& a, int cb, int v)
 {
-    if (!a.swiglu)
+    if (!a.ep.swiglu)
     {
         int32_t const row = cb * kGEN_TILE + v;
         return row < a.n ? row : -1;
     }
     int32_t const col = cb * (kGEN_TILE / 2) + (v & 31);
-    if (col >= a.halfRows)
+    if (col >= a.ep.halfRows)
     {
         return -1;
     }
-    return v < 32 ? col : a.halfRows + col;
+    return v < 32 ? col : a.ep.halfRows + col;
+}
+
+template <typename TX>
+__device__ __forceinline__ float loadX(TX const* x, int64_t i)
+{
+    return Elem<TX>::toFloat(x[i]);
+}
+
+template <>
+__device__ __forceinline__ float loadX<E4m3>(E4m3 const* x, int64_t i)
+{
+    return e4m3ToFloat(x[i].bits);
 }
 
 //! Plain FFMA tile kernel: 64 tokens x 64 weight rows per CTA, each thread 4 tokens x 4 rows
 //! (rows 2tx, 2tx + 1, 2tx + 32, 2tx + 33 so SwiGLU pairs meet in one thread). Exact fp32 math
-//! on any alignment; the float32 path of the op and the fallback of the others.
-template <typename T>
+//! on any alignment; the float32 path of the op, the fallback of the others, and the e4m3 path
+//! of GPUs without FP8 tensor cores (the decoded activations are exact in fp32).
+template <typename TX>
 __global__ void __launch_bounds__(kGEN_THREADS) genericKernel(GenericArgs const a)
 {
     __shared__ float sx[kGEN_BK][kGEN_TILE + 4];
@@ -81,8 +91,8 @@ __global__ void __launch_bounds__(kGEN_THREADS) genericKernel(GenericArgs const 
     int const tx = tid & 15;
     int const ty = tid >> 4;
     int const cb = blockIdx.x;
-    int64_t const m0 = static_cast<int64_t>(blockIdx.y) * kGEN_TILE;
-    T const* x = static_cast<T const*>(a.x);
+    int64_t const m0 = a.mBase + static_cast<int64_t>(blockIdx.y) * kGEN_TILE;
+    TX const* x = static_cast<TX const*>(a.x);
 
     int const vcol[4] = {2 * tx, 2 * tx + 1, 2 * tx + 32, 2 * tx + 33};
     float acc[4][4] = {};
@@ -102,7 +112,7 @@ __global__ void __launch_bounds__(kGEN_THREADS) genericKernel(GenericArgs const 
             int const tok = idx / kGEN_BK;
             int const kk = idx % kGEN_BK;
             int64_t const gtok = m0 + tok;
-            sx[kk][tok] = gtok < a.m ? Elem<T>::toFloat(x[gtok * a.k + k0 + kk]) : 0.0f;
+            sx[kk][tok] = gtok < a.m ? loadX(x, gtok * a.k + k0 + kk) : 0.0f;
         }
         if (tid < kGEN_TILE)
         {
@@ -134,7 +144,6 @@ __global__ void __launch_bounds__(kGEN_THREADS) genericKernel(GenericArgs const 
         __syncthreads();
     }
 
-    T* y = static_cast<T*>(a.y);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
     {
@@ -143,7 +152,8 @@ __global__ void __launch_bounds__(kGEN_THREADS) genericKernel(GenericArgs const 
         {
             continue;
         }
-        if (!a.swiglu)
+        float const ts = a.ep.tokenScale(tok);
+        if (!a.ep.swiglu)
         {
 #pragma unroll
             for (int j = 0; j < 4; ++j)
@@ -151,12 +161,7 @@ __global__ void __launch_bounds__(kGEN_THREADS) genericKernel(GenericArgs const 
                 int32_t const row = genericRow(a, cb, vcol[j]);
                 if (row >= 0)
                 {
-                    float v = acc[i][j] * a.scale[row];
-                    if (a.bias != nullptr)
-                    {
-                        v += a.bias[row];
-                    }
-                    y[tok * a.n + row] = Elem<T>::fromFloat(v);
+                    a.ep.storeFeature(tok, row, acc[i][j], ts);
                 }
             }
         }
@@ -168,37 +173,25 @@ __global__ void __launch_bounds__(kGEN_THREADS) genericKernel(GenericArgs const 
                 int32_t const gate = genericRow(a, cb, vcol[j]);
                 if (gate >= 0)
                 {
-                    int32_t const up = a.halfRows + gate;
-                    float gv = acc[i][j] * a.scale[gate];
-                    float uv = acc[i][j + 2] * a.scale[up];
-                    if (a.bias != nullptr)
-                    {
-                        gv += a.bias[gate];
-                        uv += a.bias[up];
-                    }
-                    y[tok * a.halfRows + gate] = Elem<T>::fromFloat(silu(gv) * uv);
+                    a.ep.storeSwiglu(tok, gate, acc[i][j], acc[i][j + 2], ts);
                 }
             }
         }
     }
 }
 
-template <typename T>
-cudaError_t launchGenericT(GenericArgs a, int64_t mTotal, cudaStream_t stream)
+template <typename TX>
+cudaError_t launchGenericT(GenericArgs a, cudaStream_t stream)
 {
-    int64_t const outCols = a.swiglu ? a.halfRows : a.n;
-    int const gridX = a.swiglu ? (a.halfRows + kGEN_TILE / 2 - 1) / (kGEN_TILE / 2) : (a.n + kGEN_TILE - 1) / kGEN_TILE;
+    int const gridX = a.ep.swiglu ? (a.ep.halfRows + kGEN_TILE / 2 - 1) / (kGEN_TILE / 2)
+                                  : (a.n + kGEN_TILE - 1) / kGEN_TILE;
     int64_t const chunk = static_cast<int64_t>(kMAX_GRID_Y) * kGEN_TILE;
-    T const* x0 = static_cast<T const*>(a.x);
-    T* y0 = static_cast<T*>(a.y);
-    for (int64_t m0 = 0; m0 < mTotal; m0 += chunk)
+    for (int64_t m0 = 0; m0 < a.m; m0 += chunk)
     {
-        int64_t const m = (mTotal - m0) < chunk ? (mTotal - m0) : chunk;
-        a.x = x0 + m0 * a.k;
-        a.y = y0 + m0 * outCols;
-        a.m = static_cast<int32_t>(m);
+        int64_t const m = (a.m - m0) < chunk ? (a.m - m0) : chunk;
+        a.mBase = m0;
         dim3 const grid(gridX, static_cast<unsigned>((m + kGEN_TILE - 1) / kGEN_TILE));
-        genericKernel<T><<<grid, kGEN_THREADS, 0, stream>>>(a);
+        genericKernel<TX><<<grid, kGEN_THREADS, 0, stream>>>(a);
         cudaError_t const err = cudaGetLastError();
         if (err != cudaSuccess)
         {
@@ -206,67 +199,6 @@ cudaError_t launchGenericT(GenericArgs a, int64_t mTotal, cudaStream_t stream)
         }
     }
     return cudaSuccess;
-}
-
-KernelPath pathFromEnv()
-{
-    char const* env = std::getenv("TERDIT_KERNEL_PATH");
-    if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0)
-    {
-        return KernelPath::kAUTO;
-    }
-    if (std::strcmp(env, "skinny") == 0)
-    {
-        return KernelPath::kSKINNY;
-    }
-    if (std::strcmp(env, "tc") == 0)
-    {
-        return KernelPath::kTC;
-    }
-    if (std::strcmp(env, "generic") == 0)
-    {
-        return KernelPath::kGENERIC;
-    }
-    if (std::strcmp(env, "wgmma") == 0)
-    {
-        return KernelPath::kWGMMA;
-    }
-    if (std::strcmp(env, "wgmma2") == 0)
-    {
-        return KernelPath::kWGMMA2;
-    }
-    if (std::strcmp(env, "skinny2") == 0)
-    {
-        return KernelPath::kSKINNY2;
-    }
-    return KernelPath::kAUTO;
-}
-
-//! The large-M kernel under kAUTO: wgmma2 by default (tc off sm_90); TERDIT_LARGE_M_KERNEL=tc
-//! or =wgmma picks the mma.sync tc kernel or the first sm_90a wgmma kernel instead.
-KernelPath largeMFromEnv()
-{
-    char const* env = std::getenv("TERDIT_LARGE_M_KERNEL");
-    if (env != nullptr && std::strcmp(env, "wgmma") == 0)
-    {
-        return KernelPath::kWGMMA;
-    }
-    if (env != nullptr && std::strcmp(env, "tc") == 0)
-    {
-        return KernelPath::kTC;
-    }
-    // Default: wgmma2 (measured on an H200, 2026-11-26: 1.4-2.5x faster than tc on every
-    // M >= 512 TerDiT shape, bench/results/kernels-nvidia-h200-2026-11-26.md); off sm_90 the
-    // dispatch below turns it into tc.
-    return KernelPath::kWGMMA2;
-}
-
-//! The small-M kernel under kAUTO: TERDIT_SMALL_M_KERNEL=skinny2 picks the cp.async-ring variant,
-//! anything else (the default) the register-prefetch skinny kernel.
-KernelPath smallMFromEnv()
-{
-    char const* env = std::getenv("TERDIT_SMALL_M_KERNEL");
-    return env != nullptr && std::strcmp(env, "skinny2") == 0 ? KernelPath::kSKINNY2 : KernelPath::kSKINNY;
 }
 
 //! A device attribute, cached per device (the launcher runs on every call).
@@ -277,16 +209,16 @@ int deviceAttribute(int device)
     static int cache[kMAX_DEVICES] = {};
     if (device >= 0 && device < kMAX_DEVICES && cache[device] > 0)
     {
-        return cache[device];
+        return cache[device] - 1;
     }
     int value = 0;
-    if (cudaDeviceGetAttribute(&value, kATTR, device) != cudaSuccess || value <= 0)
+    if (cudaDeviceGetAttribute(&value, kATTR, device) != cudaSuccess || value < 0)
     {
-        value = 1;
+        value = 0;
     }
     if (device >= 0 && device < kMAX_DEVICES)
     {
-        cache[device] = value;
+        cache[device] = value + 1; // + 1: 0 means "not read yet" (a minor version can be 0)
     }
     return value;
 }
@@ -304,12 +236,22 @@ cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream)
 {
     TernaryMatmulParams const& p = ctx.p;
     GenericArgs a{};
-    fillTileArgs(a, p);
+    a.x = p.x;
+    a.w = reinterpret_cast<uint32_t const*>(p.w);
+    a.m = p.m;
+    a.n = p.n;
+    a.k = p.k;
+    a.kw = p.k / 16;
+    a.ep = makeEpilogue(p);
+    if (p.actQuant == ActQuant::kFP8E4M3)
+    {
+        return launchGenericT<E4m3>(a, stream);
+    }
     switch (p.dtype)
     {
-    case DataType::kFLOAT: return launchGenericT<float>(a, p.m, stream);
-    case DataType::kHALF: return launchGenericT<__half>(a, p.m, stream);
-    case DataType::kBF16: return launchGenericT<__nv_bfloat16>(a, p.m, stream);
+    case DataType::kFLOAT: return launchGenericT<float>(a, stream);
+    case DataType::kHALF: return launchGenericT<__half>(a, stream);
+    case DataType::kBF16: return launchGenericT<__nv_bfloat16>(a, stream);
     }
     return cudaErrorInvalidValue;
 }
@@ -354,15 +296,26 @@ char const* ternaryMatmulCheck(TernaryMatmulParams const& p)
             "multiple of 16 each)", p.n);
         return msg;
     }
-    if (static_cast<int32_t>(p.path) < 0 || static_cast<int32_t>(p.path) > 6)
+    if (static_cast<int32_t>(p.path) < 0 || static_cast<int32_t>(p.path) > 5)
     {
         std::snprintf(msg, size, "path=%d is not one of 0 (auto), 1 (skinny), 2 (tc), 3 (generic), 4 (wgmma), "
-            "5 (wgmma2), 6 (skinny2)", static_cast<int>(p.path));
+            "5 (wgmma2)", static_cast<int>(p.path));
+        return msg;
+    }
+    if (p.actQuant != ActQuant::kNONE && p.actQuant != ActQuant::kFP8E4M3)
+    {
+        std::snprintf(msg, size, "actQuant=%d is not one of 0 (none), 1 (fp8 e4m3)", static_cast<int>(p.actQuant));
         return msg;
     }
     if (p.m > 0 && (p.x == nullptr || p.w == nullptr || p.scale == nullptr || p.y == nullptr))
     {
         std::snprintf(msg, size, "x, w, scale and y must not be null when m=%lld > 0", static_cast<long long>(p.m));
+        return msg;
+    }
+    if (p.m > 0 && p.actQuant == ActQuant::kFP8E4M3 && p.xScale == nullptr)
+    {
+        std::snprintf(msg, size, "xScale must not be null with actQuant=1 (fp8 e4m3) when m=%lld > 0; quantize X "
+            "with launchQuantizeRowsE4m3", static_cast<long long>(p.m));
         return msg;
     }
     return nullptr;
@@ -385,31 +338,48 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
         return err;
     }
     kernels::LaunchContext ctx{params, kernels::deviceAttribute<cudaDevAttrMultiProcessorCount>(device), false,
-        kernels::deviceAttribute<cudaDevAttrComputeCapabilityMajor>(device)};
+        kernels::deviceAttribute<cudaDevAttrComputeCapabilityMajor>(device),
+        kernels::deviceAttribute<cudaDevAttrComputeCapabilityMinor>(device)};
+    ctx.numSMs = ctx.numSMs > 0 ? ctx.numSMs : 1;
     ctx.vecW = params.k % 64 == 0 && kernels::aligned16(params.w);
+    bool const fp8 = params.actQuant == ActQuant::kFP8E4M3;
+    bool const fp8Mma = ctx.ccMajor > 8 || (ctx.ccMajor == 8 && ctx.ccMinor >= 9);
+    bool const hopper = ctx.ccMajor == 9;
 
-    KernelPath path = params.path == KernelPath::kAUTO ? kernels::pathFromEnv() : params.path;
-    if (params.dtype == DataType::kFLOAT || !kernels::aligned16(params.x) || !kernels::aligned16(params.y))
+    KernelPath path = params.path;
+    if (!kernels::aligned16(params.x) || !kernels::aligned16(params.y) || (!fp8 && params.dtype == DataType::kFLOAT)
+        || (fp8 && !fp8Mma))
     {
         path = KernelPath::kGENERIC;
     }
     else if (path == KernelPath::kAUTO)
     {
-        // Up to 2 x 32 tokens, two skinny launches beat tc when tc's 128-feature column blocks
-        // would leave SMs idle (narrow layers).
+        // Up to 2 x 32 tokens, two skinny launches beat the tiled kernels when their 128-row
+        // column blocks would leave SMs idle (narrow layers).
         int64_t const colBlocks = (static_cast<int64_t>(params.n) + 127) / 128; // SwiGLU: (n / 2) / 64 blocks
         bool const skinny = params.m <= kernels::kSKINNY_MAX_M
             || (params.m <= 2 * kernels::kSKINNY_MAX_M && colBlocks < ctx.numSMs);
-        path = skinny ? kernels::smallMFromEnv() : kernels::largeMFromEnv();
+        path = (skinny && !fp8) ? KernelPath::kSKINNY : KernelPath::kWGMMA;
     }
-    if ((path == KernelPath::kWGMMA || path == KernelPath::kWGMMA2) && ctx.ccMajor != 9)
+    if (path == KernelPath::kWGMMA2 && fp8)
+    {
+        path = KernelPath::kWGMMA;
+    }
+    if ((path == KernelPath::kWGMMA || path == KernelPath::kWGMMA2) && !hopper)
     {
         path = KernelPath::kTC; // the wgmma kernels are built for sm_90a only
+    }
+    if (path == KernelPath::kWGMMA && !ctx.vecW)
+    {
+        path = KernelPath::kTC; // TMA needs 16-byte weight row strides
+    }
+    if (path == KernelPath::kSKINNY && fp8)
+    {
+        path = KernelPath::kTC;
     }
     switch (path)
     {
     case KernelPath::kSKINNY: return kernels::launchSkinny(ctx, stream);
-    case KernelPath::kSKINNY2: return kernels::launchSkinny(ctx, stream, true);
     case KernelPath::kTC: return kernels::launchTensorCore(ctx, stream);
     case KernelPath::kWGMMA: return kernels::launchWgmma(ctx, stream);
     case KernelPath::kWGMMA2: return kernels::launchWgmma2(ctx, stream);

@@ -1,13 +1,17 @@
 /*
  * TernaryMatMul kernels: framework-free launcher API.
  *
- *   Y[m, n] = sum_k X[m, k] * T[n, k] * scale[n] + bias[n]
+ *   Y[m, n] = sum_k X[m, k] * T[n, k] * scale[n] + bias[n]                        (kNONE)
+ *   Y[m, n] = (sum_k e4m3(X)[m, k] * T[n, k]) * xScale[m] * scale[n] + bias[n]       (kFP8E4M3)
  *
  * T is ternary {-1, 0, +1} in the project's "k16" layout (DESIGN section 3): an int32 tensor
  * [N, ceil(K / 16)], weight (n, k) in word k / 16 at bits 2 * (k % 16) .. +1, code = w + 1
- * (code 3 never occurs). Accumulation is fp32; scale and bias are applied in the epilogue.
+ * (code 3 never occurs). Accumulation is fp32; the scales and bias are applied in the epilogue.
+ * With kFP8E4M3 ("W1.58A8") the activations arrive quantized per token (launchQuantizeRowsE4m3);
+ * ternary weights are exact in e4m3, so the products run on FP8 tensor cores where the GPU has
+ * them (sm_89+) with the weights still read as 2-bit codes.
  *
- * The TensorRT plugin and the torch extension are thin adapters over this header; input
+ * The TensorRT plugin and the torch binding are thin adapters over this header; input
  * validation (shapes, dtypes, devices) lives in those adapters, the launcher only re-checks the
  * size rules below and returns cudaErrorInvalidValue when they are broken.
  */
@@ -20,7 +24,8 @@
 namespace terdit
 {
 
-//! Element type of X and Y (scale and bias are always float32).
+//! Element type of X and Y (scale, bias and xScale are always float32). With
+//! ActQuant::kFP8E4M3 it names Y's type only.
 enum class DataType : int32_t
 {
     kFLOAT = 0,
@@ -38,29 +43,32 @@ enum class Epilogue : int32_t
     kSWIGLU = 1,
 };
 
-//! Which kernel family runs the product. kAUTO picks from the dispatch table (README.md); the others
-//! force one family (for tests and benchmarks). When kAUTO is given, the environment variable
-//! TERDIT_KERNEL_PATH (auto | skinny | tc | generic | wgmma | wgmma2 | skinny2) may force a family too;
-//! TERDIT_LARGE_M_KERNEL=wgmma | wgmma2 and TERDIT_SMALL_M_KERNEL=skinny2 change what kAUTO picks. float32 X
-//! always runs the generic kernel, and so do X / Y pointers that are not 16-byte aligned; kWGMMA and
-//! kWGMMA2 run the tc kernel on GPUs other than sm_90.
+//! Activation quantization of the product (W1.58A8 when kFP8E4M3).
+enum class ActQuant : int32_t
+{
+    kNONE = 0,     //!< X holds `dtype` values
+    kFP8E4M3 = 1,  //!< X holds e4m3 bytes [M, K] (launchQuantizeRowsE4m3), xScale [M] float32
+};
+
+//! Which kernel family runs the product. kAUTO picks from the dispatch table (README.md); the
+//! others force one family (tests and benchmarks). Whatever is forced, X / Y pointers that are not
+//! 16-byte aligned and float32 X (kNONE) run the generic kernel; kWGMMA / kWGMMA2 run tc on GPUs
+//! other than sm_90 (and kWGMMA also where W rows are not 16-byte aligned, K % 64 != 0); kFP8E4M3
+//! runs wgmma (sm_90), tc (sm_89+) or generic (older GPUs), so kSKINNY with it runs tc there.
 enum class KernelPath : int32_t
 {
     kAUTO = 0,
-    kSKINNY = 1,  //!< small M: weight-streaming tensor-core kernel, split-K inside the CTA
-    kTC = 2,      //!< large M: tiled tensor-core kernel with a cp.async pipeline
+    kSKINNY = 1,  //!< small M: weight-streaming mma.sync kernel, split-K inside the CTA
+    kTC = 2,      //!< large M: tiled mma.sync kernel with a cp.async pipeline (the sm_80 / sm_89 path)
     kGENERIC = 3, //!< any dtype / alignment: fp32 FFMA kernel (the float32 path)
-    kWGMMA = 4,   //!< large M on sm_90a: warpgroup MMA, decoded weights in registers (opt-in)
-    kWGMMA2 = 5,  //!< large M on sm_90a: pipelined wgmma (decode overlaps the MMA; opt-in)
-    kSKINNY2 = 6, //!< small M: skinny with the weights streamed through cp.async rings (opt-in)
+    kWGMMA = 4,   //!< large M on sm_90a: TMA + mbarrier ring, producer warp, wgmma consumers, persistent
+    kWGMMA2 = 5,  //!< the previous sm_90a default (cp.async inside the MMA warps), bf16 / fp16 only;
+                  //!< kept for one measured comparison with kWGMMA, then deleted
 };
-
-//! Activation quantization of the product (W1.58A8 when kFP8E4M3).
-enum class ActQuant : int32_t { kNONE = 0, kFP8E4M3 = 1 };
 
 struct TernaryMatmulParams
 {
-    void const* x{nullptr};       //!< [M, K] row-major, contiguous, `dtype`
+    void const* x{nullptr};       //!< [M, K] row-major, contiguous, `dtype` (kFP8E4M3: e4m3 bytes)
     int32_t const* w{nullptr};    //!< [N, ceil(K / 16)] k16 codes
     float const* scale{nullptr};  //!< [N]
     float const* bias{nullptr};   //!< [N] or nullptr
@@ -73,7 +81,6 @@ struct TernaryMatmulParams
     KernelPath path{KernelPath::kAUTO};
     ActQuant actQuant{ActQuant::kNONE};   //!< kFP8E4M3: x holds e4m3 bytes [M, K], xScale [M] float32
     float const* xScale{nullptr};         //!< per-token scales of x (kFP8E4M3 only)
-    // dtype then names Y's type only (bf16 / fp16 / fp32) when actQuant == kFP8E4M3.
 };
 
 //! Returns cudaSuccess or the first CUDA error; cudaErrorInvalidValue when a size rule is broken.
@@ -83,6 +90,9 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
 char const* ternaryMatmulCheck(TernaryMatmulParams const& params);
 
 //! Per-token e4m3 quantization: xq[m, k] = e4m3(x[m, k] / s[m]), s[m] = max(amax_k |x[m, k]|, 1e-12) / 448.
+//! Round to nearest even, saturating at +-448; a NaN in a row makes its s and all its xq NaN.
+//! x is [m, k] row-major in `dtype` (any alignment); xq is [m, k] bytes, xScale [m] float32.
+//! Returns cudaErrorInvalidValue for m < 0, k <= 0, an unknown dtype or null pointers (m > 0).
 cudaError_t launchQuantizeRowsE4m3(void const* x, DataType dtype, int64_t m, int32_t k,
                                    uint8_t* xq, float* xScale, cudaStream_t stream);
 

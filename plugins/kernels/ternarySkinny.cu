@@ -14,11 +14,11 @@
  *   when K has few steps, the warps are split between row tiles and steps); partial sums meet in
  *   shared memory, where the epilogue applies scale, bias and the optional SwiGLU gate. No
  *   global workspace, one launch.
- * - skinny2 (kASYNC): the same kernel with the weights streamed through a per-warp cp.async ring
- *   in shared memory (8 KB per warp: 8 / 4 / 2 steps deep for R = 1 / 2 / 4) instead of register
- *   prefetch, so 7 KB per warp stay in flight without costing registers (the register path
- *   keeps at most one step in flight, and none for its larger variants). 16-byte aligned
- *   weights only (K % 64 == 0); otherwise skinny2 runs the register path.
+ * - Decode: one LOP3 (mask-OR, the magics held in registers) and one packed subtract per pair
+ *   (decodeWordPairs); the matching X pairs are one byte permute each.
+ * A cp.async-ring variant of this kernel (weights through shared memory instead of register
+ * prefetch, "skinny2") measured no faster on the H200 (bench/results/kernels-nvidia-h200-
+ * 2026-11-26.md) and was deleted.
  */
 #include "ternaryCommon.cuh"
 
@@ -32,15 +32,12 @@ namespace
 constexpr int kWARPS = 8;
 constexpr int kTHREADS = kWARPS * 32;
 constexpr int kSTEP_WORDS = 16; //!< k16 words per row per step (256 columns)
-constexpr int kRING_BYTES_PER_WARP = 8192; //!< skinny2: cp.async ring of each warp
 
 struct SkinnyArgs
 {
     void const* x;
     uint32_t const* w;
-    float const* scale;
-    float const* bias;
-    void* y;
+    EpilogueOp ep;      //!< y / xScale point at this launch's first token
     int32_t m;        //!< tokens in this launch (<= 8 * MT)
     int32_t n;        //!< weight rows
     int32_t k;
@@ -48,8 +45,7 @@ struct SkinnyArgs
     int32_t steps;    //!< ceil(kw / 16)
     int32_t warpsK;   //!< warps splitting K (1, 2, 4 or 8); kWARPS / warpsK warps split rows
     int32_t nTiles;   //!< n / 16
-    int32_t halfRows; //!< n / 2 (SwiGLU)
-    bool swiglu;
+    DecodeMagics magics;
     bool vecW;
 };
 
@@ -91,26 +87,22 @@ __device__ __forceinline__ void loadRowWords(
 //! tile p, v = 2p + 1 -> up tile p) so a CTA owning an even number of tiles owns both halves.
 __device__ __forceinline__ int32_t physTile(SkinnyArgs const& a, int32_t v)
 {
-    return a.swiglu ? ((v & 1) ? a.halfRows / 16 + (v >> 1) : (v >> 1)) : v;
+    return a.ep.swiglu ? ((v & 1) ? a.ep.halfRows / 16 + (v >> 1) : (v >> 1)) : v;
 }
 
 //! Two CTAs per SM (<= 128 registers) except where the activation registers of 4 words x MT
-//! tiles would spill under that cap; those variants run one CTA (8 warps) per SM.
+//! tiles would spill under that cap (MT = 2, R = 2 spilled 24 bytes on sm_90a once the decode
+//! magics moved into registers); those variants run one CTA (8 warps) per SM, which the planner
+//! counts.
 __host__ __device__ constexpr int skinnyMinBlocks(int mt, int r)
 {
-    return (mt == 4 || mt * r >= 8) ? 1 : 2;
+    return (mt == 4 || (mt == 2 && r == 2)) ? 1 : 2;
 }
 
-//! skinny2 ring depth in steps (one step = R tiles x 16 rows x 64 bytes).
-__host__ __device__ constexpr int ringSteps(int r)
-{
-    return kRING_BYTES_PER_WARP / (r * 1024);
-}
-
-template <typename T, int MT, int R, bool kASYNC>
+template <typename T, int MT, int R>
 __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel(SkinnyArgs const a)
 {
-    extern __shared__ float red[]; // kASYNC: the warps' weight rings first, then (aliased) red
+    extern __shared__ float red[];
 
     int const warp = threadIdx.x >> 5;
     int const lane = threadIdx.x & 31;
@@ -145,46 +137,10 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
     T const* x = static_cast<T const*>(a.x);
 
     // With kPREFETCH the next step's weights are requested before this step's math (register
-    // double buffer); the larger variants have no registers to spare for it. kASYNC streams them
-    // through the warp's shared-memory ring instead.
-    constexpr bool kPREFETCH = !kASYNC && MT * R <= 2;
-    constexpr int kRING = ringSteps(R);
+    // double buffer); the larger variants have no registers to spare for it.
+    constexpr bool kPREFETCH = MT * R <= 2;
     uint32_t wr[R][2][4];
-    char* const ring = reinterpret_cast<char*>(red) + warp * kRING_BYTES_PER_WARP;
-    uint32_t const ringAddr = kASYNC ? smemAddress(ring) : 0u;
-    // Copies the R tiles x 16 rows x 64 bytes of this warp's j-th step into ring slot j % kRING
-    // (two 16-byte copies per lane and tile; rows of tiles past N and words past K read nothing
-    // and land as zero codes, whose X columns are zero or whose rows are never stored), then
-    // commits one group, empty past the warp's last step.
-    auto issueStep = [&](int32_t j) {
-        int32_t const step = wk + j * a.warpsK;
-        if (step < a.steps)
-        {
-            uint32_t const slot = ringAddr + (j % kRING) * (R * 1024);
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                {
-                    int const id = lane + 32 * h;
-                    int const row = id >> 2;
-                    int const q = id & 3;
-                    int32_t const word = step * kSTEP_WORDS + 4 * q;
-                    bool const ok = rowOk[r] && word < a.kw;
-                    int64_t const srcRow = rowG[r] - g + row;
-                    uint32_t const* src = ok ? a.w + srcRow * a.kw + word : a.w;
-                    cpAsync16(slot + r * 1024 + row * 64 + q * 16, src, ok ? 16u : 0u);
-                }
-        }
-        cpAsyncCommit();
-    };
-    if (kASYNC)
-    {
-        for (int32_t j = 0; j < kRING - 1; ++j)
-        {
-            issueStep(j);
-        }
-    }
+    DecodeMagics const magics = a.magics;
     if (kPREFETCH)
     {
 #pragma unroll
@@ -195,40 +151,17 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
         }
     }
 
-    for (int32_t step = wk, j = 0; step < a.steps; step += a.warpsK, ++j)
+    for (int32_t step = wk; step < a.steps; step += a.warpsK)
     {
         int32_t const word0 = step * kSTEP_WORDS + 4 * t;
         uint32_t wn[R][2][4];
-        if (kASYNC)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
         {
-            // Slot j is complete once all but the newest kRING - 2 groups are; the slot refilled
-            // next is the one step j - 1 read, which every lane has finished (__syncwarp).
-            cpAsyncWait<kRING - 2>();
-            __syncwarp();
-            issueStep(j + kRING - 1);
-            char const* slot = ring + (j % kRING) * (R * 1024);
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                {
-                    uint4 const v = *reinterpret_cast<uint4 const*>(slot + r * 1024 + (g + 8 * h) * 64 + t * 16);
-                    wr[r][h][0] = v.x;
-                    wr[r][h][1] = v.y;
-                    wr[r][h][2] = v.z;
-                    wr[r][h][3] = v.w;
-                }
-        }
-        else
-        {
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-            {
-                // A step past the end loads nothing (words >= kw read as zero weights).
-                int32_t const loadWord0 = kPREFETCH ? word0 + a.warpsK * kSTEP_WORDS : word0;
-                loadRowWords(a, rowOk[r], rowG[r], loadWord0, kPREFETCH ? wn[r][0] : wr[r][0]);
-                loadRowWords(a, rowOk[r], rowG[r] + 8, loadWord0, kPREFETCH ? wn[r][1] : wr[r][1]);
-            }
+            // A step past the end loads nothing (words >= kw read as zero weights).
+            int32_t const loadWord0 = kPREFETCH ? word0 + a.warpsK * kSTEP_WORDS : word0;
+            loadRowWords(a, rowOk[r], rowG[r], loadWord0, kPREFETCH ? wn[r][0] : wr[r][0]);
+            loadRowWords(a, rowOk[r], rowG[r] + 8, loadWord0, kPREFETCH ? wn[r][1] : wr[r][1]);
         }
 
 #pragma unroll
@@ -281,8 +214,8 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
             {
                 uint32_t dg[8];
                 uint32_t d8[8];
-                decodeWordPairs<T>(wr[r][0][i], dg); // row g
-                decodeWordPairs<T>(wr[r][1][i], d8); // row g + 8
+                decodeWordPairs<T>(wr[r][0][i], magics, dg); // row g
+                decodeWordPairs<T>(wr[r][1][i], magics, d8); // row g + 8
 #pragma unroll
                 for (int s = 0; s < 4; ++s)
                 {
@@ -309,13 +242,6 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
         }
     }
 
-    if (kASYNC)
-    {
-        // The remaining groups are empty; red aliases the rings, which other warps may still read.
-        cpAsyncWait<0>();
-        __syncthreads();
-    }
-
     // Partial sums -> shared memory, token-major: red[wk][token][row], row stride rowsPerCta + 4
     // (the +4 keeps the 32 lanes of a store on distinct banks).
     int const stride = rowsPerCta + 4;
@@ -333,9 +259,8 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
             }
     __syncthreads();
 
-    T* y = static_cast<T*>(a.y);
     int const mRows = a.m < tokens ? a.m : tokens;
-    if (!a.swiglu)
+    if (!a.ep.swiglu)
     {
         for (int idx = threadIdx.x; idx < mRows * rowsPerCta; idx += kTHREADS)
         {
@@ -349,12 +274,7 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
                 {
                     s += red[(q * tokens + tok) * stride + rowLocal];
                 }
-                float v = s * a.scale[row];
-                if (a.bias != nullptr)
-                {
-                    v += a.bias[row];
-                }
-                y[static_cast<int64_t>(tok) * a.n + row] = Elem<T>::fromFloat(v);
+                a.ep.storeFeature(tok, row, s, a.ep.tokenScale(tok));
             }
         }
     }
@@ -368,7 +288,7 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
             int const pLocal = j >> 4;
             int const i = j & 15;
             int32_t const col = (ctaTile0 / 2 + pLocal) * 16 + i; // gate row == output column
-            if (col < a.halfRows)
+            if (col < a.ep.halfRows)
             {
                 int const gateLocal = (2 * pLocal) * 16 + i;
                 int const upLocal = gateLocal + 16;
@@ -379,15 +299,7 @@ __global__ void __launch_bounds__(kTHREADS, skinnyMinBlocks(MT, R)) skinnyKernel
                     sg += red[(q * tokens + tok) * stride + gateLocal];
                     su += red[(q * tokens + tok) * stride + upLocal];
                 }
-                int32_t const upRow = a.halfRows + col;
-                float gv = sg * a.scale[col];
-                float uv = su * a.scale[upRow];
-                if (a.bias != nullptr)
-                {
-                    gv += a.bias[col];
-                    uv += a.bias[upRow];
-                }
-                y[static_cast<int64_t>(tok) * a.halfRows + col] = Elem<T>::fromFloat(silu(gv) * uv);
+                a.ep.storeSwiglu(tok, col, sg, su, a.ep.tokenScale(tok));
             }
         }
     }
@@ -437,51 +349,24 @@ SkinnyPlan planSkinny(int32_t nTiles, int32_t steps, int mt, bool swiglu, int nu
     return best;
 }
 
-template <typename T, int MT, int R, bool kASYNC>
+template <typename T, int MT, int R>
 cudaError_t launchSkinnyT(SkinnyArgs const& a, cudaStream_t stream)
 {
     int const tilesPerCta = (kWARPS / a.warpsK) * R;
     int const ctas = (a.nTiles + tilesPerCta - 1) / tilesPerCta;
-    size_t smem = sizeof(float) * a.warpsK * (MT * 8) * (tilesPerCta * 16 + 4);
-    if (kASYNC)
-    {
-        constexpr size_t kRING_SMEM = static_cast<size_t>(kWARPS) * kRING_BYTES_PER_WARP;
-        smem = smem > kRING_SMEM ? smem : kRING_SMEM;
-        constexpr int kMAX_DEVICES = 64;
-        static bool configured[kMAX_DEVICES] = {};
-        int device = 0;
-        cudaError_t err = cudaGetDevice(&device);
-        if (err != cudaSuccess)
-        {
-            return err;
-        }
-        if (device < 0 || device >= kMAX_DEVICES || !configured[device])
-        {
-            // Largest the launch can ask for: the rings or the reduction buffer (<= 37 KB).
-            err = cudaFuncSetAttribute(skinnyKernel<T, MT, R, kASYNC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                static_cast<int>(kRING_SMEM > 48 * 1024 ? kRING_SMEM : 48 * 1024));
-            if (err != cudaSuccess)
-            {
-                return err;
-            }
-            if (device >= 0 && device < kMAX_DEVICES)
-            {
-                configured[device] = true;
-            }
-        }
-    }
-    skinnyKernel<T, MT, R, kASYNC><<<ctas, kTHREADS, smem, stream>>>(a);
+    size_t const smem = sizeof(float) * a.warpsK * (MT * 8) * (tilesPerCta * 16 + 4); // <= 37 KB
+    skinnyKernel<T, MT, R><<<ctas, kTHREADS, smem, stream>>>(a);
     return cudaGetLastError();
 }
 
 // Dispatch table: (MT, R) -> instantiation. MT = 8-token tiles, R = 16-row tiles per warp.
-template <typename T, bool kASYNC>
+template <typename T>
 cudaError_t dispatchSkinny(SkinnyArgs const& a, int mt, int r, cudaStream_t stream)
 {
 #define TERDIT_SKINNY_CASE(MT_, R_)                                                                              \
     if (mt == MT_ && r == R_)                                                                                    \
     {                                                                                                            \
-        return launchSkinnyT<T, MT_, R_, kASYNC>(a, stream);                                                     \
+        return launchSkinnyT<T, MT_, R_>(a, stream);                                                             \
     }
     TERDIT_SKINNY_CASE(1, 1)
     TERDIT_SKINNY_CASE(1, 2)
@@ -496,24 +381,21 @@ cudaError_t dispatchSkinny(SkinnyArgs const& a, int mt, int r, cudaStream_t stre
 
 } // namespace
 
-cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream, bool async)
+cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream)
 {
     TernaryMatmulParams const& p = ctx.p;
-    bool const swiglu = p.epilogue == Epilogue::kSWIGLU;
-    int64_t const outCols = swiglu ? p.n / 2 : p.n;
-    size_t const elem = p.dtype == DataType::kFLOAT ? 4 : 2;
+    EpilogueOp const ep = makeEpilogue(p);
+    int64_t const elem = xElementBytes(p);
 
     SkinnyArgs a{};
     a.w = reinterpret_cast<uint32_t const*>(p.w);
-    a.scale = p.scale;
-    a.bias = p.bias;
+    a.ep = ep;
     a.n = p.n;
     a.k = p.k;
     a.kw = p.k / 16;
     a.steps = (a.kw + kSTEP_WORDS - 1) / kSTEP_WORDS;
     a.nTiles = p.n / 16;
-    a.halfRows = p.n / 2;
-    a.swiglu = swiglu;
+    a.magics = decodeMagics(p);
     a.vecW = ctx.vecW;
 
     // Tokens beyond kSKINNY_MAX_M (only when the path is forced) run as further launches.
@@ -521,23 +403,14 @@ cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream, bool asy
     {
         int64_t const m = (p.m - m0) < kSKINNY_MAX_M ? (p.m - m0) : kSKINNY_MAX_M;
         int const mt = m <= 8 ? 1 : (m <= 16 ? 2 : 4);
-        SkinnyPlan const plan = planSkinny(a.nTiles, a.steps, mt, swiglu, ctx.numSMs);
+        SkinnyPlan const plan = planSkinny(a.nTiles, a.steps, mt, ep.swiglu, ctx.numSMs);
         a.x = static_cast<char const*>(p.x) + m0 * p.k * elem;
-        a.y = static_cast<char*>(p.y) + m0 * outCols * elem;
+        a.ep.y = static_cast<char*>(p.y) + m0 * ep.ldy * yElementBytes(p);
         a.m = static_cast<int32_t>(m);
         a.warpsK = plan.warpsK;
-        bool const ring = async && a.vecW; // the ring copies whole 16-byte word quads
-        cudaError_t err;
-        if (p.dtype == DataType::kBF16)
-        {
-            err = ring ? dispatchSkinny<__nv_bfloat16, true>(a, mt, plan.rowTiles, stream)
-                       : dispatchSkinny<__nv_bfloat16, false>(a, mt, plan.rowTiles, stream);
-        }
-        else
-        {
-            err = ring ? dispatchSkinny<__half, true>(a, mt, plan.rowTiles, stream)
-                       : dispatchSkinny<__half, false>(a, mt, plan.rowTiles, stream);
-        }
+        cudaError_t const err = p.dtype == DataType::kBF16
+            ? dispatchSkinny<__nv_bfloat16>(a, mt, plan.rowTiles, stream)
+            : dispatchSkinny<__half>(a, mt, plan.rowTiles, stream);
         if (err != cudaSuccess)
         {
             return err;

@@ -19,14 +19,14 @@
  *   tile kt is the one tile kt - 2 used, which every warpgroup has retired by then.
  * Tile configurations (features x tokens per CTA, 2 warpgroups): 128 x 256 (MW 1, NB 2),
  * 256 x 128 (MW 2, NB 1), 128 x 128 (MW 1, NB 1, two CTAs per SM); launchWgmma2 picks one with a
- * wave-quantization cost model, TERDIT_WGMMA2_TILE=128x256 | 256x128 | 128x128 forces one.
+ * wave-quantization cost model.
+ * This was the Hopper default until the warp-specialized TMA kernel (ternaryWgmma.cu) replaced it;
+ * it stays, reachable only as KernelPath::kWGMMA2 (bf16 / fp16), for one GPU run that measures
+ * both, and is deleted after it if the new kernel wins.
  * SwiGLU: as in the wgmma kernel, each warp's 16 rows are 8 gate rows and the 8 matching up rows.
  * The sm_80 build of this file holds empty kernels; the dispatcher only picks it on sm_90.
  */
 #include "ternaryCommon.cuh"
-
-#include <cstdlib>
-#include <cstring>
 
 namespace terdit
 {
@@ -44,14 +44,13 @@ struct W2Args
 {
     void const* x;
     uint32_t const* w;
-    float const* scale;
-    float const* bias;
-    void* y;
+    EpilogueOp ep; //!< y / xScale point at this launch's first token
     int32_t m;
     int32_t n;
     int32_t k;
     int32_t kw;
     int32_t halfRows;
+    uint32_t magicFrag;
     bool swiglu;
     bool vecW;
 };
@@ -179,7 +178,7 @@ struct W2Producer
 //! MW x 4 x NB wgmmas. Returns with the group in flight.
 template <typename T, int MW, int NB>
 __device__ __forceinline__ void w2Mma(float (&acc)[MW][NB][64], uint32_t (&af)[MW][4][4], uint32_t sx,
-    char const* swGeneric, int rowG, uint32_t shift, uint32_t selLo, uint32_t selHi)
+    char const* swGeneric, int rowG, uint32_t shift, uint32_t selLo, uint32_t selHi, uint32_t magic)
 {
 #pragma unroll
     for (int mw = 0; mw < MW; ++mw)
@@ -194,10 +193,10 @@ __device__ __forceinline__ void w2Mma(float (&acc)[MW][NB][64], uint32_t (&af)[M
         {
             uint32_t const xl = wlo[kk] >> shift;
             uint32_t const xh = whi[kk] >> shift;
-            af[mw][kk][0] = decodeFragPair<T>(xl, selLo); // row g, columns 2t, 2t + 1
-            af[mw][kk][1] = decodeFragPair<T>(xh, selLo); // row g + 8
-            af[mw][kk][2] = decodeFragPair<T>(xl, selHi); // row g, columns 2t + 8, 2t + 9
-            af[mw][kk][3] = decodeFragPair<T>(xh, selHi); // row g + 8
+            af[mw][kk][0] = decodeFragPair<T>(xl, selLo, magic); // row g, columns 2t, 2t + 1
+            af[mw][kk][1] = decodeFragPair<T>(xh, selLo, magic); // row g + 8
+            af[mw][kk][2] = decodeFragPair<T>(xl, selHi, magic); // row g, columns 2t + 8, 2t + 9
+            af[mw][kk][3] = decodeFragPair<T>(xh, selHi, magic); // row g + 8
         }
     }
 #pragma unroll
@@ -297,6 +296,7 @@ __global__ void __launch_bounds__(kW2_THREADS, W2Tile<MW, NB>::kMIN_BLOCKS) w2Ke
     uint32_t const shift = 4u * (t & 1);
     uint32_t const selLo = fragSelector(t >> 1);
     uint32_t const selHi = fragSelector(2 + (t >> 1));
+    uint32_t const magic = a.magicFrag;
 
     // One k tile: wait for its stage, refill the stage tile kt - 2 used, decode + issue, then
     // retire tile kt - 1 (wait_group 1) so its A registers and stage become free.
@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(kW2_THREADS, W2Tile<MW, NB>::kMIN_BLOCKS) w2Ke
         cpAsyncCommit();
         int const stage = kt % kW2_STAGES;
         w2Mma<T, MW, NB>(acc, afCur, smemBase + stage * Tile::kSTAGE_BYTES,
-            smemGeneric + stage * Tile::kSTAGE_BYTES + Tile::kX_BYTES, rowG, shift, selLo, selHi);
+            smemGeneric + stage * Tile::kSTAGE_BYTES + Tile::kX_BYTES, rowG, shift, selLo, selHi, magic);
         wgmmaWait<1>();
         w2PinFragments<MW>(afPrev);
     };
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kW2_THREADS, W2Tile<MW, NB>::kMIN_BLOCKS) w2Ke
 
     // Accumulator element 4j + e of n128 tile nb: feature row g (+8 for e >= 2) of the warp's 16,
     // token 128 nb + 8j + 2t + (e & 1).
-    T* y = static_cast<T*>(a.y);
+    EpilogueOp const& ep = a.ep;
 #pragma unroll
     for (int mw = 0; mw < MW; ++mw)
     {
@@ -352,12 +352,6 @@ __global__ void __launch_bounds__(kW2_THREADS, W2Tile<MW, NB>::kMIN_BLOCKS) w2Ke
         {
             int32_t const f0 = fb * Tile::kFEATURES + unit * 16 + g;
             int32_t const f1 = f0 + 8;
-            bool const ok0 = f0 < a.n;
-            bool const ok1 = f1 < a.n;
-            float const s0 = ok0 ? a.scale[f0] : 0.0f;
-            float const s1 = ok1 ? a.scale[f1] : 0.0f;
-            float const b0 = (ok0 && a.bias != nullptr) ? a.bias[f0] : 0.0f;
-            float const b1 = (ok1 && a.bias != nullptr) ? a.bias[f1] : 0.0f;
 #pragma unroll
             for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -368,13 +362,13 @@ __global__ void __launch_bounds__(kW2_THREADS, W2Tile<MW, NB>::kMIN_BLOCKS) w2Ke
                         int64_t const tok = m0 + nb * 128 + j * 8 + 2 * t + e;
                         if (tok < a.m)
                         {
-                            if (ok0)
+                            if (f0 < a.n)
                             {
-                                y[tok * a.n + f0] = Elem<T>::fromFloat(acc[mw][nb][4 * j + e] * s0 + b0);
+                                ep.storeFeature(tok, f0, acc[mw][nb][4 * j + e], 1.0f);
                             }
-                            if (ok1)
+                            if (f1 < a.n)
                             {
-                                y[tok * a.n + f1] = Elem<T>::fromFloat(acc[mw][nb][4 * j + 2 + e] * s1 + b1);
+                                ep.storeFeature(tok, f1, acc[mw][nb][4 * j + 2 + e], 1.0f);
                             }
                         }
                     }
@@ -384,11 +378,6 @@ __global__ void __launch_bounds__(kW2_THREADS, W2Tile<MW, NB>::kMIN_BLOCKS) w2Ke
             int32_t const col = fb * (Tile::kFEATURES / 2) + unit * 8 + g;
             if (col < a.halfRows)
             {
-                int32_t const up = a.halfRows + col;
-                float const sg = a.scale[col];
-                float const su = a.scale[up];
-                float const bg = a.bias != nullptr ? a.bias[col] : 0.0f;
-                float const bu = a.bias != nullptr ? a.bias[up] : 0.0f;
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -399,9 +388,7 @@ __global__ void __launch_bounds__(kW2_THREADS, W2Tile<MW, NB>::kMIN_BLOCKS) w2Ke
                             int64_t const tok = m0 + nb * 128 + j * 8 + 2 * t + e;
                             if (tok < a.m)
                             {
-                                float const gv = acc[mw][nb][4 * j + e] * sg + bg;
-                                float const uv = acc[mw][nb][4 * j + 2 + e] * su + bu;
-                                y[tok * a.halfRows + col] = Elem<T>::fromFloat(silu(gv) * uv);
+                                ep.storeSwiglu(tok, col, acc[mw][nb][4 * j + e], acc[mw][nb][4 * j + 2 + e], 1.0f);
                             }
                         }
             }
@@ -414,38 +401,22 @@ template <typename T, int MW, int NB>
 cudaError_t launchW2T(W2Args a, int64_t mTotal, cudaStream_t stream)
 {
     using Tile = W2Tile<MW, NB>;
-    constexpr int kMAX_DEVICES = 64;
-    static bool configured[kMAX_DEVICES] = {};
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
+    cudaError_t err = configureSmem<w2Kernel<T, MW, NB>>(Tile::kSMEM_BYTES);
     if (err != cudaSuccess)
     {
         return err;
-    }
-    if (device < 0 || device >= kMAX_DEVICES || !configured[device])
-    {
-        err = cudaFuncSetAttribute(w2Kernel<T, MW, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-            Tile::kSMEM_BYTES);
-        if (err != cudaSuccess)
-        {
-            return err;
-        }
-        if (device >= 0 && device < kMAX_DEVICES)
-        {
-            configured[device] = true;
-        }
     }
     int64_t const outCols = a.swiglu ? a.halfRows : a.n;
     int const gridX = a.swiglu ? (a.halfRows + Tile::kFEATURES / 2 - 1) / (Tile::kFEATURES / 2)
                                : (a.n + Tile::kFEATURES - 1) / Tile::kFEATURES;
     int64_t const chunk = static_cast<int64_t>(kW2_MAX_GRID_Y) * Tile::kTOKENS;
     char const* x0 = static_cast<char const*>(a.x);
-    char* y0 = static_cast<char*>(a.y);
+    char* y0 = static_cast<char*>(a.ep.y);
     for (int64_t m0 = 0; m0 < mTotal; m0 += chunk)
     {
         int64_t const m = (mTotal - m0) < chunk ? (mTotal - m0) : chunk;
         a.x = x0 + m0 * a.k * 2;
-        a.y = y0 + m0 * outCols * 2;
+        a.ep.y = y0 + m0 * outCols * 2;
         a.m = static_cast<int32_t>(m);
         dim3 const grid(gridX, static_cast<unsigned>((m + Tile::kTOKENS - 1) / Tile::kTOKENS));
         w2Kernel<T, MW, NB><<<grid, kW2_THREADS, Tile::kSMEM_BYTES, stream>>>(a);
@@ -465,32 +436,6 @@ enum class W2Config
     k256x128,
     k128x128,
 };
-
-//! TERDIT_WGMMA2_TILE forces a configuration (benchmarks); anything else lets the model choose.
-bool w2ConfigFromEnv(W2Config& out)
-{
-    char const* env = std::getenv("TERDIT_WGMMA2_TILE");
-    if (env == nullptr)
-    {
-        return false;
-    }
-    if (std::strcmp(env, "128x256") == 0)
-    {
-        out = W2Config::k128x256;
-        return true;
-    }
-    if (std::strcmp(env, "256x128") == 0)
-    {
-        out = W2Config::k256x128;
-        return true;
-    }
-    if (std::strcmp(env, "128x128") == 0)
-    {
-        out = W2Config::k128x128;
-        return true;
-    }
-    return false;
-}
 
 //! Wave-quantization cost model: the busiest SM runs ceil(tiles / numSMs) CTA tiles (co-resident
 //! CTAs share it), each worth its MMA work, with a 15% penalty on the small tile (more decode and
@@ -541,15 +486,19 @@ cudaError_t launchWgmma2(LaunchContext const& ctx, cudaStream_t stream)
 {
     TernaryMatmulParams const& p = ctx.p;
     W2Args a{};
-    fillTileArgs(a, p);
+    a.x = p.x;
+    a.w = reinterpret_cast<uint32_t const*>(p.w);
+    a.ep = makeEpilogue(p);
+    a.n = p.n;
+    a.k = p.k;
+    a.kw = p.k / 16;
+    a.halfRows = p.n / 2;
+    a.swiglu = a.ep.swiglu;
+    a.magicFrag = decodeMagics(p).frag;
     a.vecW = ctx.vecW;
 
     // Weight rows per CTA tile are the same with SwiGLU (it halves rows and output columns alike).
-    W2Config config;
-    if (!w2ConfigFromEnv(config))
-    {
-        config = w2Choose(p.m, p.n, ctx.numSMs);
-    }
+    W2Config const config = w2Choose(p.m, p.n, ctx.numSMs);
     return p.dtype == DataType::kBF16 ? launchW2Config<__nv_bfloat16>(a, p.m, config, stream)
                                       : launchW2Config<__half>(a, p.m, config, stream);
 }

@@ -1,5 +1,5 @@
 """Builds the CPU emulation of libterdit_kernels.so: the real kernel sources of plugins/kernels
-(and the C ABI of plugins/torch) compiled with g++ against fake/emu.h and the emulated
+(and the C ABI of plugins/kernels_capi) compiled with g++ against fake/emu.h and the emulated
 ternaryPtx.cuh in this folder. The only rewrites of the sources are mechanical: kernel launches
 `k<<<grid, block, smem, stream>>>(args)` become `emu::launch(k, grid, block, smem, stream, args)`,
 `extern __shared__` arrays become the CTA's dynamic shared memory and static `__shared__` arrays
@@ -14,7 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 KERNELS = REPO / "plugins" / "kernels"
-C_API = REPO / "plugins" / "torch" / "terditKernelsC.cpp"
+C_API = REPO / "plugins" / "kernels_capi" / "terditKernelsC.cpp"
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<([^;]*?)>>>\(([^;]*)\);")
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")

@@ -1,7 +1,9 @@
 // Emulated stand-in for plugins/kernels/ternaryPtx.cuh (same functions, same signatures), used
 // by the CPU kernel emulator. Fragment layouts follow the PTX ISA sections "Matrix Fragments for
-// mma.m16n8k16 with floating point type", "ldmatrix" and "Register Fragments ... wgmma.m64nNk16";
-// the wgmma B operand is read through the K-major 128-byte-swizzle descriptor model.
+// mma.m16n8k16 / m16n8k32", "ldmatrix" and "Register Fragments ... wgmma.m64nNk16 / m64nNk32";
+// the wgmma B operand is read through the K-major 128-byte-swizzle descriptor model; e4m3 values
+// are exact (emu::e4m3ToFloat), sums fp32 in k order. mbarrier phases and the bulk tensor copy
+// (TMA, 128-byte swizzle on the shared side, zero fill out of bounds) are modelled below.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda.h"
 #include "emu.h"
 
 namespace terdit
@@ -113,6 +116,57 @@ inline void ldmatrixX4(uint32_t (&r)[4], uint32_t smemAddr)
     emu::syncWarp();
 }
 
+#define TERDIT_FP8_MMA 1
+
+//! mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32: A 16 x 32 (a0: row g, columns 4t .. 4t + 3
+//! (bytes 0..3); a1: row g + 8; a2 / a3: columns 16 + 4t ..), B 32 x 8 (b0: rows 4t .., column g;
+//! b1: rows 16 + 4t ..), C / D as m16n8k16.
+inline void mma16832E4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    auto& slots = emu::tls.cta->slots;
+    unsigned const lane = emu::laneId();
+    unsigned const base = emu::warpId() * 32;
+    auto& my = slots[base + lane];
+    my.u[0] = a0;
+    my.u[1] = a1;
+    my.u[2] = a2;
+    my.u[3] = a3;
+    my.u[4] = b0;
+    my.u[5] = b1;
+    emu::syncWarp();
+    float A[16][32];
+    float B[32][8];
+    for (unsigned l = 0; l < 32; ++l)
+    {
+        auto const& s = slots[base + l];
+        unsigned const g = l >> 2;
+        unsigned const t = l & 3;
+        for (int e = 0; e < 4; ++e)
+        {
+            A[g][4 * t + e] = emu::e4m3ToFloat(static_cast<uint8_t>(s.u[0] >> (8 * e)));
+            A[g + 8][4 * t + e] = emu::e4m3ToFloat(static_cast<uint8_t>(s.u[1] >> (8 * e)));
+            A[g][16 + 4 * t + e] = emu::e4m3ToFloat(static_cast<uint8_t>(s.u[2] >> (8 * e)));
+            A[g + 8][16 + 4 * t + e] = emu::e4m3ToFloat(static_cast<uint8_t>(s.u[3] >> (8 * e)));
+            B[4 * t + e][g] = emu::e4m3ToFloat(static_cast<uint8_t>(s.u[4] >> (8 * e)));
+            B[16 + 4 * t + e][g] = emu::e4m3ToFloat(static_cast<uint8_t>(s.u[5] >> (8 * e)));
+        }
+    }
+    emu::syncWarp();
+    unsigned const g = lane >> 2;
+    unsigned const t = lane & 3;
+    for (int i = 0; i < 4; ++i)
+    {
+        unsigned const row = g + ((i & 2) ? 8 : 0);
+        unsigned const col = 2 * t + (i & 1);
+        float acc = d[i];
+        for (int k = 0; k < 32; ++k)
+        {
+            acc += A[row][k] * B[k][col];
+        }
+        d[i] = acc;
+    }
+}
+
 //! cp.async: recorded now, performed when a cp.async.wait_group retires its group.
 inline void cpAsyncN(uint32_t dst, void const* src, uint32_t bytes, uint32_t srcBytes)
 {
@@ -204,39 +258,55 @@ inline uint4 ldgCached16(void const* p)
 // kernels write the A fragments before each group, and PTX requires the fence between such
 // writes and the wgmma reading them).
 
+//! Operand tag of the e4m3 wgmma.
+struct E4m3Operand
+{
+};
+
 namespace detail
 {
-//! B element (token n, column k) of a K-major, 128-byte-swizzle descriptor.
-inline uint16_t wgmmaB(uint64_t descB, unsigned n, unsigned k)
+template <typename Op>
+constexpr int wgmmaKind()
+{
+    return std::is_same<Op, __nv_bfloat16>::value ? 0 : (std::is_same<Op, __half>::value ? 1 : 2);
+}
+
+//! Bytes of B element (token n, byte b of its row's k slice) of a K-major, 128-byte-swizzle
+//! descriptor.
+inline uint8_t wgmmaBByte(uint64_t descB, unsigned n, unsigned b)
 {
     uint32_t const start = static_cast<uint32_t>(descB & 0x3FFF) << 4;
     uint32_t const sbo = static_cast<uint32_t>((descB >> 32) & 0x3FFF) << 4;
-    uint32_t addr = start + (n >> 3) * sbo + (n & 7) * 128 + k * 2;
+    uint32_t addr = start + (n >> 3) * sbo + (n & 7) * 128 + b;
     addr ^= ((addr >> 7) & 7u) << 4; // 128-byte swizzle: 16-byte chunk ^= row within 8
-    uint16_t bits;
-    std::memcpy(&bits, emu::sharedPtr(addr), 2);
-    return bits;
+    return *emu::sharedPtr(addr);
 }
 
-inline std::vector<uint16_t> wgmmaBTile(uint64_t descB)
+//! The B tile a wgmma reads: N rows x 32 bytes (16 bf16 / fp16 or 32 e4m3 columns).
+inline std::vector<uint8_t> wgmmaBTile(uint64_t descB, int n)
 {
-    std::vector<uint16_t> tile(128 * 16);
-    for (unsigned n = 0; n < 128; ++n)
+    std::vector<uint8_t> tile(static_cast<size_t>(n) * 32);
+    for (int r = 0; r < n; ++r)
     {
-        for (unsigned k = 0; k < 16; ++k)
+        for (unsigned b = 0; b < 32; ++b)
         {
-            tile[n * 16 + k] = wgmmaB(descB, n, k);
+            tile[r * 32 + b] = wgmmaBByte(descB, r, b);
         }
     }
     return tile;
 }
 
-inline float toFloat(uint16_t bits, bool bf16)
+inline float bElement(std::vector<uint8_t> const& tile, int kind, unsigned n, unsigned k)
 {
-    return bf16 ? emu::bf16ToFloat(bits) : emu::halfToFloat(bits);
+    if (kind == 2)
+    {
+        return emu::e4m3ToFloat(tile[n * 32 + k]);
+    }
+    uint16_t const bits = static_cast<uint16_t>(tile[n * 32 + 2 * k] | (tile[n * 32 + 2 * k + 1] << 8));
+    return kind == 0 ? emu::bf16ToFloat(bits) : emu::halfToFloat(bits);
 }
 
-//! Performs one retiring wgmma m64n128k16 (all 128 threads of the warpgroup call this together).
+//! Performs one retiring wgmma (all 128 threads of the warpgroup call this together).
 inline void wgmmaPerform(emu::PendingMma const& op)
 {
     auto& slots = emu::tls.cta->slots;
@@ -249,7 +319,7 @@ inline void wgmmaPerform(emu::PendingMma const& op)
     {
         emu::fail("wgmma: A fragment registers were overwritten while the wgmma was in flight");
     }
-    if (op.checkD && std::memcmp(op.d, op.dSnap, sizeof(op.dSnap)) != 0)
+    if (op.checkD && std::memcmp(op.d, op.dSnap.data(), sizeof(float) * op.nAcc) != 0)
     {
         emu::fail("wgmma: accumulator registers were modified while the wgmma was in flight");
     }
@@ -261,45 +331,65 @@ inline void wgmmaPerform(emu::PendingMma const& op)
     {
         emu::fail("wgmma: lanes of a warpgroup passed different descriptors");
     }
-    if (l == 0 && wgmmaBTile(op.desc) != op.bSnap)
+    int const n = op.nAcc * 2;
+    std::vector<uint8_t> const tile = wgmmaBTile(op.desc, n);
+    if (l == 0 && tile != op.bSnap)
     {
         emu::fail("wgmma: shared memory of the B tile changed while the wgmma was in flight");
     }
-    float A[64][16];
+    int const kDim = op.kind == 2 ? 32 : 16;
+    float A[64][32];
     for (unsigned q = 0; q < 128; ++q)
     {
         auto const& sq = slots[base + q];
         unsigned const w = q >> 5;
         unsigned const g = (q & 31) >> 2;
         unsigned const t = q & 3;
-        for (int e = 0; e < 2; ++e)
+        if (op.kind == 2)
         {
-            A[16 * w + g][2 * t + e] = toFloat(static_cast<uint16_t>(sq.u[0] >> (16 * e)), op.bf16);
-            A[16 * w + g + 8][2 * t + e] = toFloat(static_cast<uint16_t>(sq.u[1] >> (16 * e)), op.bf16);
-            A[16 * w + g][2 * t + 8 + e] = toFloat(static_cast<uint16_t>(sq.u[2] >> (16 * e)), op.bf16);
-            A[16 * w + g + 8][2 * t + 8 + e] = toFloat(static_cast<uint16_t>(sq.u[3] >> (16 * e)), op.bf16);
+            for (int e = 0; e < 4; ++e)
+            {
+                A[16 * w + g][4 * t + e] = emu::e4m3ToFloat(static_cast<uint8_t>(sq.u[0] >> (8 * e)));
+                A[16 * w + g + 8][4 * t + e] = emu::e4m3ToFloat(static_cast<uint8_t>(sq.u[1] >> (8 * e)));
+                A[16 * w + g][16 + 4 * t + e] = emu::e4m3ToFloat(static_cast<uint8_t>(sq.u[2] >> (8 * e)));
+                A[16 * w + g + 8][16 + 4 * t + e] = emu::e4m3ToFloat(static_cast<uint8_t>(sq.u[3] >> (8 * e)));
+            }
+        }
+        else
+        {
+            bool const bf = op.kind == 0;
+            auto h = [bf](uint32_t r, int e) {
+                uint16_t const bits = static_cast<uint16_t>(r >> (16 * e));
+                return bf ? emu::bf16ToFloat(bits) : emu::halfToFloat(bits);
+            };
+            for (int e = 0; e < 2; ++e)
+            {
+                A[16 * w + g][2 * t + e] = h(sq.u[0], e);
+                A[16 * w + g + 8][2 * t + e] = h(sq.u[1], e);
+                A[16 * w + g][2 * t + 8 + e] = h(sq.u[2], e);
+                A[16 * w + g + 8][2 * t + 8 + e] = h(sq.u[3], e);
+            }
         }
     }
     emu::syncGroup();
     unsigned const w = l >> 5;
     unsigned const g = (l & 31) >> 2;
     unsigned const t = l & 3;
-    for (int i = 0; i < 64; ++i)
+    for (int i = 0; i < op.nAcc; ++i)
     {
         unsigned const row = 16 * w + g + ((i & 2) ? 8 : 0);
-        unsigned const n = 8 * (i >> 2) + 2 * t + (i & 1);
-        float acc = op.d[i];
-        for (unsigned k = 0; k < 16; ++k)
+        unsigned const col = 8 * (i >> 2) + 2 * t + (i & 1);
+        float acc = op.accumulate ? op.d[i] : 0.0f;
+        for (int k = 0; k < kDim; ++k)
         {
-            acc += A[row][k] * toFloat(wgmmaB(op.desc, n, k), op.bf16);
+            acc += A[row][k] * bElement(tile, op.kind, col, k);
         }
         op.d[i] = acc;
     }
 }
 
-template <typename T>
-inline void wgmmaIssue(float (&d)[64], uint32_t const* aRef, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-    uint64_t descB)
+inline void wgmmaIssue(float* d, int nAcc, int kind, uint32_t const* aRef, uint32_t const (&a)[4], uint64_t descB,
+    bool accumulate)
 {
     if (!emu::tls.mmaFenced)
     {
@@ -311,13 +401,12 @@ inline void wgmmaIssue(float (&d)[64], uint32_t const* aRef, uint32_t a0, uint32
     }
     emu::PendingMma op;
     op.d = d;
+    op.nAcc = nAcc;
+    op.kind = kind;
     op.aRef = aRef;
-    op.a[0] = a0;
-    op.a[1] = a1;
-    op.a[2] = a2;
-    op.a[3] = a3;
+    std::memcpy(op.a, a, sizeof(op.a));
     op.desc = descB;
-    op.bf16 = std::is_same<T, __nv_bfloat16>::value;
+    op.accumulate = accumulate;
     op.checkD = true;
     for (auto const& other : emu::tls.mmas)
     {
@@ -328,30 +417,30 @@ inline void wgmmaIssue(float (&d)[64], uint32_t const* aRef, uint32_t a0, uint32
     }
     if (op.checkD)
     {
-        std::memcpy(op.dSnap, d, sizeof(op.dSnap));
+        op.dSnap.assign(d, d + nAcc);
     }
     if ((emu::tls.thread.x & 127) == 0)
     {
-        op.bSnap = wgmmaBTile(descB);
+        op.bSnap = wgmmaBTile(descB, nAcc * 2);
     }
     emu::tls.mmas.push_back(std::move(op));
 }
 } // namespace detail
 
-//! wgmma.mma_async m64n128k16, A in registers (warp w of the warpgroup holds rows 16w .. 16w + 15
-//! in the mma.m16n8k16 A layout), B = 128 x 16 from shared memory via a K-major, 128-byte-swizzle
-//! descriptor, D: element 4j + e of lane (g, t) in warp w = row 16w + g (+8 for e >= 2),
-//! column 8j + 2t + (e & 1).
-template <typename T>
-inline void wgmmaM64N128K16(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t descB)
+//! wgmma.mma_async m64nNk16 (bf16 / fp16) or m64nNk32 (e4m3), A in registers (warp w of the
+//! warpgroup: rows 16w .. 16w + 15 in the mma.m16n8k16 / m16n8k32 A layout), B = N x k from shared
+//! memory via a K-major, 128-byte-swizzle descriptor, D: element 4j + e of lane (g, t) in warp w =
+//! row 16w + g (+8 for e >= 2), column 8j + 2t + (e & 1); `accumulate` 0 overwrites D.
+template <typename Op, int N>
+inline void wgmmaRS(float (&d)[N / 2], uint32_t const (&a)[4], uint64_t descB, uint32_t accumulate)
 {
-    detail::wgmmaIssue<T>(d, nullptr, a0, a1, a2, a3, descB);
+    detail::wgmmaIssue(d, N / 2, detail::wgmmaKind<Op>(), a, a, descB, accumulate != 0);
 }
 
 template <typename T>
 inline void wgmmaM64N128K16(float (&d)[64], uint32_t const (&a)[4], uint64_t descB)
 {
-    detail::wgmmaIssue<T>(d, a, a[0], a[1], a[2], a[3], descB);
+    wgmmaRS<T, 128>(d, a, descB, 1u);
 }
 
 inline void wgmmaFence()
@@ -401,6 +490,204 @@ inline void wgmmaWaitAll()
 inline void fenceProxyAsync() {}
 inline void pin(float&) {}
 inline void pin(uint32_t&) {}
+
+//! setmaxnreg: registers are not modelled (ptxas checks the budget in the real build).
+template <int kREGS, bool kINC>
+inline void setMaxRegisters()
+{
+}
+
+// ---- mbarrier and the bulk tensor copy engine -------------------------------------------------
+//
+// An mbarrier completes a phase when all `count` arrivals of the phase have happened and its
+// transaction count is back to zero. Bulk tensor copies are recorded at issue and land (copy,
+// then complete_tx of their bytes) when some thread waits on their barrier, so a kernel that
+// reads a stage without waiting on its barrier reads poison; a copy nobody waits for fails the
+// kernel at exit. A wait that never completes fails after 60 s (a deadlock in the protocol).
+
+namespace detail
+{
+inline emu::Cta::Mbar& mbarLocked(uint32_t bar)
+{
+    auto& mbars = emu::tls.cta->mbars;
+    auto it = mbars.find(bar);
+    if (it == mbars.end())
+    {
+        emu::fail("mbarrier used before mbarrier.init");
+    }
+    return it->second;
+}
+
+inline void mbarCompleteLocked(emu::Cta::Mbar& m)
+{
+    if (m.pending < 0)
+    {
+        emu::fail("mbarrier: more arrivals than its count in one phase");
+    }
+    if (m.pending == 0 && m.tx == 0)
+    {
+        ++m.phase;
+        m.pending = m.count;
+    }
+}
+
+inline void bulkPerformLocked(emu::Cta::Bulk const& c)
+{
+    emu::TmaDesc d;
+    std::memcpy(&d, c.map, sizeof(d));
+    uint32_t total = 1;
+    for (uint32_t i = 0; i < d.rank; ++i)
+    {
+        total *= d.box[i];
+    }
+    uint8_t* const smem = emu::tls.cta->smemBase();
+    for (uint32_t idx = 0; idx < total; ++idx)
+    {
+        uint32_t rem = idx;
+        bool inside = true;
+        uint64_t offset = 0;
+        for (uint32_t i = 0; i < d.rank; ++i)
+        {
+            int64_t const coord = static_cast<int64_t>(c.coords[i]) + rem % d.box[i];
+            rem /= d.box[i];
+            if (coord < 0 || static_cast<uint64_t>(coord) >= d.dims[i])
+            {
+                inside = false;
+            }
+            offset += static_cast<uint64_t>(coord) * d.strides[i];
+        }
+        for (uint32_t b = 0; b < d.elemBytes; ++b)
+        {
+            uint32_t addr = c.dst + idx * d.elemBytes + b;
+            if (d.swizzle128)
+            {
+                addr ^= ((addr >> 7) & 7u) << 4;
+            }
+            if (addr >= emu::tls.cta->smem.size() - 1024)
+            {
+                emu::fail("bulk tensor copy out of the dynamic shared memory");
+            }
+            smem[addr] = inside ? d.base[offset + b] : 0; // out of bounds: zero fill
+        }
+    }
+    auto& m = mbarLocked(c.bar);
+    m.tx -= static_cast<int64_t>(total) * d.elemBytes;
+    mbarCompleteLocked(m);
+}
+
+inline void tmaLoad(uint32_t dst, void const* map, uint32_t bar, std::initializer_list<int32_t> coords)
+{
+    emu::TmaDesc d;
+    std::memcpy(&d, map, sizeof(d));
+    if (coords.size() != d.rank)
+    {
+        emu::fail("bulk tensor copy: coordinate count differs from the tensor map's rank");
+    }
+    if (dst % (d.swizzle128 ? 1024u : 128u) != 0)
+    {
+        emu::fail("bulk tensor copy: shared destination misaligned (128 B, 1024 B with 128-byte swizzle)");
+    }
+    emu::Cta::Bulk c{};
+    std::memcpy(c.map, map, sizeof(c.map));
+    int i = 0;
+    for (int32_t v : coords)
+    {
+        c.coords[i++] = v;
+    }
+    c.dst = dst;
+    c.bar = bar;
+    std::lock_guard<std::mutex> lock(emu::tls.cta->mbarMutex);
+    mbarLocked(bar); // must exist
+    emu::tls.cta->bulk.push_back(c);
+}
+} // namespace detail
+
+inline void mbarInit(uint32_t bar, uint32_t count)
+{
+    if (bar % 8 != 0)
+    {
+        emu::fail("mbarrier not 8-byte aligned");
+    }
+    emu::sharedPtr(bar + 7);
+    std::lock_guard<std::mutex> lock(emu::tls.cta->mbarMutex);
+    emu::Cta::Mbar m;
+    m.count = static_cast<int>(count);
+    m.pending = static_cast<int>(count);
+    emu::tls.cta->mbars[bar] = m;
+}
+
+inline void fenceMbarrierInit() {}
+
+inline void mbarArriveExpectTx(uint32_t bar, uint32_t bytes)
+{
+    std::lock_guard<std::mutex> lock(emu::tls.cta->mbarMutex);
+    auto& m = detail::mbarLocked(bar);
+    m.tx += bytes;
+    --m.pending;
+    detail::mbarCompleteLocked(m);
+}
+
+inline void mbarArrive(uint32_t bar)
+{
+    std::lock_guard<std::mutex> lock(emu::tls.cta->mbarMutex);
+    auto& m = detail::mbarLocked(bar);
+    --m.pending;
+    detail::mbarCompleteLocked(m);
+}
+
+inline bool mbarTryWait(uint32_t bar, uint32_t parity)
+{
+    bool done;
+    {
+        std::lock_guard<std::mutex> lock(emu::tls.cta->mbarMutex);
+        auto& bulk = emu::tls.cta->bulk;
+        std::vector<emu::Cta::Bulk> keep;
+        std::vector<emu::Cta::Bulk> land;
+        for (auto const& c : bulk)
+        {
+            (c.bar == bar ? land : keep).push_back(c);
+        }
+        bulk.swap(keep);
+        for (auto const& c : land)
+        {
+            detail::bulkPerformLocked(c);
+        }
+        done = (detail::mbarLocked(bar).phase & 1u) != (parity & 1u);
+    }
+    if (!done)
+    {
+        std::this_thread::yield();
+    }
+    return done;
+}
+
+inline void mbarWait(uint32_t bar, uint32_t parity)
+{
+    // Back off after a few polls: hundreds of waiting threads that only yield would starve the
+    // one producer thread that can complete the phase (the CPU has a few cores, not an SM).
+    auto const start = std::chrono::steady_clock::now();
+    for (int polls = 0; !mbarTryWait(bar, parity); ++polls)
+    {
+        if (polls >= 16)
+        {
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+        if (std::chrono::steady_clock::now() - start > std::chrono::seconds(60))
+        {
+            emu::fail("mbarrier wait did not complete in 60 s (deadlock in the pipeline protocol)");
+        }
+    }
+}
+
+inline void tmaLoad2d(uint32_t dst, void const* map, uint32_t bar, int32_t c0, int32_t c1)
+{
+    detail::tmaLoad(dst, map, bar, {c0, c1});
+}
+
+inline void tmaLoad3d(uint32_t dst, void const* map, uint32_t bar, int32_t c0, int32_t c1, int32_t c2)
+{
+    detail::tmaLoad(dst, map, bar, {c0, c1, c2});
+}
 
 } // namespace kernels
 } // namespace terdit

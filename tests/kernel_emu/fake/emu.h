@@ -9,8 +9,10 @@
 // index math and data flow under these models of the instructions, not the hardware itself.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -28,6 +30,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+#define __grid_constant__
 #define __CUDA_ARCH_FEAT_SM90_ALL 1
 
 // ---- runtime types -------------------------------------------------------------------------
@@ -37,6 +40,7 @@ enum cudaError_t
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
     cudaErrorInvalidConfiguration = 9,
+    cudaErrorNotSupported = 801,
     cudaErrorLaunchFailure = 719,
 };
 using cudaError = cudaError_t;
@@ -46,6 +50,7 @@ enum cudaDeviceAttr
 {
     cudaDevAttrMultiProcessorCount = 16,
     cudaDevAttrComputeCapabilityMajor = 75,
+    cudaDevAttrComputeCapabilityMinor = 76,
 };
 
 enum cudaFuncAttribute
@@ -63,6 +68,20 @@ struct alignas(16) uint4
 {
     unsigned x, y, z, w;
 };
+struct alignas(8) uint2
+{
+    unsigned x, y;
+};
+struct alignas(8) float2
+{
+    float x, y;
+};
+struct alignas(16) float4
+{
+    float x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 // ---- fp16 / bf16 -----------------------------------------------------------------------------
 
@@ -150,6 +169,47 @@ inline uint16_t floatToBf16(float f)
     u += 0x7FFFu + ((u >> 16) & 1u);
     return static_cast<uint16_t>(u >> 16);
 }
+//! float -> e4m3 (e4m3fn: bias 7, no infinity, 0x7F NaN), round to nearest even, saturating at
+//! +-448 (cvt.rn.satfinite.e4m3x2.f32).
+inline uint8_t floatToE4m3(float f)
+{
+    if (std::isnan(f))
+    {
+        return 0x7F;
+    }
+    uint8_t const sign = std::signbit(f) ? 0x80 : 0x00;
+    float const a = std::fabs(f);
+    if (a >= 448.0f)
+    {
+        return sign | 0x7E;
+    }
+    if (a < 0.015625f) // below 2^-6: subnormal steps of 2^-9; q = 8 is the smallest normal, bits 0x08
+    {
+        return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+    }
+    int ex;
+    float const m = std::frexp(a, &ex); // a = m 2^ex, m in [0.5, 1)
+    int e = ex - 1;                      // a = (2m) 2^e, 2m in [1, 2)
+    int q = static_cast<int>(std::nearbyint((2.0f * m - 1.0f) * 8.0f));
+    if (q == 8)
+    {
+        q = 0;
+        ++e;
+    }
+    int const bits = ((e + 7) << 3) | q;
+    return sign | static_cast<uint8_t>(bits > 0x7E ? 0x7E : bits);
+}
+inline float e4m3ToFloat(uint8_t b)
+{
+    if ((b & 0x7F) == 0x7F)
+    {
+        return std::nanf("");
+    }
+    int const e = (b >> 3) & 0xF;
+    int const m = b & 7;
+    float const v = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
+    return (b & 0x80) ? -v : v;
+}
 } // namespace emu
 
 inline float __half2float(__half h) { return emu::halfToFloat(h.bits); }
@@ -169,6 +229,13 @@ inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b)
 {
     return __floats2bfloat162_rn(
         __bfloat162float(a.x) - __bfloat162float(b.x), __bfloat162float(a.y) - __bfloat162float(b.y));
+}
+
+inline float __int_as_float(int i)
+{
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
 }
 
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s)
@@ -227,6 +294,26 @@ struct Cta
         void* ptr;
     };
     std::vector<Slot> slots;
+    //! mbarrier state by shared-memory address (the 8 bytes themselves stay poison: kernels may
+    //! only touch a barrier through the mbarrier instructions).
+    struct Mbar
+    {
+        int count = 0;
+        int pending = 0;
+        int64_t tx = 0;
+        uint32_t phase = 0; //!< completed phases
+    };
+    std::mutex mbarMutex;
+    std::map<uint32_t, Mbar> mbars;
+    //! Bulk tensor copies issued and not yet landed (they land when a thread waits on their barrier).
+    struct Bulk
+    {
+        uint8_t map[128];
+        int32_t coords[5];
+        uint32_t dst;
+        uint32_t bar;
+    };
+    std::vector<Bulk> bulk;
     uint8_t* smemBase() { return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem.data()) + 1023) & ~uintptr_t(1023)); }
 };
 
@@ -246,14 +333,16 @@ struct PendingCopy
 struct PendingMma
 {
     float* d;
+    int nAcc;             //!< accumulators per thread (N / 2)
+    int kind;             //!< 0 bf16, 1 fp16, 2 e4m3
     uint32_t const* aRef; //!< the caller's A array, or nullptr when A was passed by value
     uint32_t a[4];        //!< A at issue
     uint64_t desc;
-    bool bf16;
+    bool accumulate = true; //!< false: D = A B^T (scale-d = 0)
     int group = -1;       //!< commit group, -1 until wgmma.commit_group
     bool checkD = false;  //!< the first in-flight wgmma on these accumulators keeps their snapshot
-    float dSnap[64];
-    std::vector<uint16_t> bSnap; //!< B tile at issue (warpgroup leader only)
+    std::vector<float> dSnap;
+    std::vector<uint8_t> bSnap; //!< B tile at issue (warpgroup leader only)
 };
 
 struct ThreadState
@@ -372,6 +461,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
             {
                 th.join();
             }
+            if (!cta.bulk.empty())
+            {
+                fail("kernel exited with bulk tensor copies nobody waited for");
+            }
         }
     }
 }
@@ -385,6 +478,24 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
 
 inline void __syncthreads() { emu::tls.cta->block.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xFFFFFFFFu) { emu::syncWarp(); }
+
+//! __shfl_xor_sync over all 32 lanes (the only form the kernels use).
+inline float __shfl_xor_sync(unsigned mask, float v, int offset)
+{
+    if (mask != 0xFFFFFFFFu)
+    {
+        emu::fail("__shfl_xor_sync with a partial mask");
+    }
+    auto& slots = emu::tls.cta->slots;
+    unsigned const base = emu::warpId() * 32;
+    unsigned const lane = emu::laneId();
+    std::memcpy(&slots[base + lane].u[6], &v, 4);
+    emu::syncWarp();
+    float r;
+    std::memcpy(&r, &slots[base + (lane ^ static_cast<unsigned>(offset))].u[6], 4);
+    emu::syncWarp();
+    return r;
+}
 
 inline size_t __cvta_generic_to_shared(void const* p) { return emu::sharedAddress(p); }
 
@@ -413,6 +524,11 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int)
     if (attr == cudaDevAttrComputeCapabilityMajor)
     {
         *v = emu::envInt("TERDIT_EMU_CC_MAJOR", 9);
+        return cudaSuccess;
+    }
+    if (attr == cudaDevAttrComputeCapabilityMinor)
+    {
+        *v = emu::envInt("TERDIT_EMU_CC_MINOR", 0);
         return cudaSuccess;
     }
     return cudaErrorInvalidValue;

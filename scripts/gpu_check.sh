@@ -10,7 +10,7 @@
 # of TERDIT_GPU_BUDGET_S, default 470 s, minus a reserve for the later stages)):
 #   1. environment, and the carried libterdit_kernels.so loads (else it is rebuilt there, 16 cores);
 #      a smoke test of every kernel path on one shape (90 s at most)
-#   2. kernel GPU tests        tests/test_kernels_gpu.py (every path incl. W1.58A8 vs the reference)
+#   2. kernel GPU tests        tests/test_kernels_gpu.py, tests/test_kernels_w2a8_gpu.py (every path vs the reference)
 #   3. fast-backend GPU tests  tests/test_accel_gpu.py (weight-only and W1.58A8 models)
 #   4. bench/kernels.py        per layer: ours bf16, ours W1.58A8, cuBLAS bf16, cuBLASLt FP8, wgmma2
 #   5. bench/e2e.py            ours, ours-w2a8, ours-fp8-e4m3w, bf16-compiled, bf16-eager, official;
@@ -78,7 +78,7 @@ for path, w2a8, m, n, k in [("skinny", False, 7, 256, 512), ("tc", False, 300, 2
 PY
 
 stage "GPU tests: kernels"
-timeout "$(limit 150 270)" python3 -m pytest $pytest_args tests/test_kernels_gpu.py 2>&1 | tail -45 | tee -a "$log"
+timeout "$(limit 150 270)" python3 -m pytest $pytest_args tests/test_kernels_gpu.py tests/test_kernels_w2a8_gpu.py 2>&1 | tail -45 | tee -a "$log"
 stage "GPU tests: fast backend"
 timeout "$(limit 100 240)" python3 -m pytest $pytest_args -s tests/test_accel_gpu.py 2>&1 | tail -30 | tee -a "$log"
 stage "bench/kernels.py"

@@ -424,6 +424,11 @@ __global__ void __launch_bounds__(kWS_THREADS, 1)
         setMaxRegisters<kWS_CONSUMER_REGS, true>();
         wsConsume<Op, TOK>(a, base, baseGeneric, fullBar, emptyBar);
     }
+#else
+    // This body exists only in the sm_90a SASS, which the launcher runs on compute capability 9.0.
+    // Reaching this means the driver JIT-compiled the generic compute_90 PTX for a Hopper GPU
+    // (CUDA_FORCE_PTX_JIT=1): fail loudly instead of leaving Y unwritten.
+    __trap();
 #endif
 }
 

@@ -289,21 +289,6 @@ nvinfer1::IPluginV3* TernaryMatMulPlugin::clone() noexcept
     return nullptr;
 }
 
-char const* TernaryMatMulPlugin::getPluginName() const noexcept
-{
-    return kTERNARY_MATMUL_NAME;
-}
-
-char const* TernaryMatMulPlugin::getPluginVersion() const noexcept
-{
-    return kTERNARY_MATMUL_VERSION;
-}
-
-char const* TernaryMatMulPlugin::getPluginNamespace() const noexcept
-{
-    return kTERNARY_MATMUL_NAMESPACE;
-}
-
 int32_t TernaryMatMulPlugin::configurePlugin(
     DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
@@ -584,21 +569,6 @@ TernaryMatMulPluginCreator::TernaryMatMulPluginCreator()
     }
     mFC.nbFields = static_cast<int32_t>(mFieldNames.size());
     mFC.fields = mFieldNames.data();
-}
-
-char const* TernaryMatMulPluginCreator::getPluginName() const noexcept
-{
-    return kTERNARY_MATMUL_NAME;
-}
-
-char const* TernaryMatMulPluginCreator::getPluginVersion() const noexcept
-{
-    return kTERNARY_MATMUL_VERSION;
-}
-
-char const* TernaryMatMulPluginCreator::getPluginNamespace() const noexcept
-{
-    return kTERNARY_MATMUL_NAMESPACE;
 }
 
 PluginFieldCollection const* TernaryMatMulPluginCreator::getFieldNames() noexcept

@@ -38,9 +38,9 @@ public:
     nvinfer1::IPluginV3* clone() noexcept override;
 
     // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
+    char const* getPluginName() const noexcept override { return kTERNARY_MATMUL_NAME; }
+    char const* getPluginVersion() const noexcept override { return kTERNARY_MATMUL_VERSION; }
+    char const* getPluginNamespace() const noexcept override { return kTERNARY_MATMUL_NAMESPACE; }
 
     // IPluginV3OneBuild
     int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
@@ -86,9 +86,9 @@ public:
     TernaryMatMulPluginCreator();
     ~TernaryMatMulPluginCreator() override = default;
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
+    char const* getPluginName() const noexcept override { return kTERNARY_MATMUL_NAME; }
+    char const* getPluginVersion() const noexcept override { return kTERNARY_MATMUL_VERSION; }
+    char const* getPluginNamespace() const noexcept override { return kTERNARY_MATMUL_NAMESPACE; }
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;

@@ -62,7 +62,7 @@ class TorchBackend:
             from terdit.accel import AcceleratedTerDiT
             on_gpu = self.kernels == "cuda"
             run = AcceleratedTerDiT(self.model, compile=compile and on_gpu,
-                                    cuda_graphs=cuda_graphs and on_gpu, fp8=w2a8)
+                                    cuda_graphs=cuda_graphs and on_gpu, w2a8=w2a8)
         self._forward = TorchForward(run, self.device)
         if export_info is not None:
             self.info = ModelInfo(loaded.model.cfg.to_dict(), str(path), export_info.sha256,

@@ -81,8 +81,9 @@ inline std::string trim(std::string const& s)
     return s.substr(begin, end - begin + 1);
 }
 
-//! Removes a comment: '#' at the start or after a blank, outside quotes.
-inline std::string stripComment(std::string const& s)
+//! Index of the first character outside quotes for which `at(s, i)` holds, or npos.
+template <typename Predicate>
+inline size_t findUnquoted(std::string const& s, Predicate at)
 {
     char quote = 0;
     for (size_t i = 0; i < s.size(); ++i)
@@ -96,12 +97,20 @@ inline std::string stripComment(std::string const& s)
         {
             quote = c;
         }
-        else if (c == '#' && (i == 0 || s[i - 1] == ' ' || s[i - 1] == '\t'))
+        else if (at(s, i))
         {
-            return s.substr(0, i);
+            return i;
         }
     }
-    return s;
+    return std::string::npos;
+}
+
+//! Removes a comment: '#' at the start or after a blank, outside quotes.
+inline std::string stripComment(std::string const& s)
+{
+    size_t const i = findUnquoted(s, [](std::string const& t, size_t k)
+        { return t[k] == '#' && (k == 0 || t[k - 1] == ' ' || t[k - 1] == '\t'); });
+    return i == std::string::npos ? s : s.substr(0, i);
 }
 
 inline std::string unquote(std::string const& raw, int32_t line)
@@ -147,24 +156,8 @@ inline std::vector<std::string> flowList(std::string const& s, int32_t line)
 //! Index of the ':' that ends a mapping key, or npos.
 inline size_t keyColon(std::string const& s)
 {
-    char quote = 0;
-    for (size_t i = 0; i < s.size(); ++i)
-    {
-        char const c = s[i];
-        if (quote != 0)
-        {
-            quote = c == quote ? 0 : quote;
-        }
-        else if (c == '"' || c == '\'')
-        {
-            quote = c;
-        }
-        else if (c == ':' && (i + 1 == s.size() || s[i + 1] == ' '))
-        {
-            return i;
-        }
-    }
-    return std::string::npos;
+    return findUnquoted(s, [](std::string const& t, size_t k)
+        { return t[k] == ':' && (k + 1 == t.size() || t[k + 1] == ' '); });
 }
 
 inline YamlNode parseBlock(std::vector<Line> const& lines, size_t& pos, size_t indent)

@@ -60,66 +60,24 @@ public:
 
     // Everything else is unused by the plugin library and answers "nothing".
     void setErrorRecorder(IErrorRecorder* const) noexcept override {}
-    IErrorRecorder* getErrorRecorder() const noexcept override
-    {
-        return nullptr;
-    }
-    bool isParentSearchEnabled() const override
-    {
-        return false;
-    }
+    IErrorRecorder* getErrorRecorder() const noexcept override { return nullptr; }
+    bool isParentSearchEnabled() const override { return false; }
     void setParentSearchEnabled(bool const) override {}
-    PluginLibraryHandle loadLibrary(AsciiChar const*) noexcept override
-    {
-        return nullptr;
-    }
+    PluginLibraryHandle loadLibrary(AsciiChar const*) noexcept override { return nullptr; }
     void deregisterLibrary(PluginLibraryHandle) noexcept override {}
-    IPluginCreatorInterface* const* getAllCreators(int32_t* const numCreators) const noexcept override
-    {
-        *numCreators = 0;
-        return nullptr;
-    }
-    IPluginCreatorInterface* getCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override
-    {
-        return nullptr;
-    }
-    bool deregisterCreator(IPluginCreatorInterface const&) noexcept override
-    {
-        return false;
-    }
-    IPluginResource* acquirePluginResource(AsciiChar const*, IPluginResource*) noexcept override
-    {
-        return nullptr;
-    }
-    int32_t releasePluginResource(AsciiChar const*) noexcept override
-    {
-        return -1;
-    }
+    IPluginCreatorInterface* const* getAllCreators(int32_t* const numCreators) const noexcept override { *numCreators = 0; return nullptr; }
+    IPluginCreatorInterface* getCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override { return nullptr; }
+    bool deregisterCreator(IPluginCreatorInterface const&) noexcept override { return false; }
+    IPluginResource* acquirePluginResource(AsciiChar const*, IPluginResource*) noexcept override { return nullptr; }
+    int32_t releasePluginResource(AsciiChar const*) noexcept override { return -1; }
     // Pure virtual since TensorRT 10.10, absent before (10.0.1, 10.7.0): no override keyword.
-    IPluginCreatorInterface* const* getAllCreatorsRecursive(int32_t* const numCreators) noexcept
-    {
-        *numCreators = 0;
-        return nullptr;
-    }
+    IPluginCreatorInterface* const* getAllCreatorsRecursive(int32_t* const numCreators) noexcept { *numCreators = 0; return nullptr; }
 #if NV_TENSORRT_MAJOR < 11
     // The IPluginV2 creator methods, removed in TensorRT 11.
-    bool registerCreator(IPluginCreator&, AsciiChar const* const) noexcept override
-    {
-        return false;
-    }
-    IPluginCreator* const* getPluginCreatorList(int32_t* const numCreators) const noexcept override
-    {
-        *numCreators = 0;
-        return nullptr;
-    }
-    IPluginCreator* getPluginCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override
-    {
-        return nullptr;
-    }
-    bool deregisterCreator(IPluginCreator const&) noexcept override
-    {
-        return false;
-    }
+    bool registerCreator(IPluginCreator&, AsciiChar const* const) noexcept override { return false; }
+    IPluginCreator* const* getPluginCreatorList(int32_t* const numCreators) const noexcept override { *numCreators = 0; return nullptr; }
+    IPluginCreator* getPluginCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override { return nullptr; }
+    bool deregisterCreator(IPluginCreator const&) noexcept override { return false; }
 #endif
 
 private:

@@ -168,7 +168,7 @@ def _quiet():
 def finalize(model_ir, with_function: bool, metadata: dict,
              act_quant: str = contract.ACT_QUANT_DEFAULT) -> None:
     """Name the batch dim, import the terdit domain, append the portable function (the body of
-    `act_quant`, which every TernaryMatMul node must carry: see contract.ternary_matmul_function)."""
+    `act_quant`, which every TernaryMatMul node must carry: contract.ternary_matmul_function)."""
     from onnxscript import ir
 
     for node in model_ir.graph:

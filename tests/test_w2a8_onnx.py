@@ -166,10 +166,8 @@ def test_function_and_options_refuse_unknown_modes():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ck") / "tiny"
-    save_checkpoint(random_model(TerDiTConfig.from_name("TerDiT-tiny", qk_norm=True)), path)
-    return path
+    model = random_model(TerDiTConfig.from_name("TerDiT-tiny", qk_norm=True), seed=0)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ck") / "tiny")
 
 
 def _node_outputs(path, feeds):

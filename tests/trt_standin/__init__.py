@@ -33,7 +33,7 @@ _ENUM_BASES = {name: enum_class(name, " ".join(SURFACE[name])) for name in ENUMS
 def stand_in_classes() -> dict[str, type]:
     """The stand-in's unversioned classes by binding name."""
     classes = {name: cls for module in (network, engine) for name, cls in vars(module).items()
-               if isinstance(cls, type) and issubclass(cls, network.StandIn)
+               if isinstance(cls, type) and issubclass(cls, network.StandIn) and name[0] != "_"
                and cls is not network.StandIn}
     return {**classes, **_ENUM_BASES}
 

@@ -120,7 +120,21 @@ class IPluginV3(StandIn):
         return None
 
 
-class ILayer(StandIn):
+class _InputsOutputs(StandIn):
+    """num_inputs / get_input / num_outputs / get_output over `_inputs` and `_outputs`, as
+    ILayer and INetworkDefinition have them."""
+
+    num_inputs = property(lambda self: len(self._inputs))
+    num_outputs = property(lambda self: len(self._outputs))
+
+    def get_input(self, index):
+        return self._inputs[index]
+
+    def get_output(self, index):
+        return self._outputs[index]
+
+
+class ILayer(_InputsOutputs):
     """What INetworkDefinition.get_layer returns: the ILayer base, whatever the layer is (code
     reaches IPluginV3Layer.plugin by setting __class__, as Polygraphy does)."""
 
@@ -130,14 +144,6 @@ class ILayer(StandIn):
 
     name = property(lambda self: self._name)
     type = property(lambda self: getattr(self._trt.LayerType, self._kind))
-    num_inputs = property(lambda self: len(self._inputs))
-    num_outputs = property(lambda self: len(self._outputs))
-
-    def get_input(self, index):
-        return self._inputs[index]
-
-    def get_output(self, index):
-        return self._outputs[index]
 
 
 class IPluginV3Layer(ILayer):
@@ -149,23 +155,15 @@ class IPluginV3Layer(ILayer):
         return self._new("IPluginV3", self._plugin_key)
 
 
-class INetworkDefinition(StandIn):
+class INetworkDefinition(_InputsOutputs):
     def _init(self, flags: int) -> None:
         self._flags, self._inputs, self._outputs, self._layers = flags, [], [], []
         self._model: bytes | None = None
 
     num_layers = property(lambda self: len(self._layers))
-    num_inputs = property(lambda self: len(self._inputs))
-    num_outputs = property(lambda self: len(self._outputs))
 
     def get_layer(self, index):
         return self._layers[index]
-
-    def get_input(self, index):
-        return self._inputs[index]
-
-    def get_output(self, index):
-        return self._outputs[index]
 
 
 class ParserError(StandIn):

@@ -4,7 +4,8 @@ models, and the guard that makes a stand-in class refuse everything else.
 Read (not copied) from github NVIDIA/TensorRT at tags v10.16 and v11.1:
   python/src/infer/pyCore.cpp             Logger, Builder, IBuilderConfig, IOptimizationProfile,
                                           Runtime, ICudaEngine, IExecutionContext, BuilderFlag,
-                                          NetworkDefinitionCreationFlag, MemoryPoolType, TensorIOMode
+                                          NetworkDefinitionCreationFlag, MemoryPoolType,
+                                          TensorIOMode
   python/src/infer/pyGraph.cpp            INetworkDefinition, ITensor, ILayer, IPluginV3Layer,
                                           LayerType
   python/src/infer/pyFoundationalTypes.cpp  DataType, IHostMemory (buffer protocol)

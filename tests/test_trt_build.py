@@ -9,6 +9,7 @@ they say nothing about what TensorRT builds or computes.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -200,7 +201,7 @@ def test_cli_errors_are_one_line(case, pattern, gpu, monkeypatch, plugin, tmp_pa
     code, io = _cli(argv, capsys)
     lines = io.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), io.err
-    assert __import__("re").search(pattern, lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
     assert not (tmp_path / "model.plan").exists()
 
 

@@ -36,8 +36,6 @@ class TorchCudaTransfer:
     runs on one CUDA stream, the one TensorRT executes on, so uploads, the engine and the
     download are ordered without extra events."""
 
-    dtypes = ("float32", "float16", "bfloat16", "int32", "int64")
-
     def __init__(self, device: int) -> None:
         torch = _import_torch_cuda(device)
         self._torch, self._device = torch, torch.device("cuda", device)

@@ -15,15 +15,17 @@ import torch
 from onnx import FunctionProto, TensorProto, helper
 from onnx.defs import OpSchema
 
-from terdit.ternary import quantize_rows_e4m3_ref, unpack_k16
-from terdit_common.op import (ACT_QUANT, ACT_QUANT_DEFAULT, ACT_QUANT_MIN_AMAX, ATTRIBUTES,
-                              CONTRACT_VERSION, DOMAIN, FP8_E4M3_MAX, GRAPH_OPSET, OP_TYPE,
-                              OP_VERSION, OPTIONAL_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION,
-                              REQUIRED_ATTRIBUTES, node_attributes)
+from terdit.kernels import E4M3_MAX, E4M3_MIN_AMAX, quantize_rows_e4m3_ref
+from terdit.ternary import unpack_k16
+from terdit_common.op import (ACT_QUANT, ACT_QUANT_DEFAULT, ATTRIBUTES, CONTRACT_VERSION, DOMAIN,
+                              GRAPH_OPSET, OP_TYPE, OP_VERSION, OPTIONAL_ATTRIBUTES,
+                              PLUGIN_NAMESPACE, PLUGIN_VERSION, REQUIRED_ATTRIBUTES,
+                              node_attributes)
 
 __all__ = ["ACT_QUANT", "ACT_QUANT_DEFAULT", "ATTRIBUTES", "CONTRACT_VERSION", "DOMAIN",
            "GRAPH_OPSET", "OP_TYPE", "OP_VERSION", "OPTIONAL_ATTRIBUTES", "PLUGIN_NAMESPACE",
            "PLUGIN_VERSION", "REQUIRED_ATTRIBUTES", "node_attributes", "node_act_quant",
+           "dequantize_rows_e4m3",
            "register_schema", "ternary_matmul_function", "reference_ops", "decode_k16_numpy"]
 
 ACTIVATION_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
@@ -108,7 +110,7 @@ def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto
             # s = max(amax_k |X[m, k]|, 1e-12) / 448 per row m, as a [M] per-axis scale
             helper.make_node("Abs", ["x2"], ["x2_abs"]),
             helper.make_node("ReduceMax", ["x2_abs", "axis1"], ["amax"], keepdims=0),
-            f32("min_amax", ACT_QUANT_MIN_AMAX), f32("e4m3_max", FP8_E4M3_MAX),
+            f32("min_amax", E4M3_MIN_AMAX), f32("e4m3_max", E4M3_MAX),
             helper.make_node("Max", ["amax", "min_amax"], ["amax_c"]),
             helper.make_node("Div", ["amax_c", "e4m3_max"], ["s_row"]),
             # a float8 zero point of shape [M] selects float8e4m3fn as QuantizeLinear's output
@@ -163,6 +165,13 @@ def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto
                    f"act_quant={act_quant} for every node of this file.")
 
 
+def dequantize_rows_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """What an act_quant="fp8" function's DequantizeLinear yields for X (fp32 [..., K]): the
+    per-token e4m3 values of terdit.kernels.quantize_rows_e4m3_ref times their row scale."""
+    xq, s = quantize_rows_e4m3_ref(x)
+    return xq.float() * s.unsqueeze(-1)
+
+
 def node_act_quant(node) -> str:
     """The act_quant of a TernaryMatMul NodeProto (ACT_QUANT_DEFAULT when absent)."""
     for attr in node.attribute:
@@ -195,7 +204,7 @@ def reference_ops():
                 raise ValueError(f"TernaryMatMul: act_quant={mode!r} is not one of {ACT_QUANT}")
             x = X.astype(np.float32).reshape(-1, int(K))
             if mode == "fp8":
-                x = quantize_rows_e4m3_ref(torch.from_numpy(x))[0].numpy()
+                x = dequantize_rows_e4m3(torch.from_numpy(x)).numpy()
             y = np.empty((x.shape[0], int(N)), np.float32)
             rows = max(1, (1 << 24) // max(int(K), 1))  # decode ~16M weights at a time
             for n0 in range(0, int(N), rows):

@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from terdit import TerDiT
 from terdit.fused import FusedTerDiT
-from terdit.ternary import (TERNARY_LAYERS, quantize_rows_e4m3_ref, swiglu_ref,
-                            ternary_linear_ref)
+from terdit.ternary import TERNARY_LAYERS, swiglu_ref, ternary_linear_ref
 from terdit_common.guidance import guide
 from terdit_common.manifest import DATA_FILE
 from terdit_common.op import node_attributes, size_violation
@@ -124,7 +123,7 @@ def lower(graph: DiffusionGraph, cfg, act_quant: str = contract.ACT_QUANT_DEFAUL
 
 class ActQuantEmulation(torch.overrides.TorchFunctionMode):
     """PyTorch runs the model as an act_quant="fp8" file computes: the input of every terdit
-    ternary op quantized per token (terdit.ternary.quantize_rows_e4m3_ref), the product in fp32
+    ternary op quantized per token (terdit.kernels.quantize_rows_e4m3_ref), the product in fp32
     (ternary_linear_ref / swiglu_ref) and cast back to the input's dtype, as the ONNX function
     does. The reference of a --w2a8 export's validation."""
 
@@ -132,11 +131,11 @@ class ActQuantEmulation(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.ops.terdit.ternary_matmul.default:
             x, w, scale, *bias = args
-            xq = quantize_rows_e4m3_ref(x)[0]
+            xq = contract.dequantize_rows_e4m3(x)
             return ternary_linear_ref(xq, w, scale, *bias, **kwargs).to(x.dtype)
         if func is torch.ops.terdit.ternary_matmul_swiglu.default:
             x, w, scale = args
-            return swiglu_ref(quantize_rows_e4m3_ref(x)[0], w, scale).to(x.dtype)
+            return swiglu_ref(contract.dequantize_rows_e4m3(x), w, scale).to(x.dtype)
         return func(*args, **kwargs)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from terdit_common.op import ACT_QUANT_MIN_AMAX, FP8_E4M3_MAX, k16_words
+from terdit_common.op import k16_words
 
 EPS = 1e-6
 ZERO_WORD = 0x55555555  # sixteen codes of 1: an all-zero k16 word
@@ -174,18 +174,6 @@ def ternary_linear_ref(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tenso
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
-
-
-def quantize_rows_e4m3_ref(x: Tensor) -> tuple[Tensor, Tensor]:
-    """W1.58A8 activations (TernaryMatMul act_quant="fp8"), the oracle of the ONNX emulation and
-    of the plugin: each row of x (last dim) is divided by s = max(amax |x|, 1e-12) / 448, rounded
-    to float8 e4m3 (nearest even; clamped to +-448 first, as ONNX QuantizeLinear saturate=1 does)
-    and multiplied back. Returns (the dequantized x, s of shape (..., 1)), both fp32; the product
-    is then ternary_linear_ref(xq, w, scale, bias)."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_QUANT_MIN_AMAX) / FP8_E4M3_MAX
-    q = (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.float() * s, s
 
 
 def _check_op_args(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:

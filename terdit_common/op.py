@@ -16,12 +16,11 @@ REQUIRED_ATTRIBUTES = ("K", "N", "plugin_version", "plugin_namespace")
 OPTIONAL_ATTRIBUTES = ("act_quant",)                  # absent means ACT_QUANT_DEFAULT
 ATTRIBUTES = REQUIRED_ATTRIBUTES + OPTIONAL_ATTRIBUTES
 # Activation quantization of the product: "none" (weight-only, W1.58A16) or "fp8" (W1.58A8:
-# each row m of X quantized to float8 e4m3 with s[m] = max(amax_k |X[m, k]|, ACT_QUANT_MIN_AMAX)
-# / FP8_E4M3_MAX, fp32 accumulation, Y = acc * s[m] * scale[n] + bias[n]).
+# each row m of X quantized to float8 e4m3 with s[m] = max(amax_k |X[m, k]|, 1e-12) / 448, fp32
+# accumulation, Y = acc * s[m] * scale[n] + bias[n]; defined by terdit.kernels'
+# quantize_rows_e4m3_ref and ternary_linear_e4m3_ref).
 ACT_QUANT = ("none", "fp8")
 ACT_QUANT_DEFAULT = "none"
-FP8_E4M3_MAX = 448.0
-ACT_QUANT_MIN_AMAX = 1e-12
 # Kernels tile K and N by 16 (k16 words hold 16 weights).
 SIZE_MULTIPLE = 16
 WEIGHT_LAYOUT = "k16"

@@ -1,6 +1,7 @@
 """W1.58A8 through ONNX: TernaryMatMul act_quant="fp8", its portable function (QuantizeLinear /
 DequantizeLinear to float8e4m3fn), the reference OpRun and `python -m exporter --w2a8`, all
-against the PyTorch CPU emulation terdit.ternary.quantize_rows_e4m3_ref + ternary_linear_ref."""
+against the PyTorch definition of the mode, terdit.kernels.quantize_rows_e4m3_ref +
+ternary_linear_e4m3_ref (what the plugin's kernels are tested against)."""
 import json
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from onnx.reference import ReferenceEvaluator
 from exporter import ExportError, ExportOptions, contract, export
 from exporter.graph import build_graph, example_inputs, finalize, lower
 from terdit import TerDiTConfig, load_checkpoint, save_checkpoint
-from terdit.ternary import pack_k16, quantize_rows_e4m3_ref, ternary_linear_ref
+from terdit.kernels import quantize_rows_e4m3_ref, ternary_linear_e4m3_ref
+from terdit.ternary import pack_k16, ternary_linear_ref
 from tests.helpers import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +57,10 @@ def _ort(model, feeds):
 
 
 def _oracle(x, w, scale, bias, mode):
-    xq = quantize_rows_e4m3_ref(x)[0] if mode == "fp8" else x.float()
-    return ternary_linear_ref(xq, w, scale, bias)
+    if mode == "none":
+        return ternary_linear_ref(x.float(), w, scale, bias)
+    xq, s = quantize_rows_e4m3_ref(x)
+    return ternary_linear_e4m3_ref(xq, s, w, scale, bias, torch.float32)
 
 
 def _row_err(y, ref):
@@ -89,8 +93,9 @@ def test_onnx_quantization_equals_the_torch_emulation_bit_for_bit():
     w, scale, bias = pack_k16(torch.eye(k, dtype=torch.int8)), torch.ones(k), torch.zeros(k)
     feeds = {"X": x.numpy(), "W": w.numpy(), "scale": scale.numpy(), "bias": bias.numpy()}
     model = _model(k, k, ["fp8"])
-    expected = quantize_rows_e4m3_ref(x)[0].numpy()
+    expected = contract.dequantize_rows_e4m3(x).numpy()
     assert not np.array_equal(expected, x.numpy())                    # it did quantize
+    assert np.array_equal(_oracle(x, w, scale, bias, "fp8").numpy(), expected)
     for name, y in (("onnxruntime", _ort(model, feeds)),
                     ("onnx.reference", ReferenceEvaluator(model).run(None, feeds)[0]),
                     ("OpRun", ReferenceEvaluator(model, new_ops=contract.reference_ops())
@@ -99,16 +104,15 @@ def test_onnx_quantization_equals_the_torch_emulation_bit_for_bit():
         assert np.array_equal(y, expected), (name, np.abs(y - expected).max())
 
 
-def test_quantize_rows_e4m3_ref_scale_and_saturation():
-    x = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0], [1e-20, 0.0, 0.0, 0.0]])
-    xq, s = quantize_rows_e4m3_ref(x)
-    assert s.shape == (3, 1) and s.dtype == torch.float32
-    assert s[0, 0] == torch.tensor(3.0) / 448 and s[1, 0] == torch.tensor(1e-12) / 448
-    assert xq[0, 3] == x[0, 3] and torch.all(xq[1] == 0)             # amax maps to 448 exactly
-    assert torch.all((xq[0] / s[0]).abs() <= 448)
-    assert xq[2, 0] == 0                                              # below the 1e-12 floor
-    xq_bf16, _ = quantize_rows_e4m3_ref(x.bfloat16())
-    assert xq_bf16.dtype == torch.float32 and torch.equal(xq_bf16, xq)
+def test_dequantize_rows_e4m3():
+    x = torch.tensor([[448.0, -2.0, 0.3, 3.0], [0.0, 0.0, 0.0, 0.0], [1e-20, 0.0, 0.0, 0.0]])
+    xdq = contract.dequantize_rows_e4m3(x)                            # row 0: scale 1
+    assert xdq.dtype == torch.float32 and xdq.shape == x.shape
+    assert xdq[0, 0] == 448 and xdq[0, 1] == -2 and xdq[0, 3] == 3    # e4m3 values stay
+    assert xdq[0, 2] != x[0, 2] and abs(xdq[0, 2] - x[0, 2]) <= 0.3 / 16
+    assert torch.all(xdq[1] == 0) and xdq[2, 0] == 0                  # zero / below 1e-12 rows
+    assert torch.equal(contract.dequantize_rows_e4m3(x.bfloat16()),
+                       contract.dequantize_rows_e4m3(x.bfloat16().float()))
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 33, 1000])

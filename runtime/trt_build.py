@@ -190,9 +190,10 @@ def inlined_ternary_message(onnx_path: Path, version: str, nodes: int, mapped: i
         why = (f"TensorRT {version} inlines a node's local function before it looks for a "
                f"plugin: re-export with `python -m exporter ... --no-function`")
     else:
-        why = (f"TensorRT {version} uses the plugin for a node with the plugin_namespace "
-               f"attribute when the plugin library is loaded (--plugin): re-export with "
-               f"`python -m exporter` (its nodes carry plugin_namespace) or with --no-function")
+        why = (f"TensorRT {version} prefers a registered plugin (10.15+: for nodes with the "
+               f"plugin_namespace attribute): check that --plugin is the TernaryMatMul library "
+               f"and re-export with `python -m exporter` (its nodes carry plugin_namespace) or "
+               f"with --no-function")
     return (f"{onnx_path}: TensorRT {version} mapped {mapped} of {nodes} TernaryMatMul nodes to "
             f"the {PLUGIN_NAME} plugin; the other {nodes - mapped} were inlined as their ONNX "
             f"function, an engine with decoded float weights (~16x the packed size) and no "

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-function", dest="function", action="store_false", default=True,
                    help="omit the portable local function (TensorRT older than 10.7 would inline "
                         "it instead of using the plugin); such files need the plugin to run")
+    p.add_argument("--w2a8", dest="act_quant", action="store_const", const="fp8",
+                   default=DEFAULTS.act_quant,
+                   help="W1.58A8: every TernaryMatMul node gets act_quant=\"fp8\" (activations "
+                        "quantized per token to float8 e4m3 in the plugin; the portable function "
+                        "emulates it with QuantizeLinear / DequantizeLinear); validated against "
+                        "PyTorch in the same mode")
     p.add_argument("--no-validate", dest="validate", action="store_false", default=True,
                    help="skip the checker and the ONNX-vs-PyTorch comparison")
     p.add_argument("--validate-batches", type=int, nargs="+", default=list(DEFAULTS.validate_batches),
@@ -50,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None,
                    help="validation passes when max|onnx - torch_fp32| / max|torch_fp32| <= "
                         "TOLERANCE + 3 x PyTorch's own error at --dtype (default: 1e-4 fp32, "
-                        "5e-3 fp16/bf16)")
+                        "5e-3 fp16/bf16, 5e-2 with --w2a8)")
     p.add_argument("--vae", metavar="DIR|NAME", default=None,
                    help="also export the decoder of a diffusers AutoencoderKL to "
                         "vae_decoder.onnx (latent / scaling_factor inside the graph): a local "
@@ -81,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dtype=args.dtype, cfg=args.cfg, fuse=args.fuse, function=args.function,
             validate=args.validate, validate_batches=tuple(args.validate_batches),
             tolerance=args.tolerance, vae=args.vae, overwrite=args.overwrite, ema=args.ema,
-            ternary=args.ternary, seed=args.seed,
+            ternary=args.ternary, seed=args.seed, act_quant=args.act_quant,
             external_data={"auto": None, "yes": True, "no": False}[args.external_data])
         export(args.checkpoint, args.output, options)
         return 0

@@ -15,13 +15,17 @@ import torch
 from onnx import FunctionProto, TensorProto, helper
 from onnx.defs import OpSchema
 
+from terdit.kernels import E4M3_MAX, E4M3_MIN_AMAX, quantize_rows_e4m3_ref
 from terdit.ternary import unpack_k16
-from terdit_common.op import (ATTRIBUTES, CONTRACT_VERSION, DOMAIN, GRAPH_OPSET, OP_TYPE,
-                              OP_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, REQUIRED_ATTRIBUTES,
+from terdit_common.op import (ACT_QUANT, ACT_QUANT_DEFAULT, ATTRIBUTES, CONTRACT_VERSION, DOMAIN,
+                              GRAPH_OPSET, OP_TYPE, OP_VERSION, OPTIONAL_ATTRIBUTES,
+                              PLUGIN_NAMESPACE, PLUGIN_VERSION, REQUIRED_ATTRIBUTES,
                               node_attributes)
 
-__all__ = ["ATTRIBUTES", "CONTRACT_VERSION", "DOMAIN", "GRAPH_OPSET", "OP_TYPE", "OP_VERSION",
-           "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "REQUIRED_ATTRIBUTES", "node_attributes",
+__all__ = ["ACT_QUANT", "ACT_QUANT_DEFAULT", "ATTRIBUTES", "CONTRACT_VERSION", "DOMAIN",
+           "GRAPH_OPSET", "OP_TYPE", "OP_VERSION", "OPTIONAL_ATTRIBUTES", "PLUGIN_NAMESPACE",
+           "PLUGIN_VERSION", "REQUIRED_ATTRIBUTES", "node_attributes", "node_act_quant",
+           "dequantize_rows_e4m3",
            "register_schema", "ternary_matmul_function", "reference_ops", "decode_k16_numpy"]
 
 ACTIVATION_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
@@ -51,7 +55,13 @@ def register_schema() -> None:
                     OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING,
                                        "TensorRT plugin version, \"1\""),
                     OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING,
-                                       "TensorRT plugin namespace, \"\"")])
+                                       "TensorRT plugin namespace, \"\""),
+                    # optional without a schema default, so that onnxscript leaves it out of
+                    # weight-only nodes as node_attributes() does (absent means "none")
+                    OpSchema.Attribute("act_quant", OpSchema.AttrType.STRING,
+                                       "activation quantization: \"none\" (when absent) or "
+                                       "\"fp8\" (per-token float8 e4m3, W1.58A8)",
+                                       required=False)])
     onnx.defs.register_schema(schema)
 
 
@@ -61,14 +71,27 @@ def _ref_attr(name: str, ref: str, typ) -> onnx.AttributeProto:
     return attr
 
 
-def ternary_matmul_function() -> FunctionProto:
+def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto:
     """terdit.TernaryMatMul as a local function of standard opset-20 ops.
 
     Decoding uses only INT32 Mod (fmod=0: result has the divisor's sign) and exact Div: with
     D = 4^j, code_j = ((W - W mod D) / D) mod 4 for j = 0..15, which is correct for words whose
     bit 31 is set too (D divides 2^32). Computation is fp32 (Gemm), the result is cast back to
     X's type. The optional bias maps onto Gemm's optional C input.
+
+    act_quant="fp8" (W1.58A8) quantizes the fp32 rows of X first, as the plugin does: per row
+    ReduceMax |X| -> s = max(amax, 1e-12) / 448 -> QuantizeLinear to float8e4m3fn (per-axis on
+    the rows, saturate=1; float8 Q/DQ need opset 19+) -> DequantizeLinear, then the same decode
+    and Gemm. A function has one body and the body cannot read a STRING attribute without string
+    tensors (which TensorRT's function fallback cannot parse), so the body is chosen per file:
+    every node of one export has the same act_quant (graph.finalize checks it) and the file
+    carries this mode's body. A file mixing modes would run all its nodes in the body's mode
+    under ONNX Runtime; the plugin and reference_ops() follow each node's attribute.
     """
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant={act_quant!r} is not one of {ACT_QUANT}")
+    f32 = lambda name, val: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [val]))
     i32 = lambda name, vals: helper.make_node(  # noqa: E731
         "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT32,
                                                          [len(vals)], vals))
@@ -79,6 +102,27 @@ def ternary_matmul_function() -> FunctionProto:
     k_scalar.attribute.append(_ref_attr("value_int", "K", onnx.AttributeProto.INT))
     n_scalar = helper.make_node("Constant", [], ["n_scalar"])
     n_scalar.attribute.append(_ref_attr("value_int", "N", onnx.AttributeProto.INT))
+    x_rows = "x2"
+    quantize = []
+    if act_quant == "fp8":
+        x_rows = "x2_dq"
+        quantize = [
+            # s = max(amax_k |X[m, k]|, 1e-12) / 448 per row m, as a [M] per-axis scale
+            helper.make_node("Abs", ["x2"], ["x2_abs"]),
+            helper.make_node("ReduceMax", ["x2_abs", "axis1"], ["amax"], keepdims=0),
+            f32("min_amax", E4M3_MIN_AMAX), f32("e4m3_max", E4M3_MAX),
+            helper.make_node("Max", ["amax", "min_amax"], ["amax_c"]),
+            helper.make_node("Div", ["amax_c", "e4m3_max"], ["s_row"]),
+            # a float8 zero point of shape [M] selects float8e4m3fn as QuantizeLinear's output
+            # (ONNX Runtime's ConstantOfShape has no float8 output, hence the Cast)
+            helper.make_node("Shape", ["s_row"], ["m1"]),
+            helper.make_node("ConstantOfShape", ["m1"], ["zp32"],
+                             value=helper.make_tensor("zp32", TensorProto.FLOAT, [1], [0.0])),
+            helper.make_node("Cast", ["zp32"], ["zp8"], to=TensorProto.FLOAT8E4M3FN),
+            helper.make_node("QuantizeLinear", ["x2", "s_row", "zp8"], ["x2_q"], axis=0,
+                             saturate=1),
+            helper.make_node("DequantizeLinear", ["x2_q", "s_row", "zp8"], ["x2_dq"], axis=0),
+        ]
     nodes = [
         k_scalar, n_scalar,
         i64("axis0", [0]), i64("axis1", [1]), i64("axis2", [2]), i64("minus1", [-1]),
@@ -89,6 +133,7 @@ def ternary_matmul_function() -> FunctionProto:
         helper.make_node("Cast", ["X"], ["x32"], to=TensorProto.FLOAT),
         helper.make_node("Concat", ["minus1", "k1"], ["x2_shape"], axis=0),
         helper.make_node("Reshape", ["x32", "x2_shape"], ["x2"]),
+        *quantize,
         # W [N, KW] -> codes [N, KW, 16]
         helper.make_node("Unsqueeze", ["W", "axis2"], ["w3"]),
         i32("pow4", [4 ** j for j in range(16)]),
@@ -104,7 +149,7 @@ def ternary_matmul_function() -> FunctionProto:
         helper.make_node("Slice", ["tern_pad", "zero", "k1", "axis1"], ["tern"]),
         helper.make_node("Unsqueeze", ["scale", "axis1"], ["scale_col"]),
         helper.make_node("Mul", ["tern", "scale_col"], ["w_eff"]),
-        helper.make_node("Gemm", ["x2", "w_eff", "bias"], ["y2"], transB=1),
+        helper.make_node("Gemm", [x_rows, "w_eff", "bias"], ["y2"], transB=1),
         helper.make_node("Shape", ["X"], ["lead"], end=-1),
         helper.make_node("Concat", ["lead", "n1"], ["y_shape"], axis=0),
         helper.make_node("Reshape", ["y2", "y_shape"], ["y32"]),
@@ -112,8 +157,27 @@ def ternary_matmul_function() -> FunctionProto:
     ]
     return helper.make_function(
         DOMAIN, OP_TYPE, ["X", "W", "scale", "bias"], ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", GRAPH_OPSET)], attributes=list(REQUIRED_ATTRIBUTES),
-        doc_string="Portable decode of terdit::TernaryMatMul v1 (k16 ternary weights).")
+        opset_imports=[helper.make_opsetid("", GRAPH_OPSET)],
+        attributes=list(REQUIRED_ATTRIBUTES),
+        # declared with its default, so nodes without it (weight-only) still bind every attribute
+        attribute_protos=[helper.make_attribute(a, ACT_QUANT_DEFAULT) for a in OPTIONAL_ATTRIBUTES],
+        doc_string=f"Portable decode of terdit::TernaryMatMul v1 (k16 ternary weights), "
+                   f"act_quant={act_quant} for every node of this file.")
+
+
+def dequantize_rows_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """What an act_quant="fp8" function's DequantizeLinear yields for X (fp32 [..., K]): the
+    per-token e4m3 values of terdit.kernels.quantize_rows_e4m3_ref times their row scale."""
+    xq, s = quantize_rows_e4m3_ref(x)
+    return xq.float() * s.unsqueeze(-1)
+
+
+def node_act_quant(node) -> str:
+    """The act_quant of a TernaryMatMul NodeProto (ACT_QUANT_DEFAULT when absent)."""
+    for attr in node.attribute:
+        if attr.name == "act_quant":
+            return onnx.helper.get_attribute_value(attr).decode()
+    return ACT_QUANT_DEFAULT
 
 
 def decode_k16_numpy(w: np.ndarray, k: int) -> np.ndarray:
@@ -130,11 +194,17 @@ def reference_ops():
         op_domain = DOMAIN
 
         def _run(self, X, W, scale, bias=None, K=None, N=None, plugin_version=None,
-                 plugin_namespace=None):
+                 plugin_namespace=None, act_quant=None):
             if W.shape[0] != N or X.shape[-1] != K:
                 raise ValueError(f"TernaryMatMul: K={K}, N={N} disagree with X {X.shape} / "
                                  f"W {W.shape}")
+            mode = ACT_QUANT_DEFAULT if act_quant is None else (
+                act_quant.decode() if isinstance(act_quant, bytes) else act_quant)
+            if mode not in ACT_QUANT:
+                raise ValueError(f"TernaryMatMul: act_quant={mode!r} is not one of {ACT_QUANT}")
             x = X.astype(np.float32).reshape(-1, int(K))
+            if mode == "fp8":
+                x = dequantize_rows_e4m3(torch.from_numpy(x)).numpy()
             y = np.empty((x.shape[0], int(N)), np.float32)
             rows = max(1, (1 << 24) // max(int(K), 1))  # decode ~16M weights at a time
             for n0 in range(0, int(N), rows):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from terdit import TerDiT
 from terdit.fused import FusedTerDiT
-from terdit.ternary import TERNARY_LAYERS
+from terdit.ternary import TERNARY_LAYERS, swiglu_ref, ternary_linear_ref
 from terdit_common.guidance import guide
 from terdit_common.manifest import DATA_FILE
 from terdit_common.op import node_attributes, size_violation
@@ -51,7 +51,7 @@ class DiffusionGraph(nn.Module):
         return guide(out, cfg_scale, self.cfg_mode, self.in_channels).float()
 
 
-def _translation_table() -> dict:
+def _translation_table(act_quant: str) -> dict:
     import onnxscript
     from onnxscript import ir
     from onnxscript import opset20 as op
@@ -65,7 +65,7 @@ def _translation_table() -> dict:
             # Every node carries a bias (zeros here), so the portable function, whose optional
             # input onnx.reference cannot leave out, evaluates everywhere.
             bias = op.Constant(value=ir.tensor(np.zeros(n, np.float32)))
-        return terdit_ops.TernaryMatMul(x, w, scale, bias, **node_attributes(k, n))
+        return terdit_ops.TernaryMatMul(x, w, scale, bias, **node_attributes(k, n, act_quant))
 
     def ternary_matmul_swiglu(x, w, scale):
         n = int(w.shape[0])
@@ -102,8 +102,8 @@ def example_inputs(cfg, batch: int, cfg_mode: Optional[str], seed: int = 0) -> d
     return inputs
 
 
-def lower(graph: DiffusionGraph, cfg) -> Any:
-    """torch.onnx.export (dynamo) -> onnx_ir Model."""
+def lower(graph: DiffusionGraph, cfg, act_quant: str = contract.ACT_QUANT_DEFAULT) -> Any:
+    """torch.onnx.export (dynamo) -> onnx_ir Model; every TernaryMatMul node gets `act_quant`."""
     contract.register_schema()
     inputs = example_inputs(cfg, 2, graph.cfg_mode)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -116,9 +116,32 @@ def lower(graph: DiffusionGraph, cfg) -> Any:
         program = torch.onnx.export(
             graph, tuple(inputs.values()), dynamo=True, opset_version=contract.GRAPH_OPSET,
             input_names=names, output_names=["out"], dynamic_shapes=dynamic,
-            custom_translation_table=_translation_table(), optimize=True, verify=False,
+            custom_translation_table=_translation_table(act_quant), optimize=True, verify=False,
             verbose=False)
     return program.model
+
+
+class ActQuantEmulation(torch.overrides.TorchFunctionMode):
+    """PyTorch runs the model as an act_quant="fp8" file computes: the input of every terdit
+    ternary op quantized per token (terdit.kernels.quantize_rows_e4m3_ref), the product in fp32
+    (ternary_linear_ref / swiglu_ref) and cast back to the input's dtype, as the ONNX function
+    does. The reference of a --w2a8 export's validation."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.terdit.ternary_matmul.default:
+            x, w, scale, *bias = args
+            xq = contract.dequantize_rows_e4m3(x)
+            return ternary_linear_ref(xq, w, scale, *bias, **kwargs).to(x.dtype)
+        if func is torch.ops.terdit.ternary_matmul_swiglu.default:
+            x, w, scale = args
+            return swiglu_ref(contract.dequantize_rows_e4m3(x), w, scale).to(x.dtype)
+        return func(*args, **kwargs)
+
+
+def act_quant_emulation(act_quant: str):
+    """A context in which PyTorch computes the model in `act_quant` mode ("none": unchanged)."""
+    return ActQuantEmulation() if act_quant == "fp8" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -141,10 +164,19 @@ def _quiet():
             lg.setLevel(level)
 
 
-def finalize(model_ir, with_function: bool, metadata: dict) -> None:
-    """Name the batch dim, import the terdit domain, append the portable function."""
+def finalize(model_ir, with_function: bool, metadata: dict,
+             act_quant: str = contract.ACT_QUANT_DEFAULT) -> None:
+    """Name the batch dim, import the terdit domain, append the portable function (the body of
+    `act_quant`, which every TernaryMatMul node must carry: contract.ternary_matmul_function)."""
     from onnxscript import ir
 
+    for node in model_ir.graph:
+        if node.op_type == contract.OP_TYPE and node.domain == contract.DOMAIN:
+            attr = node.attributes.get("act_quant")
+            mode = attr.value if attr is not None else contract.ACT_QUANT_DEFAULT
+            if mode != act_quant:
+                raise ExportError(f"internal error: node {node.name!r} has act_quant={mode!r} "
+                                  f"in an act_quant={act_quant!r} export; please report this")
     model_ir.opset_imports[contract.DOMAIN] = contract.OP_VERSION
     for value in list(model_ir.graph.inputs) + list(model_ir.graph.outputs):
         if value.name == "cfg_scale":
@@ -156,7 +188,7 @@ def finalize(model_ir, with_function: bool, metadata: dict) -> None:
         dims[0] = ir.SymbolicDim("batch")
         value.shape = ir.Shape(dims)
     if with_function:
-        fn = ir.serde.deserialize_function(contract.ternary_matmul_function())
+        fn = ir.serde.deserialize_function(contract.ternary_matmul_function(act_quant))
         model_ir.functions[fn.identifier()] = fn
     for key, val in metadata.items():
         model_ir.metadata_props[key] = val

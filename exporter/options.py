@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from terdit_common.errors import UserError
+from terdit_common.op import ACT_QUANT, ACT_QUANT_DEFAULT
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CFG_CHOICES = ("none", "official", "standard")
@@ -35,8 +36,12 @@ class ExportOptions:
     ternary: Optional[bool] = None
     external_data: Optional[bool] = None
     seed: int = 0
+    # TernaryMatMul activation mode of every node: "none" or "fp8" (W1.58A8, --w2a8)
+    act_quant: str = ACT_QUANT_DEFAULT
 
     def __post_init__(self) -> None:
+        if self.act_quant not in ACT_QUANT:
+            raise ValueError(f"act_quant={self.act_quant!r} is not one of {', '.join(ACT_QUANT)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.cfg not in CFG_CHOICES:

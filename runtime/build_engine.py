@@ -48,6 +48,13 @@ def add_build_engine_subparser(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_WORKSPACE_GIB,
         help=f"TensorRT workspace limit in GiB (default {DEFAULT_WORKSPACE_GIB})",
     )
+    parser.add_argument(
+        "--allow-inlined-ternary",
+        action="store_true",
+        help="build even when TensorRT inlined some TernaryMatMul nodes as their ONNX function "
+        "instead of using the plugin (refused by default: such an engine holds decoded float "
+        "weights)",
+    )
     parser.set_defaults(func=build_engine_main)
     return parser
 
@@ -69,6 +76,7 @@ def build_engine_main(args: argparse.Namespace) -> int:
         opt_batch=args.opt_batch,
         max_batch=args.max_batch,
         workspace_gib=args.workspace_gib,
+        allow_inlined_ternary=args.allow_inlined_ternary,
     )
     print(f"wrote {plan} and {sidecar_path(plan)}")
     return 0

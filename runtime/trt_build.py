@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from terdit_common.errors import UserError
-from terdit_common.op import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from terdit_common.op import (ACT_QUANT_DEFAULT, DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE,
+                              PLUGIN_VERSION)
 
 from .trt_record import EngineEnvironment, build_record, import_tensorrt, write_plan
 
@@ -109,8 +110,8 @@ def load_plugin_library(trt, plugin_path: Path) -> None:
                 "(plugins/ternaryMatMulPlugin/README.md)"
             )
         _LOADED_PLUGINS[key] = handle
-    get_creator = getattr(registry, "get_creator", None) or registry.get_plugin_creator
-    if get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+    # get_creator (IPluginV3-era, TensorRT 10 and 11); get_plugin_creator is gone in 11
+    if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
         raise UserError(
             f"{plugin_path} loaded, but no creator {PLUGIN_NAME} version {PLUGIN_VERSION} "
             f"namespace {PLUGIN_NAMESPACE!r} is registered; is it libterdit_trt_plugin.so?"
@@ -123,14 +124,83 @@ def _trt_dtype(trt, precision: str):
     ]
 
 
-def _plugin_input_types(trt, network) -> list:
-    """Element type of X of every IPluginV3 layer (in a TerDiT graph: the TernaryMatMul nodes)."""
-    types = []
+# ---- Fail closed: every TernaryMatMul must become the plugin ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TernaryNodes:
+    """The terdit::TernaryMatMul nodes of an ONNX file's main graph."""
+
+    count: int
+    act_quant: tuple[str, ...]   # the distinct act_quant values ("none" when absent)
+    functions: bool              # the file carries local functions
+
+
+def read_ternary_nodes(onnx_path: Path) -> TernaryNodes:
+    """Counts the TernaryMatMul nodes of `onnx_path` without loading external weight data."""
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError:
+        raise UserError("build-engine reads the ONNX file with the onnx package: "
+                        "pip install onnx") from None
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except DecodeError as err:
+        raise UserError(f"{onnx_path}: not a readable ONNX model ({err}); re-export it with "
+                        "`python -m exporter`") from None
+    modes = set()
+    count = 0
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            count += 1
+            attr = next((a for a in node.attribute if a.name == "act_quant"), None)
+            modes.add(attr.s.decode() if attr is not None else ACT_QUANT_DEFAULT)
+    return TernaryNodes(count, tuple(sorted(modes)), bool(model.functions))
+
+
+def ternary_plugin_layers(trt, network) -> list:
+    """The network's IPluginV3 layers whose plugin is TernaryMatMul (name, version, namespace)."""
+    layers = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type == trt.LayerType.PLUGIN_V3:
-            types.append(layer.get_input(0).dtype)
-    return types
+        if layer.type != trt.LayerType.PLUGIN_V3:
+            continue
+        # get_layer returns the ILayer base class; Polygraphy downcasts the same way
+        layer.__class__ = trt.IPluginV3Layer
+        core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+        if core is not None and (core.plugin_name, core.plugin_version, core.plugin_namespace) \
+                == (PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE):
+            layers.append(layer)
+    return layers
+
+
+def tensorrt_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string such as "10.16.0.72"."""
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise UserError(f"cannot read the TensorRT version {version!r}") from None
+
+
+def inlined_ternary_message(onnx_path: Path, version: str, nodes: int, mapped: int) -> str:
+    """One line: how many nodes TensorRT `version` did not map to the plugin, why, and the fixes."""
+    if tensorrt_version(version) < (10, 7):
+        why = (f"TensorRT {version} inlines a node's local function before it looks for a "
+               f"plugin: re-export with `python -m exporter ... --no-function`")
+    else:
+        why = (f"TensorRT {version} prefers a registered plugin (10.15+: for nodes with the "
+               f"plugin_namespace attribute): check that --plugin is the TernaryMatMul library "
+               f"and re-export with `python -m exporter` (its nodes carry plugin_namespace) or "
+               f"with --no-function")
+    return (f"{onnx_path}: TensorRT {version} mapped {mapped} of {nodes} TernaryMatMul nodes to "
+            f"the {PLUGIN_NAME} plugin; the other {nodes - mapped} were inlined as their ONNX "
+            f"function, an engine with decoded float weights (~16x the packed size) and no "
+            f"W1.58A8; {why}")
+
+
+# ---- Engine build ------------------------------------------------------------------------------
 
 
 def build_engine(
@@ -142,10 +212,15 @@ def build_engine(
     opt_batch: int | None = None,
     max_batch: int | None = None,
     workspace_gib: float = DEFAULT_WORKSPACE_GIB,
+    allow_inlined_ternary: bool = False,
 ) -> Path:
     """Builds a TensorRT plan from `onnx_path` with the TernaryMatMul plugin and writes it to
     `out_path` with its build record `<out_path>.json`. Unset batch sizes take the defaults
     (DEFAULT_MIN_BATCH / DEFAULT_OPT_BATCH / DEFAULT_MAX_BATCH) when the ONNX batch is dynamic.
+
+    Fails closed: when the parsed network has fewer TernaryMatMul plugin layers than the file has
+    TernaryMatMul nodes (TensorRT inlined the portable function), nothing is built unless
+    `allow_inlined_ternary`.
 
     Precision: TensorRT 10 builds fp16 / bf16 engines from an fp32 ONNX (weakly typed network and
     the FP16 / BF16 builder flag). TensorRT 11 only builds strongly typed networks, where the ONNX
@@ -159,12 +234,15 @@ def build_engine(
     batch = resolve_batch_range(min_batch, opt_batch, max_batch)
     if not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib < 1e6):
         raise ValueError(f"workspace_gib={workspace_gib} must be positive")
-    for path, what in ((onnx_path, "ONNX model"), (plugin_path, "plugin library")):
+    plugin_fix = "build it with CMake (plugins/ternaryMatMulPlugin/README.md)"
+    for path, what, fix in ((onnx_path, "ONNX model", "export one with `python -m exporter`"),
+                            (plugin_path, "plugin library", plugin_fix)):
         if not path.is_file():
-            raise UserError(f"{what} {path} not found")
+            raise UserError(f"{what} {path} not found; {fix}")
 
     trt = import_tensorrt()
     environment = EngineEnvironment.detect()
+    nodes = read_ternary_nodes(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     load_plugin_library(trt, plugin_path)
 
@@ -180,21 +258,22 @@ def build_engine(
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise UserError(f"TensorRT could not parse {onnx_path}: {errors}")
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        hint = ("; TensorRT < 10.7 inlines local functions: export with --no-function"
+                if nodes.functions and tensorrt_version(trt.__version__) < (10, 7) else "")
+        raise UserError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors}{hint}")
 
-    plugin_types = _plugin_input_types(trt, network)
-    if not plugin_types:
-        warnings.warn(
-            f"{onnx_path} parsed without any plugin layer: its TernaryMatMul nodes were inlined as "
-            "their ONNX function (TensorRT 10.0-10.6 always do this; later versions do when the "
-            "nodes lack the plugin_namespace attribute), so the engine stores decoded weights and "
-            "is slower",
-            stacklevel=2,
-        )
+    plugin_layers = ternary_plugin_layers(trt, network)
+    if len(plugin_layers) < nodes.count:
+        message = inlined_ternary_message(onnx_path, trt.__version__, nodes.count,
+                                          len(plugin_layers))
+        if not allow_inlined_ternary:
+            raise UserError(f"{message}; or pass --allow-inlined-ternary to build it anyway")
+        warnings.warn(f"{message} (building anyway: --allow-inlined-ternary)", stacklevel=2)
     if strongly_typed:
         wanted = _trt_dtype(trt, precision)
-        wrong = sorted({str(t) for t in plugin_types if t != wanted})
+        wrong = sorted({t.name for t in (layer.get_input(0).dtype for layer in plugin_layers)
+                        if t != wanted})
         if wrong:
             raise ValueError(
                 f"TensorRT {trt.__version__} builds strongly typed networks, so the ONNX file "
@@ -228,7 +307,8 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(
-            f"TensorRT failed to build an engine from {onnx_path}; see the log above"
+            f"TensorRT {trt.__version__} failed to build an engine from {onnx_path}; see its "
+            "log above"
         )
     plan = memoryview(serialized)
     input_shapes = profile_shapes or {name: {"min": s, "opt": s, "max": s} for name, s in inputs}
@@ -240,6 +320,8 @@ def build_engine(
         precision=precision,
         batch_profile=batch if profile_shapes else None,
         input_shapes=input_shapes,
-        plugin_layers=len(plugin_types),
+        plugin_layers=len(plugin_layers),
+        ternary_nodes=nodes.count,
+        act_quant=list(nodes.act_quant),
     )
     return write_plan(out_path, plan, record)

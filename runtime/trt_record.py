@@ -125,6 +125,8 @@ def build_record(
     batch_profile,
     input_shapes: Mapping[str, Mapping[str, Sequence[int]]],
     plugin_layers: int,
+    ternary_nodes: int,
+    act_quant: Sequence[str],
 ) -> dict[str, Any]:
     """The sidecar content for a plan built in `environment`."""
     return {
@@ -139,7 +141,9 @@ def build_record(
         "input_shapes": {
             name: {k: list(v) for k, v in shapes.items()} for name, shapes in input_shapes.items()
         },
-        "plugin_layers": plugin_layers,
+        "plugin_layers": plugin_layers,      # TernaryMatMul nodes mapped to the plugin
+        "ternary_nodes": ternary_nodes,      # TernaryMatMul nodes in the ONNX file
+        "act_quant": list(act_quant),        # their act_quant values
     }
 
 

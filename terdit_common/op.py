@@ -13,11 +13,14 @@ PLUGIN_NAME = OP_TYPE
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
 REQUIRED_ATTRIBUTES = ("K", "N", "plugin_version", "plugin_namespace")
-ATTRIBUTES = REQUIRED_ATTRIBUTES + ("act_quant",)     # act_quant is optional ("none" if absent)
+OPTIONAL_ATTRIBUTES = ("act_quant",)                  # absent means ACT_QUANT_DEFAULT
+ATTRIBUTES = REQUIRED_ATTRIBUTES + OPTIONAL_ATTRIBUTES
 # Activation quantization of the product: "none" (weight-only, W1.58A16) or "fp8" (W1.58A8:
-# X quantized per token to float8 e4m3 with scale amax / 448, fp32 accumulation).
+# each row m of X quantized to float8 e4m3 with s[m] = max(amax_k |X[m, k]|, 1e-12) / 448, fp32
+# accumulation, Y = acc * s[m] * scale[n] + bias[n]; defined by terdit.kernels'
+# quantize_rows_e4m3_ref and ternary_linear_e4m3_ref).
 ACT_QUANT = ("none", "fp8")
-FP8_E4M3_MAX = 448.0
+ACT_QUANT_DEFAULT = "none"
 # Kernels tile K and N by 16 (k16 words hold 16 weights).
 SIZE_MULTIPLE = 16
 WEIGHT_LAYOUT = "k16"
@@ -44,6 +47,6 @@ def node_attributes(k: int, n: int, act_quant: str = "none") -> dict:
         raise ValueError(f"act_quant={act_quant!r} is not one of {ACT_QUANT}")
     attrs = {"K": int(k), "N": int(n), "plugin_version": PLUGIN_VERSION,
              "plugin_namespace": PLUGIN_NAMESPACE}
-    if act_quant != "none":
+    if act_quant != ACT_QUANT_DEFAULT:
         attrs["act_quant"] = act_quant
     return attrs

@@ -230,7 +230,7 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "exporter", "--help"], capture_output=True,
                                text=True, cwd=ROOT, timeout=60).stdout
     for flag in ("--dtype", "--cfg", "--fuse", "--no-fuse", "--no-function", "--vae",
-                 "--no-validate", "--overwrite", "--tolerance"):
+                 "--no-validate", "--overwrite", "--tolerance", "--w2a8"):
         assert flag in help_text
 
 
@@ -244,7 +244,8 @@ def test_polygraphy_runs_the_file(tiny_ckpt, tmp_path):
     assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
-def test_nodes_follow_the_written_contract(one_layer_ckpt, tmp_path):
+@pytest.mark.parametrize("act_quant", ["none", "fp8"])
+def test_nodes_follow_the_written_contract(one_layer_ckpt, tmp_path, act_quant):
     """The exporter and the plugin creator are both checked against the same YAML contract."""
     yaml = pytest.importorskip("yaml")
     doc = yaml.safe_load((ROOT / "plugins" / "ternaryMatMulPlugin" /
@@ -252,8 +253,19 @@ def test_nodes_follow_the_written_contract(one_layer_ckpt, tmp_path):
     spec = doc["versions"][contract.PLUGIN_VERSION]
     assert doc["name"] == contract.OP_TYPE and doc["onnx_domain"] == contract.DOMAIN
     assert spec["plugin_namespace"] == contract.PLUGIN_NAMESPACE
-    assert list(spec["attributes"]) == list(contract.REQUIRED_ATTRIBUTES)
-    export(one_layer_ckpt, tmp_path / "o", ExportOptions(dtype="fp16", validate=False), **QUIET)
+    assert list(spec["attributes"]) == list(contract.ATTRIBUTES)
+    assert list(spec["attributes_required"]) == list(contract.REQUIRED_ATTRIBUTES)
+    assert set(contract.OPTIONAL_ATTRIBUTES) == set(spec["attributes"]) - set(
+        spec["attributes_required"])
+    options = spec["attribute_options"]["act_quant"]
+    assert tuple(options["values"]) == contract.ACT_QUANT
+    assert options["default"] == contract.ACT_QUANT_DEFAULT
+    contract.register_schema()
+    schema = onnx.defs.get_schema(contract.OP_TYPE, contract.OP_VERSION, contract.DOMAIN)
+    assert {a: schema.attributes[a].required for a in contract.ATTRIBUTES} == {
+        a: a in contract.REQUIRED_ATTRIBUTES for a in contract.ATTRIBUTES}
+    export(one_layer_ckpt, tmp_path / "o",
+           ExportOptions(dtype="fp16", validate=False, act_quant=act_quant), **QUIET)
     m = onnx.load(str(tmp_path / "o" / "model.onnx"))
     inits = {i.name: i for i in m.graph.initializer}
     types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -262,9 +274,13 @@ def test_nodes_follow_the_written_contract(one_layer_ckpt, tmp_path):
     for node in _nodes(tmp_path / "o" / "model.onnx"):
         assert len(node.input) <= len(spec["inputs"]) and list(node.output) and len(node.output) == 1
         attrs = {a.name: a for a in node.attribute}
-        assert set(spec["attributes_required"]) <= set(attrs)
+        assert set(spec["attributes_required"]) <= set(attrs) <= set(spec["attributes"])
         for name, typ in spec["attribute_types"].items():
-            assert attrs[name].type == kind[{"int": int, "string": str}[typ]]
+            if name in attrs:
+                assert attrs[name].type == kind[{"int": int, "string": str}[typ]]
+        mode = onnx.helper.get_attribute_value(attrs["act_quant"]).decode() \
+            if "act_quant" in attrs else options["default"]
+        assert mode == act_quant and mode in options["values"]
         for name, value in spec["attribute_values"].items():
             assert onnx.helper.get_attribute_value(attrs[name]).decode() == value
         k, n = attrs["K"].i, attrs["N"].i

@@ -1,334 +1,279 @@
-"""build_engine and the TensorRT backend against a stand-in `tensorrt` module (no TensorRT, no GPU).
+"""build_engine, `python -m runtime build-engine` and the TensorRT backend against the stand-in
+`tensorrt` modules of TensorRT 10.16 and 11.1 (tests/trt_standin; no TensorRT, no GPU).
 
-What they cover: the missing-TensorRT message, batch profile rules, atomic plan + build-record
-writes, the build-record checks, the CLI glue, and build_engine's orchestration against a stand-in
-`tensorrt` module that records the calls (so the glue runs somewhere; whether real TensorRT accepts
-the same calls is only checked where TensorRT is installed).
+A stand-in refuses every name the real bindings of its release lack, and checks what it can (the
+profile against the inputs, I/O shapes and addresses before execution); its parser maps
+TernaryMatMul nodes as DESIGN section 5 says 10.15+ / 11.x does, and its engine runs the ONNX file
+in ONNX Runtime. So these tests show our calls exist in both releases and are made consistently;
+they say nothing about what TensorRT builds or computes.
 """
-
-import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
-import types
 
+import numpy as np
 import pytest
+import torch
+from onnx import TensorProto
 
 from runtime import trt_build, trt_record
+from runtime.__main__ import main as runtime_main
 from runtime.backends import trt_backend
+from tests.trt_standin import VERSIONS, HostTransfer, make_tensorrt
+from tests.trt_standin.files import ternary_onnx
 
-ENV = trt_record.EngineEnvironment(
-    tensorrt_version="10.13.0.35", gpu_name="NVIDIA H200", compute_capability="9.0"
-)
-DIT_INPUTS = [("x", (-1, 4, 32, 32)), ("t", (-1,)), ("y", (-1,))]
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+GPU = ("NVIDIA H200", "9.0")
 
 
 @pytest.fixture
-def artifacts(tmp_path):
-    onnx_path = tmp_path / "model.onnx"
-    onnx_path.write_bytes(b"onnx bytes")
-    plugin_path = tmp_path / "libterdit_trt_plugin.so"
-    plugin_path.write_bytes(b"plugin bytes")
-    return onnx_path, plugin_path
+def gpu(monkeypatch):
+    monkeypatch.setattr(trt_record, "_gpu_properties", lambda device: GPU)
+    monkeypatch.setattr(trt_build, "_LOADED_PLUGINS", {})
 
 
-def _record(onnx_path, plugin_path, plan, environment=ENV):
-    return trt_record.build_record(
-        environment,
-        plugin_path=plugin_path,
-        onnx_path=onnx_path,
-        plan_sha256=hashlib.sha256(plan).hexdigest(),
-        precision="bf16",
-        batch_profile=trt_build.BatchRange(1, 2, 16),
-        input_shapes=trt_build.batch_profile_shapes(DIT_INPUTS, trt_build.BatchRange(1, 2, 16)),
-        plugin_layers=3,
-    )
+@pytest.fixture(params=VERSIONS)
+def trt(request, gpu, monkeypatch):
+    """The stand-in of one release, installed as `tensorrt`."""
+    module = make_tensorrt(request.param)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    return module
 
 
-# ---- build_engine against a recording stand-in for the tensorrt module ---------------------------
+def _use(monkeypatch, version, **kwargs):
+    module = make_tensorrt(version, **kwargs)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setattr(trt_build, "_LOADED_PLUGINS", {})
+    return module
 
 
-class _Enum:
-    def __init__(self, *names):
-        for name in names:
-            setattr(self, name, name)
-
-
-def _fake_tensorrt(version="10.13.0.35", weak_typing=True, creator_registered=True):
-    """A `tensorrt` stand-in with the calls build_engine makes. The "ONNX file" is JSON:
-    {"inputs": [[name, shape], ...], "plugin_dtypes": [...], "errors": [...]}."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.calls = []
-    trt.DataType = _Enum("FLOAT", "HALF", "BF16", "INT32", "INT64")
-    trt.LayerType = _Enum("PLUGIN_V3", "CONSTANT")
-    trt.MemoryPoolType = _Enum("WORKSPACE")
-    trt.BuilderFlag = _Enum("TF32", *(("FP16", "BF16") if weak_typing else ()))
-
-    class Logger:
-        WARNING = "WARNING"
-
-        def __init__(self, severity):
-            self.severity = severity
-
-    class Registry:
-        def __init__(self):
-            self.loaded = []
-
-        def load_library(self, path):
-            self.loaded.append(path)
-            trt.calls.append(("load_library", path))
-            return object()
-
-        def get_creator(self, name, version, namespace):
-            trt.calls.append(("get_creator", name, version, namespace))
-            return object() if creator_registered and self.loaded else None
-
-    registry = Registry()
-
-    class Tensor:
-        def __init__(self, name, shape, dtype="FLOAT"):
-            self.name, self.shape, self.dtype = name, shape, dtype
-
-    class Layer:
-        def __init__(self, kind, dtype):
-            self.type = kind
-            self._input = Tensor("X", (-1, 256), dtype)
-
-        def get_input(self, index):
-            return self._input
-
-    class Network:
-        def __init__(self, flags):
-            self.flags, self.inputs, self.layers = flags, [], []
-
-        num_inputs = property(lambda self: len(self.inputs))
-        num_layers = property(lambda self: len(self.layers))
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-        def get_layer(self, i):
-            return self.layers[i]
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.errors = network, []
-
-        def parse_from_file(self, path):
-            with open(path) as f:
-                spec = json.load(f)
-            self.errors = spec.get("errors", [])
-            self.network.inputs = [Tensor(name, tuple(shape)) for name, shape in spec["inputs"]]
-            self.network.layers = [Layer("CONSTANT", "FLOAT")] + [
-                Layer("PLUGIN_V3", dtype) for dtype in spec["plugin_dtypes"]
-            ]
-            trt.calls.append(("parse_from_file", path))
-            return not self.errors
-
-        @property
-        def num_errors(self):
-            return len(self.errors)
-
-        def get_error(self, i):
-            return self.errors[i]
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, low, opt, high):
-            self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
-
-    class Config:
-        def __init__(self):
-            self.flags, self.pools, self.profiles = [], {}, []
-
-        def set_memory_pool_limit(self, pool, size):
-            self.pools[pool] = size
-
-        def set_flag(self, flag):
-            self.flags.append(flag)
-
-        def add_optimization_profile(self, profile):
-            self.profiles.append(profile)
-            return len(self.profiles) - 1
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            trt.network = Network(flags)
-            return trt.network
-
-        def create_builder_config(self):
-            trt.config = Config()
-            return trt.config
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            trt.calls.append(("build_serialized_network",))
-            return bytearray(
-                b"serialized engine for " + ",".join(t.name for t in network.inputs).encode()
-            )
-
-    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
-    trt.get_plugin_registry = lambda: registry
-    return trt
-
-
-def _fake_onnx(tmp_path, inputs, plugin_dtypes, errors=()):
-    path = tmp_path / "fake.onnx"
-    path.write_text(
-        json.dumps({"inputs": inputs, "plugin_dtypes": plugin_dtypes, "errors": list(errors)})
-    )
+@pytest.fixture
+def plugin(tmp_path):
+    path = tmp_path / "libterdit_trt_plugin.so"
+    path.write_bytes(b"plugin bytes")
     return path
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    monkeypatch.setattr(trt_record, "_gpu_properties", lambda device: ("NVIDIA H200", "9.0"))
-    monkeypatch.setattr(trt_build, "_LOADED_PLUGINS", {})
+def _environment(trt):
+    return trt_record.EngineEnvironment(trt.__version__, *GPU)
 
 
-CFG_INPUTS = [["x", [-1, 4, 32, 32]], ["t", [-1]], ["y", [-1]], ["cfg_scale", []]]
+# ---- build_engine ----------------------------------------------------------------------------
 
 
-def test_build_engine_weakly_typed_bf16(fake_gpu, monkeypatch, artifacts, tmp_path):
-    _, plugin_path = artifacts
-    trt = _fake_tensorrt(weak_typing=True)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    onnx_path = _fake_onnx(tmp_path, CFG_INPUTS, ["FLOAT"] * 3)
-    plan_path = trt_build.build_engine(
-        onnx_path,
-        plugin_path,
-        tmp_path / "out" / "model.plan",
-        precision="bf16",
-        min_batch=1,
-        opt_batch=4,
-        max_batch=8,
-        workspace_gib=2,
-    )
-
-    assert trt.network.flags == 0
-    assert trt.config.flags == ["BF16"]
-    assert trt.config.pools == {"WORKSPACE": 2 << 30}
-    (profile,) = trt.config.profiles
-    assert profile.shapes == {
-        "x": ((1, 4, 32, 32), (4, 4, 32, 32), (8, 4, 32, 32)),
-        "t": ((1,), (4,), (8,)),
-        "y": ((1,), (4,), (8,)),
-    }
-    assert ("get_creator", "TernaryMatMul", "1", "") in trt.calls
-    assert plan_path.read_bytes() == b"serialized engine for x,t,y,cfg_scale"
-    record = trt_record.check_sidecar(
-        plan_path, plugin_path, trt_record.EngineEnvironment("10.13.0.35", "NVIDIA H200", "9.0")
-    )
-    assert record["precision"] == "bf16"
+def test_build_engine_profile_and_record(trt, plugin, tmp_path):
+    onnx_path = ternary_onnx(tmp_path / "m.onnx", act_quant="fp8")
+    plan_path = trt_build.build_engine(onnx_path, plugin, tmp_path / "out" / "model.plan",
+                                       min_batch=1, opt_batch=4, max_batch=8, workspace_gib=2)
+    record = trt_record.check_sidecar(plan_path, plugin, _environment(trt))
+    assert record["tensorrt_version"] == trt.__version__
     assert record["batch_profile"] == {"min": 1, "opt": 4, "max": 8}
-    assert record["plugin_layers"] == 3
-    assert record["onnx"]["sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert record["input_shapes"]["x"] == {"min": [1, 16, 64], "opt": [4, 16, 64],
+                                           "max": [8, 16, 64]}
+    assert "cfg_scale" not in record["input_shapes"]             # 0-d: no profile entry
+    assert (record["plugin_layers"], record["ternary_nodes"]) == (3, 3)
+    assert record["act_quant"] == ["fp8"] and record["precision"] == "fp32"
 
 
-def test_build_engine_strongly_typed_checks_onnx_precision(
-    fake_gpu, monkeypatch, artifacts, tmp_path
-):
-    _, plugin_path = artifacts
-    trt = _fake_tensorrt(version="11.1.0", weak_typing=False)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    fp32_onnx = _fake_onnx(tmp_path, CFG_INPUTS, ["FLOAT"] * 2)
+def test_build_engine_weakly_typed_bf16_on_10(gpu, monkeypatch, plugin, tmp_path):
+    trt = _use(monkeypatch, "10.16")
+    plan = trt_build.build_engine(ternary_onnx(tmp_path / "m.onnx"), plugin,
+                                  tmp_path / "model.plan", precision="bf16")
+    header = json.loads(plan.read_bytes().split(b"\n")[1])
+    assert header["flags"] == ["BF16"] and trt.BuilderFlag.BF16.name == "BF16"
+    assert json.loads(trt_record.sidecar_path(plan).read_text())["precision"] == "bf16"
+
+
+def test_build_engine_strongly_typed_on_11(gpu, monkeypatch, plugin, tmp_path):
+    _use(monkeypatch, "11.1")
+    fp32 = ternary_onnx(tmp_path / "fp32.onnx")
     with pytest.raises(ValueError, match="strongly typed.*inputs are FLOAT, not bf16"):
-        trt_build.build_engine(fp32_onnx, plugin_path, tmp_path / "model.plan", precision="bf16")
+        trt_build.build_engine(fp32, plugin, tmp_path / "model.plan", precision="bf16")
+    assert not (tmp_path / "model.plan").exists()
+    bf16 = ternary_onnx(tmp_path / "bf16.onnx", dtype=TensorProto.BFLOAT16)
+    plan = trt_build.build_engine(bf16, plugin, tmp_path / "model.plan", precision="bf16")
+    assert json.loads(plan.read_bytes().split(b"\n")[1])["flags"] == []
+
+
+def test_build_engine_static_batch(trt, plugin, tmp_path):
+    onnx_path = ternary_onnx(tmp_path / "m.onnx", batch=2, cfg=False)
+    with pytest.raises(ValueError, match=r"fixed batch \(x \[2, 16, 64\].*only to a dynamic"):
+        trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan", max_batch=8)
+    plan = trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan")
+    record = json.loads(trt_record.sidecar_path(plan).read_text())
+    assert record["batch_profile"] is None and record["input_shapes"]["x"]["max"] == [2, 16, 64]
+
+
+def test_build_engine_fails_closed_on_inlined_nodes(trt, plugin, tmp_path):
+    """Nodes without plugin_namespace: 10.15+ / 11 take the local function, not the plugin."""
+    onnx_path = ternary_onnx(tmp_path / "m.onnx", namespace=1)
+    with pytest.raises(trt_record.UserError) as info:
+        trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan")
+    message = str(info.value)
+    assert f"TensorRT {trt.__version__} mapped 1 of 3 TernaryMatMul nodes" in message
+    assert "plugin_namespace" in message and "--no-function" in message
+    assert "--allow-inlined-ternary" in message and "\n" not in message
     assert not (tmp_path / "model.plan").exists()
 
-    bf16_onnx = _fake_onnx(tmp_path, CFG_INPUTS, ["BF16"] * 2)
-    plan_path = trt_build.build_engine(bf16_onnx, plugin_path, tmp_path / "model.plan", precision="bf16")
-    assert trt.config.flags == []
-    assert trt_record.check_sidecar(
-        plan_path, plugin_path, trt_record.EngineEnvironment("11.1.0", "NVIDIA H200", "9.0")
-    )
+    with pytest.warns(UserWarning, match="mapped 1 of 3 .*building anyway"):
+        plan = trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan",
+                                      allow_inlined_ternary=True)
+    record = json.loads(trt_record.sidecar_path(plan).read_text())
+    assert (record["plugin_layers"], record["ternary_nodes"]) == (1, 3)
 
 
-def test_build_engine_static_batch(fake_gpu, monkeypatch, artifacts, tmp_path):
-    _, plugin_path = artifacts
-    trt = _fake_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    onnx_path = _fake_onnx(tmp_path, [["x", [2, 4, 32, 32]], ["t", [2]], ["y", [2]]], ["FLOAT"])
-    with pytest.raises(
-        ValueError, match=r"fixed batch \(x \[2, 4, 32, 32\].*apply only to a dynamic batch"
-    ):
-        trt_build.build_engine(onnx_path, plugin_path, tmp_path / "model.plan", max_batch=8)
-    plan_path = trt_build.build_engine(onnx_path, plugin_path, tmp_path / "model.plan")
-    assert trt.config.profiles == []
-    record = json.loads(trt_record.sidecar_path(plan_path).read_text())
-    assert record["batch_profile"] is None
-    assert record["input_shapes"]["x"]["max"] == [2, 4, 32, 32]
+def test_inlined_message_names_the_fix_per_version(tmp_path):
+    old = trt_build.inlined_ternary_message(tmp_path / "m.onnx", "10.6.0.26", 5, 0)
+    assert "TensorRT 10.6.0.26 inlines a node's local function" in old and "--no-function" in old
+    new = trt_build.inlined_ternary_message(tmp_path / "m.onnx", "10.7.0.23", 5, 0)
+    assert "plugin_namespace" in new and "--plugin" in new and "inlines a node's" not in new
+    assert trt_build.tensorrt_version("11.1.0.106") == (11, 1)
+    with pytest.raises(trt_record.UserError, match="cannot read the TensorRT version 'x.y'"):
+        trt_build.tensorrt_version("x.y")
 
 
-def test_build_engine_reports_parser_errors_and_missing_plugin(
-    fake_gpu, monkeypatch, artifacts, tmp_path
-):
-    _, plugin_path = artifacts
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt())
-    broken = _fake_onnx(tmp_path, CFG_INPUTS, [], errors=["node 3: unsupported op Foo"])
-    with pytest.raises(ValueError, match="could not parse .*node 3: unsupported op Foo"):
-        trt_build.build_engine(broken, plugin_path, tmp_path / "model.plan")
+def test_build_engine_parser_errors_are_one_line(trt, plugin, tmp_path):
+    onnx_path = ternary_onnx(tmp_path / "m.onnx", extra_op="Foo")
+    with pytest.raises(trt_record.UserError) as info:
+        trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan")
+    assert f"TensorRT {trt.__version__} could not parse" in str(info.value)
+    assert "No importer registered for op: Foo" in str(info.value)
+    assert "\n" not in str(info.value)
 
-    no_plugin_layers = _fake_onnx(tmp_path, CFG_INPUTS, [])
-    with pytest.warns(UserWarning, match="parsed without any plugin layer"):
-        trt_build.build_engine(no_plugin_layers, plugin_path, tmp_path / "model.plan")
 
-    monkeypatch.setattr(trt_build, "_LOADED_PLUGINS", {})
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(creator_registered=False))
-    with pytest.raises(ValueError, match="no creator TernaryMatMul version 1"):
-        trt_build.build_engine(no_plugin_layers, plugin_path, tmp_path / "model.plan")
+@pytest.mark.parametrize("version", VERSIONS)
+def test_build_engine_refuses_a_library_without_the_creator(version, gpu, monkeypatch, plugin,
+                                                           tmp_path):
+    onnx_path = ternary_onnx(tmp_path / "m.onnx")
+    _use(monkeypatch, version, library_creators=())
+    with pytest.raises(trt_record.UserError, match="no creator TernaryMatMul version 1"):
+        trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan")
+    _use(monkeypatch, version, library_loads=False)
+    with pytest.raises(trt_record.UserError, match="could not load the plugin library"):
+        trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan")
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    """A tiny export directory with a stand-in plan and plugin library beside it."""
-    import torch
-
+    """A tiny export with classifier-free guidance folded in (a 0-d cfg_scale input)."""
     from exporter import ExportOptions, export
     from terdit import TerDiTConfig, save_checkpoint
     from tests.helpers import random_model
     root = tmp_path_factory.mktemp("trt")
     torch.manual_seed(0)
     save_checkpoint(random_model(TerDiTConfig.from_name("TerDiT-tiny")), root / "ck")
-    export(root / "ck", root / "onnx", ExportOptions(validate=False), log=lambda *_: None)
-    (root / "onnx" / "model.plan").write_bytes(b"plan")
+    export(root / "ck", root / "onnx", ExportOptions(cfg="official", validate=False),
+           log=lambda *_: None)
     (root / "lib.so").write_bytes(b"plugin")
     return root
 
 
+def _cli(argv, capsys):
+    code = runtime_main(["build-engine", *map(str, argv)])
+    return code, capsys.readouterr()
+
+
+def test_cli_builds_from_an_export_directory(trt, export_dir, tmp_path, capsys):
+    out = tmp_path / "model.plan"
+    code, io = _cli([export_dir / "onnx", "--plugin", export_dir / "lib.so", "-o", out], capsys)
+    assert code == 0, io.err
+    assert f"wrote {out}" in io.out and trt_record.sidecar_path(out).is_file()
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("no-tensorrt", "TensorRT's Python package is not installed"),
+    ("missing-plugin", r"plugin library .*none.so not found; build it with CMake"),
+    ("not-an-export", r"nothing: no model.onnx here; pass an export directory"),
+    ("inlined", r"mapped 0 of 2 TernaryMatMul nodes.*--allow-inlined-ternary"),
+])
+def test_cli_errors_are_one_line(case, pattern, gpu, monkeypatch, plugin, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", None if case == "no-tensorrt"
+                        else make_tensorrt("11.1"))
+    model = ternary_onnx(tmp_path / "model.onnx", nodes=2, namespace=case != "inlined")
+    argv = {"missing-plugin": [model, "--plugin", tmp_path / "none.so"],
+            "not-an-export": [tmp_path / "nothing", "--plugin", plugin]}.get(
+        case, [model, "--plugin", plugin])
+    (tmp_path / "nothing").mkdir()
+    code, io = _cli(argv, capsys)
+    lines = io.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), io.err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "model.plan").exists()
+
+
+def test_cli_allow_inlined_ternary(gpu, monkeypatch, plugin, tmp_path, capsys):
+    _use(monkeypatch, "11.1")
+    model = ternary_onnx(tmp_path / "model.onnx", nodes=2, namespace=False)
+    with pytest.warns(UserWarning, match="mapped 0 of 2"):
+        code, io = _cli([model, "--plugin", plugin, "--allow-inlined-ternary"], capsys)
+    assert code == 0 and (tmp_path / "model.plan").is_file(), io.err
+
+
+# ---- the backend -----------------------------------------------------------------------------
+
+
+def _inputs(batch, seed=0):
+    g = np.random.default_rng(seed)
+    return (g.standard_normal((batch, 4, 8, 8)).astype(np.float32),
+            g.integers(0, 1000, batch).astype(np.float32), g.integers(0, 10, batch))
+
+
+def test_backend_forward_with_cfg_scale(trt, export_dir):
+    """A --cfg official export through build-engine and the backend's forward, cfg_scale 0-d."""
+    from runtime.backends.ort_backend import OrtBackend
+    plan = export_dir / "onnx" / f"model-{trt.__version__}.plan"    # beside its manifest
+    trt_build.build_engine(export_dir / "onnx" / "model.onnx", export_dir / "lib.so", plan,
+                           max_batch=4)
+    backend = trt_backend.TensorRTBackend(plan, export_dir / "lib.so", transfer=HostTransfer())
+    assert backend.input_names == ["x", "t", "y", "cfg_scale"]
+    ort_backend = OrtBackend(export_dir / "onnx")
+    for batch, scale in ((1, 4.0), (3, np.float64(1.5))):
+        x, t, y = _inputs(batch, seed=batch)
+        out = backend.forward(x, t, y, cfg_scale=scale)
+        assert backend._context._shapes["cfg_scale"] == ()
+        assert out.shape == (batch, 8, 8, 8) and out.dtype == np.float32
+        expected = ort_backend.forward(x, t, y, cfg_scale=scale)
+        assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+    with pytest.raises(ValueError, match="folded in; pass cfg_scale"):
+        backend.forward(x, t, y)
+    with pytest.raises(ValueError, match=r"input 'x' has shape \[5, 4, 8, 8\], outside"):
+        backend.forward(*_inputs(5), cfg_scale=4.0)
+    # a (1,)-shaped cfg_scale, what np.ascontiguousarray made of it, is refused by TensorRT
+    assert not backend._context.set_input_shape("cfg_scale", (1,))
+
+
+def test_backend_refuses_a_plan_of_the_other_release(gpu, monkeypatch, export_dir):
+    plan = export_dir / "onnx" / "other-release.plan"
+    _use(monkeypatch, "10.16")
+    trt_build.build_engine(export_dir / "onnx" / "model.onnx", export_dir / "lib.so", plan)
+    _use(monkeypatch, "11.1")
+    with pytest.raises(trt_record.EngineMismatchError, match="field 'tensorrt_version'"):
+        trt_backend.TensorRTBackend(plan, export_dir / "lib.so", transfer=HostTransfer())
+
+
 def test_backend_without_tensorrt_fails_with_install_hint(monkeypatch, export_dir):
+    (export_dir / "onnx" / "model.plan").write_bytes(b"plan")
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(trt_record.TensorRTUnavailable, match="pip install tensorrt-cu12"):
         trt_backend.TensorRTBackend(export_dir / "onnx", export_dir / "lib.so")
 
 
-def test_backend_needs_cuda(monkeypatch, export_dir):
-    torch = pytest.importorskip("torch")
+def test_backend_needs_cuda_by_default(trt, export_dir):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present; this checks the message on CPU-only machines")
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt())
+    (export_dir / "onnx" / "model.plan").write_bytes(b"plan")
     with pytest.raises(trt_record.TensorRTUnavailable, match="needs a CUDA GPU"):
         trt_backend.TensorRTBackend(export_dir / "onnx", export_dir / "lib.so")
 
 
-def test_importing_the_module_does_not_import_tensorrt():
-    code = "import sys, runtime.trt_build, runtime.trt_record, runtime.backends.trt_backend; print('tensorrt' in sys.modules)"
+def test_importing_the_modules_does_not_import_tensorrt_or_torch():
+    code = ("import sys, runtime.trt_build, runtime.trt_record, runtime.backends.trt_backend, "
+            "runtime.build_engine; print('tensorrt' in sys.modules, 'torch' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
-    )
-    assert out.stdout.strip() == "False"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=root)
+    assert out.stdout.strip() == "False False"

@@ -1,10 +1,7 @@
-"""TensorRT engine records, batch profiles and the build-engine CLI, with neither TensorRT nor a GPU.
-
-What they cover: the missing-TensorRT message, batch profile rules, atomic plan + build-record
-writes, the build-record checks, the CLI glue, and build_engine's orchestration against a stand-in
-`tensorrt` module that records the calls (so the glue runs somewhere; whether real TensorRT accepts
-the same calls is only checked where TensorRT is installed).
-"""
+"""TensorRT engine records, batch profiles and the build-engine CLI glue, with neither TensorRT
+nor a GPU: the missing-TensorRT message, batch profile rules, atomic plan + build-record writes,
+the build-record checks and the argument parser. build_engine and the backend against stand-in
+`tensorrt` modules: tests/test_trt_build.py."""
 
 import argparse
 import hashlib
@@ -48,6 +45,8 @@ def _record(onnx_path, plugin_path, plan, environment=ENV):
         batch_profile=trt_build.BatchRange(1, 2, 16),
         input_shapes=trt_build.batch_profile_shapes(DIT_INPUTS, trt_build.BatchRange(1, 2, 16)),
         plugin_layers=3,
+        ternary_nodes=3,
+        act_quant=["none"],
     )
 
 
@@ -314,12 +313,13 @@ def test_build_engine_subparser_maps_flags():
             "8",
             "--workspace-gib",
             "2.5",
+            "--allow-inlined-ternary",
         ]
     )
     assert (args.onnx.name, args.plugin.name, args.output.name) == ("m.onnx", "lib.so", "m.plan")
     assert args.precision == "bf16"
     assert (args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib) == (2, 4, 8, 2.5)
-    assert args.func is cli.build_engine_main
+    assert args.func is cli.build_engine_main and args.allow_inlined_ternary is True
 
     defaults = _parser().parse_args(
         ["build-engine", "m.onnx", "--plugin", "lib.so", "-o", "m.plan"]
@@ -327,6 +327,7 @@ def test_build_engine_subparser_maps_flags():
     assert defaults.precision == trt_build.DEFAULT_PRECISION
     assert (defaults.min_batch, defaults.opt_batch, defaults.max_batch) == (None, None, None)
     assert defaults.workspace_gib == trt_build.DEFAULT_WORKSPACE_GIB
+    assert defaults.allow_inlined_ternary is False
     assert (
         _parser()
         .parse_args(["build-engine", "m.onnx", "--plugin", "l", "-o", "p", "--fp16"])

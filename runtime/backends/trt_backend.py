@@ -1,10 +1,12 @@
-"""TensorRT over a plan built by `python -m runtime build-engine` (TensorRT, torch's CUDA build
-and the plugin library are imported / loaded when the backend is opened)."""
+"""TensorRT over a plan built by `python -m runtime build-engine` (TensorRT, the plugin library and
+the device memory piece, torch's CUDA build by default, are imported / loaded when the backend is
+opened)."""
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
@@ -12,6 +14,10 @@ from ..trt_build import load_plugin_library
 from ..trt_record import (EngineEnvironment, _import_torch_cuda, check_sidecar,
                           import_tensorrt)
 from . import BackendError, open_export
+
+# TensorRT I/O types the backend feeds and reads, by the names DeviceTransfer uses
+IO_TYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32",
+            "INT64": "int64"}
 
 
 def check_batch(name: str, shape: Sequence[int], low: Sequence[int], high: Sequence[int]) -> None:
@@ -24,20 +30,58 @@ def check_batch(name: str, shape: Sequence[int], low: Sequence[int], high: Seque
         )
 
 
+class TorchCudaTransfer:
+    """numpy <-> GPU memory through torch's CUDA build: the one piece of the backend that touches
+    device memory (tests give the backend a host stand-in with the same methods). Everything
+    runs on one CUDA stream, the one TensorRT executes on, so uploads, the engine and the
+    download are ordered without extra events."""
+
+    def __init__(self, device: int) -> None:
+        torch = _import_torch_cuda(device)
+        self._torch, self._device = torch, torch.device("cuda", device)
+        self._stream = torch.cuda.Stream(self._device)
+        self.stream_handle = self._stream.cuda_stream
+
+    def device(self):
+        """Context in which TensorRT objects are created and run (the CUDA device)."""
+        return self._torch.cuda.device(self._device)
+
+    def upload(self, array: np.ndarray, dtype: str):
+        torch = self._torch
+        with torch.cuda.stream(self._stream):
+            return torch.tensor(array).to(self._device, getattr(torch, dtype)).contiguous()
+
+    def empty(self, shape: Sequence[int], dtype: str):
+        torch = self._torch
+        with torch.cuda.stream(self._stream):
+            return torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self._device)
+
+    @staticmethod
+    def address(buffer) -> int:
+        return buffer.data_ptr()
+
+    def download(self, buffer) -> np.ndarray:
+        with self._torch.cuda.stream(self._stream):
+            out = buffer.float().cpu()
+        self._stream.synchronize()
+        return out.numpy()
+
+
 class TensorRTBackend:
     """Runs a plan built by `python -m runtime build-engine` from an export directory.
     forward(x, t, y) takes and returns numpy arrays, like every runtime backend: x (B, C, H, W)
     float, t (B,) float32, y (B,) int64 -> (B, 2C, H, W) float32. A plan exported with
-    classifier-free guidance folded in also needs cfg_scale.
+    classifier-free guidance folded in also needs cfg_scale (a 0-d input).
 
     `path` is the export directory (its model.plan) or the plan itself (inside or beside the
     export directory whose manifest describes the model); `plugin` the plugin library (default:
-    environment variable TERDIT_TRT_PLUGIN)."""
+    environment variable TERDIT_TRT_PLUGIN); `transfer` the device memory piece (default:
+    TorchCudaTransfer(device))."""
 
     name = "trt"
 
     def __init__(self, path: str | os.PathLike, plugin: str | os.PathLike | None = None,
-                 device: int = 0):
+                 device: int = 0, transfer: Optional[Any] = None):
         path = Path(path)
         export_dir = path if path.is_dir() else path.parent
         plan_path = path if path.is_file() else export_dir / "model.plan"
@@ -54,26 +98,16 @@ class TensorRTBackend:
                                f"CMake (plugins/ternaryMatMulPlugin/README.md)")
         _, self.info = open_export(export_dir)
         trt = import_tensorrt()
-        torch = _import_torch_cuda(device)
+        self._transfer = transfer if transfer is not None else TorchCudaTransfer(device)
         self.record = check_sidecar(plan_path, plugin_path, EngineEnvironment.detect(device))
-        self._trt, self._torch = trt, torch
-        self._device = torch.device("cuda", device)
         self._logger = trt.Logger(trt.Logger.WARNING)
         load_plugin_library(trt, plugin_path)
-        with torch.cuda.device(self._device):
+        with self._transfer.device():
             self._runtime = trt.Runtime(self._logger)
             self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
             if self._engine is None:
                 raise RuntimeError(f"TensorRT could not deserialize {plan_path}; see the log above")
             self._context = self._engine.create_execution_context()
-            self._stream = torch.cuda.Stream(self._device)
-        torch_types = {
-            trt.DataType.FLOAT: torch.float32,
-            trt.DataType.HALF: torch.float16,
-            trt.DataType.BF16: torch.bfloat16,
-            trt.DataType.INT32: torch.int32,
-            trt.DataType.INT64: torch.int64,
-        }
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self.input_names = [
             n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
@@ -81,11 +115,16 @@ class TensorRTBackend:
         self.output_names = [n for n in names if n not in self.input_names]
         if len(self.output_names) != 1:
             raise ValueError(f"{plan_path} has outputs {self.output_names}; expected one ('out')")
-        self._dtypes = {n: torch_types[self._engine.get_tensor_dtype(n)] for n in names}
+        self._dtypes = {}
+        for n in names:
+            dtype = self._engine.get_tensor_dtype(n)
+            if dtype.name not in IO_TYPES:
+                raise ValueError(f"{plan_path}: tensor '{n}' is {dtype.name}; the backend feeds "
+                                 f"{', '.join(IO_TYPES)}; re-export the model")
+            self._dtypes[n] = IO_TYPES[dtype.name]
         self.info.sha256 = self.record.get("plan_sha256", self.info.sha256)
 
     def forward(self, x, t, y, cfg_scale: float | None = None):
-        torch = self._torch
         feeds = {"x": x, "t": t, "y": y}
         if "cfg_scale" in self.input_names:
             if cfg_scale is None:
@@ -100,32 +139,33 @@ class TensorRTBackend:
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise ValueError(f"engine inputs {missing} are not fed by forward(x, t, y)")
-        keep_alive = []
-        with torch.cuda.device(self._device):
+        transfer, context = self._transfer, self._context
+        buffers = []                                    # alive until the download
+        with transfer.device():
             for name in self.input_names:
                 # np.asarray keeps a 0-d cfg_scale 0-d (ascontiguousarray would make it (1,))
                 array = np.asarray(feeds[name], order="C")
                 if array.ndim > 0:
                     low, _, high = self._engine.get_tensor_profile_shape(name, 0)
                     check_batch(name, array.shape, tuple(low), tuple(high))
-                tensor = (
-                    torch.from_numpy(array).to(self._device, dtype=self._dtypes[name]).contiguous()
-                )
-                keep_alive.append(tensor)
-                self._context.set_input_shape(name, tuple(tensor.shape))
-                self._context.set_tensor_address(name, tensor.data_ptr())
+                buffers.append(transfer.upload(array, self._dtypes[name]))
+                if not context.set_input_shape(name, tuple(array.shape)):
+                    raise ValueError(f"TensorRT refused input '{name}' of shape "
+                                     f"{list(array.shape)}; see the log above")
+                self._set_address(name, buffers[-1])
             name = self.output_names[0]
-            out = torch.empty(
-                tuple(self._context.get_tensor_shape(name)),
-                dtype=self._dtypes[name],
-                device=self._device,
-            )
-            self._context.set_tensor_address(name, out.data_ptr())
-            # The uploads ran on the current stream; TensorRT runs on its own.
-            self._stream.wait_stream(torch.cuda.current_stream(self._device))
-            if not self._context.execute_async_v3(self._stream.cuda_stream):
+            shape = tuple(context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"TensorRT left output '{name}' with shape {list(shape)} "
+                                   "after all inputs were set; see the log above")
+            out = transfer.empty(shape, self._dtypes[name])
+            self._set_address(name, out)
+            if not context.execute_async_v3(transfer.stream_handle):
                 raise RuntimeError("TensorRT execution failed; see the log above")
-            self._stream.synchronize()
-        return out.float().cpu().numpy()
+            return transfer.download(out)
+
+    def _set_address(self, name: str, buffer) -> None:
+        if not self._context.set_tensor_address(name, self._transfer.address(buffer)):
+            raise RuntimeError(f"TensorRT refused the address of '{name}'; see the log above")
 
     __call__ = forward

@@ -1,6 +1,6 @@
 """Accuracy of W1.58A8 (per-token e4m3 activations x 2-bit ternary weights) against the weight-only
 path, reported (issue 11, item 6). Runs anywhere: on CPU the W1.58A8 ops run their exact
-emulation (terdit.kernels: the same quantization and fp32 sums as the CUDA kernels), on a GPU the
+emulation (terdit.w2a8: the same quantization and fp32 sums as the CUDA kernels), on a GPU the
 kernels themselves.
 
     python bench/w2a8_accuracy.py [--device cpu|cuda] [--out bench/results] [--fid]
@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from terdit import kernels  # noqa: E402
+from terdit import kernels, ternary, w2a8  # noqa: E402
 from terdit.accel import W2A8Linear  # noqa: E402
 from terdit.fused import FusedTerDiT  # noqa: E402
 from terdit.ternary import pack_k16, ternary_linear_ref  # noqa: E402
@@ -58,9 +58,9 @@ def layer_errors(device: str, m: int = 512, seed: int = 0) -> list[dict]:
             x = torch.randn(m, k, generator=g, device=device)
             x[:, torch.randint(0, k, (8,), generator=g, device=device)] *= 20  # outlier channels
             x = x.to(torch.bfloat16)
-            xq, xs = kernels.quantize_rows_e4m3_ref(x)
+            xq, xs = w2a8.quantize_rows_e4m3_ref(x)
             if swiglu:
-                ref = kernels._ternary.swiglu_ref(x.float(), w, scale)
+                ref = ternary.swiglu_ref(x.float(), w, scale)
                 out = torch.ops.terdit.ternary_matmul_e4m3_swiglu(xq, xs, w, scale, torch.float32)
             else:
                 ref = ternary_linear_ref(x.float(), w, scale)

@@ -15,7 +15,7 @@ import torch
 from onnx import FunctionProto, TensorProto, helper
 from onnx.defs import OpSchema
 
-from terdit.kernels import E4M3_MAX, E4M3_MIN_AMAX, quantize_rows_e4m3_ref
+from terdit.w2a8 import E4M3_MAX, E4M3_MIN_AMAX, quantize_rows_e4m3_ref
 from terdit.ternary import unpack_k16
 from terdit_common.op import (ACT_QUANT, ACT_QUANT_DEFAULT, ATTRIBUTES, CONTRACT_VERSION, DOMAIN,
                               GRAPH_OPSET, OP_TYPE, OP_VERSION, OPTIONAL_ATTRIBUTES,
@@ -167,7 +167,7 @@ def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto
 
 def dequantize_rows_e4m3(x: torch.Tensor) -> torch.Tensor:
     """What an act_quant="fp8" function's DequantizeLinear yields for X (fp32 [..., K]): the
-    per-token e4m3 values of terdit.kernels.quantize_rows_e4m3_ref times their row scale."""
+    per-token e4m3 values of terdit.w2a8.quantize_rows_e4m3_ref times their row scale."""
     xq, s = quantize_rows_e4m3_ref(x)
     return xq.float() * s.unsqueeze(-1)
 
@@ -182,8 +182,8 @@ def node_act_quant(node) -> str:
 
 def decode_k16_numpy(w: np.ndarray, k: int) -> np.ndarray:
     """k16 int32 [N, KW] -> ternary float32 [N, k] (terdit's decode, for the reference OpRun)."""
-    return unpack_k16(torch.from_numpy(np.ascontiguousarray(w, np.int32)), k,
-                      torch.float32).numpy()
+    w = np.array(w, np.int32, order="C")  # a writable copy: ORT hands over read-only arrays
+    return unpack_k16(torch.from_numpy(w), k, torch.float32).numpy()
 
 
 def reference_ops():

@@ -154,7 +154,7 @@ def _validate(path: Path, ref32, ref_lowp, options: ExportOptions, large: bool,
         options = dataclasses.replace(options, tolerance=W2A8_TOLERANCE)
     result = validate(path, ref32, ref_lowp, options, large, log, huge)
     result["reference"] = (f"PyTorch fp32 (terdit, same graph) with act_quant={options.act_quant} "
-                           f"emulated (terdit.kernels.quantize_rows_e4m3_ref on the input of every "
+                           f"emulated (terdit.w2a8.quantize_rows_e4m3_ref on the input of every "
                            f"TernaryMatMul)")
     return result
 

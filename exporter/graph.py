@@ -123,7 +123,7 @@ def lower(graph: DiffusionGraph, cfg, act_quant: str = contract.ACT_QUANT_DEFAUL
 
 class ActQuantEmulation(torch.overrides.TorchFunctionMode):
     """PyTorch runs the model as an act_quant="fp8" file computes: the input of every terdit
-    ternary op quantized per token (terdit.kernels.quantize_rows_e4m3_ref), the product in fp32
+    ternary op quantized per token (terdit.w2a8.quantize_rows_e4m3_ref), the product in fp32
     (ternary_linear_ref / swiglu_ref) and cast back to the input's dtype, as the ONNX function
     does. The reference of a --w2a8 export's validation."""
 

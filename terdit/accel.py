@@ -3,7 +3,7 @@ torch.compile'd blocks (RMSNorm + modulate, RoPE, gated residuals fused by induc
 through SDPA's flash kernel), and the whole forward captured in one CUDA graph per batch size.
 
 W1.58A8 mode (`w2a8=True`): the token GEMMs (qkv, wo, w1|w3, w2) quantize their input per token
-to float8 e4m3 (terdit.kernels.quantize_rows_e4m3_ref: pure torch ops, so inside the compiled
+to float8 e4m3 (terdit.w2a8.quantize_rows_e4m3_ref: pure torch ops, so inside the compiled
 block inductor fuses the quantization into RMSNorm + modulate for qkv and w1|w3 (one kernel on
 CPU inductor, torch 2.13; compiled and eager quantization agree bit for bit), and into one kernel
 for the inputs of wo and w2) and multiply those bytes by the 2-bit codes on FP8 tensor
@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels as _kernels  # defines the W1.58A8 ops (no CUDA call at import)
 from .fused import FusedTerDiT
-from .kernels import quantize_rows_e4m3_ref
 from .ternary import TernaryLinear, apply_keep_fp32, unpack_k16
+from .w2a8 import quantize_rows_e4m3_ref  # and the W1.58A8 ops (no CUDA call at import)
 
-E4M3_MAX = _kernels.E4M3_MAX
 W2A8_GEMMS = ("ternary", "cublaslt")
 
 

@@ -1,17 +1,12 @@
-"""CUDA kernels for the TernaryMatMul ops, and the W1.58A8 ops with their CPU definition.
+"""CUDA kernels for the TernaryMatMul ops and the W1.58A8 ops.
 
 `load()` finds (or builds) `libterdit_kernels.so` (plugins/kernels), loads it with ctypes and
 registers its CUDA implementations of `terdit::ternary_matmul`, `terdit::ternary_matmul_swiglu`
 (defined in terdit.ternary), `terdit::ternary_matmul_e4m3`, `terdit::ternary_matmul_e4m3_swiglu`
-and `terdit::quantize_rows_e4m3` (defined here); CPU tensors keep the reference implementations.
-The library is plain C ABI + static cudart, so one build made with nvcc on a machine without a GPU
-runs under any torch with a CUDA 13 driver (no torch C++ extension, no version coupling).
-
-W1.58A8 (weights 1.58 bits, activations 8 bits): `quantize_rows_e4m3_ref(x)` quantizes each token
-to float8 e4m3 with the scale amax / 448; `ternary_matmul_e4m3(xq, x_scale, w, scale, bias,
-out_dtype)` multiplies those bytes by the 2-bit codes (exact in e4m3) with fp32 sums and applies
-x_scale[m] * scale[n] + bias[n]. Their CPU implementations are the definition the CUDA kernels are
-tested against (and an emulation for accuracy studies on any machine).
+and `terdit::quantize_rows_e4m3` (defined in terdit.w2a8); CPU tensors keep the reference
+implementations. The library is plain C ABI + static cudart, so one build made with nvcc on a
+machine without a GPU runs under any torch with a CUDA 13 driver (no torch C++ extension, no
+version coupling).
 
 Importing this module makes no CUDA call. Kernel choice: see plugins/kernels/README.md;
 `force_path("skinny" | "tc" | "generic" | "wgmma" | "wgmma2")` pins one kernel family (tests,
@@ -29,12 +24,13 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from terdit import ternary as _ternary  # defines the ternary_matmul ops we register kernels for
+from terdit import ternary as _ternary  # noqa: F401  (defines the ternary_matmul ops)
+from terdit import w2a8 as _w2a8  # noqa: F401  (defines the W1.58A8 ops)
 from terdit.kernel_build import (C_API_SOURCE, DEFAULT_GENCODE, EXTRA_GENCODE,  # noqa: F401
                                  KERNEL_SOURCE_DIR, LIB_NAME, REPO_ROOT, KernelLibraryError,
                                  build_library, cache_dir, candidate_paths, find_nvcc,
                                  nvcc_commands)
-from terdit.ternary import unpack_k16
+from terdit.w2a8 import check_e4m3_args
 
 C_SYMBOLS = ("terditTernaryMatmul", "terditTernaryMatmulEx", "terditCheck", "terditErrorString",
              "terditKernelsAbiVersion", "terditTernaryMatmulE4m3", "terditCheckE4m3",
@@ -43,8 +39,6 @@ ABI_VERSION = 2
 
 PATHS = {"auto": 0, "skinny": 1, "tc": 2, "generic": 3, "wgmma": 4, "wgmma2": 5}
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-E4M3_MAX = 448.0
-E4M3_MIN_AMAX = 1e-12
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -206,21 +200,27 @@ def _prepare(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor
     return x.contiguous(), scale, bias, n, k  # activations are often views: compact them
 
 
-def _launch(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor], out: Tensor,
-            m: int, n: int, k: int, epilogue: int) -> None:
+def _call(op: str, device: torch.device, entry: str, args: tuple, check: Optional[str] = None
+          ) -> None:
+    """Calls the C entry point `entry`(*args, stream) on `device`'s current stream; a failure
+    raises naming the op, the CUDA error and (from `check`(*args)) the argument at fault."""
     lib = _lib
     assert lib is not None, "load() registers these implementations"
-    with torch.cuda.device(x.device):
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        args = (x.data_ptr(), w.data_ptr(), scale.data_ptr(),
-                None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
-                _DTYPES[x.dtype], epilogue, _forced_path)
-        rc = lib.terditTernaryMatmulEx(*args, stream)
+    with torch.cuda.device(device):
+        rc = getattr(lib, entry)(*args, torch.cuda.current_stream(device).cuda_stream)
     if rc != 0:
-        reason = lib.terditCheck(*args)
+        reason = getattr(lib, check)(*args) if check else None
         detail = f": {reason.decode()}" if reason else ""
         raise RuntimeError(f"{op}: CUDA kernel failed with {lib.terditErrorString(rc).decode()} "
                            f"(cudaError {rc}){detail}")
+
+
+def _launch(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor], out: Tensor,
+            m: int, n: int, k: int, epilogue: int) -> None:
+    args = (x.data_ptr(), w.data_ptr(), scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
+            _DTYPES[x.dtype], epilogue, _forced_path)
+    _call(op, x.device, "terditTernaryMatmulEx", args, "terditCheck")
 
 
 def matmul_into(out: Tensor, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
@@ -271,119 +271,18 @@ def _ternary_matmul_swiglu_cuda(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
     return out
 
 
-# ---- W1.58A8: per-token e4m3 activations x 2-bit ternary weights -------------------------------
-
-def quantize_rows_e4m3_ref(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The definition of the per-token quantization: s = max(amax |x|, 1e-12) / 448 per row,
-    xq = e4m3(x / s) (round to nearest even; |x / s| <= 448 by construction). Returns (xq as
-    float8_e4m3fn [..., K], s as float32 [...]). A NaN in a row makes its s and xq NaN. Pure
-    torch ops: inside torch.compile the quantization fuses into whatever produces x."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(E4M3_MIN_AMAX) / E4M3_MAX  # (..., 1)
-    return (xf / s).to(torch.float8_e4m3fn), s.squeeze(-1)
-
-
-def ternary_linear_e4m3_ref(xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
-                            bias: Optional[Tensor] = None,
-                            out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """The definition of the W1.58A8 product: (xq @ T^T) with exact products and fp32 sums, times
-    x_scale[m] * scale[n], plus bias[n], in out_dtype."""
-    k, n = xq.shape[-1], w.shape[0]
-    xf = xq.float()
-    rows = max(1, (1 << 24) // max(k, 1))  # unpack at most ~16M weights at a time
-    acc = torch.cat([xf @ unpack_k16(w[i:i + rows], k, torch.float32).t()
-                     for i in range(0, n, rows)], dim=-1)                # (..., N) fp32
-    y = acc * x_scale.float().unsqueeze(-1) * scale.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
-
-
-def _e4m3_swiglu_ref(xq, x_scale, w, scale, out_dtype):
-    a = ternary_linear_e4m3_ref(xq, x_scale, w, scale, None, torch.float32)
-    h = a.shape[-1] // 2
-    return (torch.nn.functional.silu(a[..., :h]) * a[..., h:]).to(out_dtype)
-
-
-def _check_e4m3_args(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
-                     bias: Optional[Tensor], out_dtype: torch.dtype) -> None:
-    if xq.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"{op}: xq has dtype {xq.dtype}; quantize X with quantize_rows_e4m3 "
-                        f"(float8_e4m3fn)")
-    if out_dtype not in _DTYPES:
-        raise TypeError(f"{op}: out_dtype={out_dtype} is not float32, float16 or bfloat16")
-    if tuple(x_scale.shape) != tuple(xq.shape[:-1]):
-        raise ValueError(f"{op}: x_scale must have shape {tuple(xq.shape[:-1])} (one scale per "
-                         f"token), got {tuple(x_scale.shape)}")
-    _ternary._check_op_args(xq, w, scale, bias)
-
-
-@torch.library.custom_op("terdit::quantize_rows_e4m3", mutates_args=())
-def quantize_rows_e4m3(x: Tensor) -> tuple[Tensor, Tensor]:
-    """terdit::quantize_rows_e4m3: quantize_rows_e4m3_ref; `load()` registers the CUDA kernel
-    (launchQuantizeRowsE4m3) for CUDA tensors."""
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"quantize_rows_e4m3: x has dtype {x.dtype}; float32, float16 or bfloat16")
-    xq, s = quantize_rows_e4m3_ref(x)
-    return xq, s
-
-
-@quantize_rows_e4m3.register_fake
-def _(x):
-    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[:-1],
-                                                                       dtype=torch.float32)
-
-
-@torch.library.custom_op("terdit::ternary_matmul_e4m3", mutates_args=())
-def ternary_matmul_e4m3(xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
-                        bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    """terdit::ternary_matmul_e4m3 (W1.58A8): ternary_linear_e4m3_ref; `load()` registers the CUDA
-    kernels (FP8 tensor cores on sm_89+) for CUDA tensors."""
-    _check_e4m3_args("ternary_matmul_e4m3", xq, x_scale, w, scale, bias, out_dtype)
-    return ternary_linear_e4m3_ref(xq, x_scale, w, scale, bias, out_dtype)
-
-
-@ternary_matmul_e4m3.register_fake
-def _(xq, x_scale, w, scale, bias, out_dtype):
-    return xq.new_empty(*xq.shape[:-1], w.shape[0], dtype=out_dtype)
-
-
-@torch.library.custom_op("terdit::ternary_matmul_e4m3_swiglu", mutates_args=())
-def ternary_matmul_e4m3_swiglu(xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
-                               out_dtype: torch.dtype) -> Tensor:
-    """SwiGLU over a fused w1|w3 W1.58A8 product (the kernels fuse the gate in the epilogue)."""
-    _check_e4m3_args("ternary_matmul_e4m3_swiglu", xq, x_scale, w, scale, None, out_dtype)
-    if w.shape[0] % 2:
-        raise ValueError(f"ternary_matmul_e4m3_swiglu: N={w.shape[0]} must be even (w1|w3)")
-    return _e4m3_swiglu_ref(xq, x_scale, w, scale, out_dtype)
-
-
-@ternary_matmul_e4m3_swiglu.register_fake
-def _(xq, x_scale, w, scale, out_dtype):
-    return xq.new_empty(*xq.shape[:-1], w.shape[0] // 2, dtype=out_dtype)
-
-
 def _launch_e4m3(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
                  bias: Optional[Tensor], out: Tensor, m: int, n: int, k: int,
                  epilogue: int) -> None:
-    lib = _lib
-    assert lib is not None, "load() registers these implementations"
-    with torch.cuda.device(xq.device):
-        stream = torch.cuda.current_stream(xq.device).cuda_stream
-        args = (xq.data_ptr(), x_scale.data_ptr(), w.data_ptr(), scale.data_ptr(),
-                None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
-                _DTYPES[out.dtype], epilogue, _forced_path)
-        rc = lib.terditTernaryMatmulE4m3(*args, stream)
-    if rc != 0:
-        reason = lib.terditCheckE4m3(*args)
-        detail = f": {reason.decode()}" if reason else ""
-        raise RuntimeError(f"{op}: CUDA kernel failed with {lib.terditErrorString(rc).decode()} "
-                           f"(cudaError {rc}){detail}")
+    args = (xq.data_ptr(), x_scale.data_ptr(), w.data_ptr(), scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
+            _DTYPES[out.dtype], epilogue, _forced_path)
+    _call(op, xq.device, "terditTernaryMatmulE4m3", args, "terditCheckE4m3")
 
 
 def _prepare_e4m3(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
                   bias: Optional[Tensor], out_dtype: torch.dtype):
-    _check_e4m3_args(op, xq, x_scale, w, scale, bias, out_dtype)
+    check_e4m3_args(op, xq, x_scale, w, scale, bias, out_dtype)
     if x_scale.device != xq.device:
         raise ValueError(f"{op}: x_scale is on {x_scale.device} but xq is on {xq.device}")
     k = xq.shape[-1]
@@ -438,8 +337,6 @@ def _ternary_matmul_e4m3_swiglu_cuda(xq: Tensor, x_scale: Tensor, w: Tensor, sca
 
 
 def _quantize_rows_e4m3_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
-    lib = _lib
-    assert lib is not None, "load() registers these implementations"
     if x.dtype not in _DTYPES:
         raise TypeError(f"quantize_rows_e4m3: x has dtype {x.dtype}; float32, float16 or bfloat16")
     if x.dim() < 1 or x.shape[-1] == 0:
@@ -450,11 +347,6 @@ def _quantize_rows_e4m3_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
     xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if m:
-        with torch.cuda.device(x.device):
-            stream = torch.cuda.current_stream(x.device).cuda_stream
-            rc = lib.terditQuantizeRowsE4m3(x.data_ptr(), _DTYPES[x.dtype], m, k, xq.data_ptr(),
-                                            s.data_ptr(), stream)
-        if rc != 0:
-            raise RuntimeError(f"quantize_rows_e4m3: CUDA kernel failed with "
-                               f"{lib.terditErrorString(rc).decode()} (cudaError {rc})")
+        _call("quantize_rows_e4m3", x.device, "terditQuantizeRowsE4m3",
+              (x.data_ptr(), _DTYPES[x.dtype], m, k, xq.data_ptr(), s.data_ptr()))
     return xq, s

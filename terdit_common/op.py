@@ -17,7 +17,7 @@ OPTIONAL_ATTRIBUTES = ("act_quant",)                  # absent means ACT_QUANT_D
 ATTRIBUTES = REQUIRED_ATTRIBUTES + OPTIONAL_ATTRIBUTES
 # Activation quantization of the product: "none" (weight-only, W1.58A16) or "fp8" (W1.58A8:
 # each row m of X quantized to float8 e4m3 with s[m] = max(amax_k |X[m, k]|, 1e-12) / 448, fp32
-# accumulation, Y = acc * s[m] * scale[n] + bias[n]; defined by terdit.kernels'
+# accumulation, Y = acc * s[m] * scale[n] + bias[n]; defined by terdit.w2a8'
 # quantize_rows_e4m3_ref and ternary_linear_e4m3_ref).
 ACT_QUANT = ("none", "fp8")
 ACT_QUANT_DEFAULT = "none"

@@ -30,7 +30,7 @@ DEVICE = "cpu" if DRY_RUN else "cuda"
 GPU_MARKS = [
     pytest.mark.gpu,
     pytest.mark.skipif(not DRY_RUN and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (the kernels are built for sm_80 and sm_90a)"),
+                       reason="needs a CUDA GPU (the kernels are built for sm_80, sm_89 and sm_90a)"),
 ]
 cuda_only = pytest.mark.skipif(DRY_RUN, reason="CUDA-specific (dry run on CPU)")
 

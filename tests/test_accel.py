@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from terdit import TerDiTConfig, pack_model_
-from terdit import kernels
+from terdit import w2a8
 from terdit.accel import AcceleratedTerDiT, Fp8Linear, W2A8Linear, output_error
 from terdit.fused import FusedTerDiT
 from tests.helpers import random_model
@@ -56,8 +56,8 @@ def test_w2a8_linear_is_the_emulated_definition_on_the_2bit_codes():
     assert lin.codes.data_ptr() == layer.codes.data_ptr()  # no weight copy
     assert not any(b.dtype == torch.float8_e4m3fn for b in lin.buffers())
     x = torch.randn(2, 5, layer.in_features)
-    xq, s = kernels.quantize_rows_e4m3_ref(x)
-    expect = kernels.ternary_linear_e4m3_ref(xq, s, layer.codes, layer.scale, layer.bias, x.dtype)
+    xq, s = w2a8.quantize_rows_e4m3_ref(x)
+    expect = w2a8.ternary_linear_e4m3_ref(xq, s, layer.codes, layer.scale, layer.bias, x.dtype)
     assert torch.equal(lin(x), expect)
     assert output_error(lin(x), layer(x)) < 0.1  # e4m3 keeps ~3 significant bits per token value
     w13 = _fused().layers[0].w13

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from terdit import kernels
+from terdit import kernels, w2a8
 from terdit.ternary import pack_k16
 
 GLIBC = {"libc.so.6", "ld-linux-x86-64.so.2", "libm.so.6", "libdl.so.2", "libpthread.so.0",
@@ -41,13 +41,16 @@ def _cuda_tool(name):
     return found
 
 
-def test_library_holds_sm80_and_sm90a_sass_and_compute90_ptx(built_lib):
+def test_library_holds_sm80_sm89_sm90a_sass_and_compute90_ptx(built_lib):
     cuobjdump = _cuda_tool("cuobjdump")
     elf = subprocess.run([cuobjdump, "--list-elf", str(built_lib)], capture_output=True, text=True,
                          check=True).stdout
     ptx = subprocess.run([cuobjdump, "--list-ptx", str(built_lib)], capture_output=True, text=True,
                          check=True).stdout
-    assert set(re.findall(r"\.(sm_\w+)\.cubin", elf)) == {"sm_80", "sm_90a"}
+    # sm_89 SASS only for the tensor-core translation unit (its e4m3 mma.sync needs sm_89).
+    assert set(re.findall(r"\.(sm_\w+)\.cubin", elf)) == {"sm_80", "sm_89", "sm_90a"}
+    assert len(re.findall(r"\.sm_89\.cubin", elf)) == sum(len(extra) for extra in
+                                                         kernels.EXTRA_GENCODE.values())
     # One PTX per translation unit with device code, all generic compute_90 (not sm_90a).
     assert set(re.findall(r"\.(sm_\w+)\.ptx", ptx)) == {"sm_90"}
     assert len(re.findall(r"\.ptx", ptx)) == len(list(kernels.KERNEL_SOURCE_DIR.glob("*.cu")))
@@ -155,7 +158,7 @@ def test_binding_validates_before_launch():
         kernels._prepare("op", x, torch.cat([w, w], 1)[:, ::2], scale, None)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         kernels._prepare("op", x.to(torch.float64), w, scale, None)
-    xq, xs = kernels.quantize_rows_e4m3_ref(x)
+    xq, xs = w2a8.quantize_rows_e4m3_ref(x)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         kernels._prepare_e4m3("op", x, xs, w, scale, None, torch.bfloat16)
     with pytest.raises(ValueError, match="one scale per token"):

@@ -2,7 +2,6 @@
 reference (terdit.ternary); the error rule is in tests/kernel_gpu_common.py."""
 from __future__ import annotations
 
-import math
 import zlib
 
 import pytest

@@ -1,4 +1,4 @@
-"""CPU checks of the W1.58A8 definition in terdit.kernels: the per-token e4m3 quantization, the
+"""CPU checks of the W1.58A8 definition in terdit.w2a8: the per-token e4m3 quantization, the
 product ops (terdit::ternary_matmul_e4m3[_swiglu], terdit::quantize_rows_e4m3) and their fake
 implementations under torch.compile. The CUDA kernels are tested against these definitions (on
 the CPU emulator in tests/test_kernels_emulated.py, on a GPU in tests/test_kernels_gpu.py)."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from terdit import kernels
+from terdit import w2a8
 from terdit.ternary import pack_k16
 
 
@@ -27,7 +27,7 @@ def e4m3_values() -> torch.Tensor:
 def test_quantization_is_round_to_nearest_e4m3_of_x_over_s():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 96, generator=gen) * torch.logspace(-4, 4, 6)[:, None]
-    xq, s = kernels.quantize_rows_e4m3_ref(x)
+    xq, s = w2a8.quantize_rows_e4m3_ref(x)
     assert xq.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (6,)
     assert torch.equal(s, x.abs().amax(-1) / 448.0)
     grid = e4m3_values()
@@ -42,7 +42,7 @@ def test_quantization_edge_rows():
     x = torch.zeros(3, 32)
     x[1, 5] = float("nan")
     x[2, :] = 1e-20
-    xq, s = kernels.quantize_rows_e4m3_ref(x)
+    xq, s = w2a8.quantize_rows_e4m3_ref(x)
     assert s[0] == torch.tensor(1e-12) / 448 and xq[0].float().eq(0).all()  # all-zero row
     assert torch.isnan(s[1]) and torch.isnan(xq[1].float()).all()  # NaN poisons its token only
     assert torch.isfinite(xq[2].float()).all() and xq[2].float().eq(0).all()  # underflow to 0
@@ -59,7 +59,7 @@ def test_ops_compute_the_definition(swiglu, out_dtype):
     bias = None if swiglu else torch.randn(n, generator=gen)
     x = torch.randn(2, 7, k, generator=gen)
     xq, s = torch.ops.terdit.quantize_rows_e4m3(x)
-    ref_q, ref_s = kernels.quantize_rows_e4m3_ref(x)
+    ref_q, ref_s = w2a8.quantize_rows_e4m3_ref(x)
     assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
     a = (xq.double() @ t.double().t()) * s.double()[..., None] * scale.double()
     if bias is not None:
@@ -75,7 +75,7 @@ def test_ops_compute_the_definition(swiglu, out_dtype):
 
 
 def test_ops_reject_bad_arguments():
-    xq, s = kernels.quantize_rows_e4m3_ref(torch.randn(3, 32))
+    xq, s = w2a8.quantize_rows_e4m3_ref(torch.randn(3, 32))
     w, scale = pack_k16(torch.zeros(16, 32, dtype=torch.int8)), torch.ones(16)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         torch.ops.terdit.ternary_matmul_e4m3(xq.float(), s, w, scale, None, torch.bfloat16)
@@ -99,7 +99,7 @@ def test_ops_trace_in_one_graph():
     def f(x):
         xq, s = torch.ops.terdit.quantize_rows_e4m3(x)
         y = torch.ops.terdit.ternary_matmul_e4m3(xq, s, w, scale, None, torch.bfloat16)
-        xq2, s2 = kernels.quantize_rows_e4m3_ref(y)
+        xq2, s2 = w2a8.quantize_rows_e4m3_ref(y)
         return torch.ops.terdit.ternary_matmul_e4m3_swiglu(xq2, s2, w2, scale2, torch.float32)
 
     x = torch.randn(5, k)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from terdit import kernels
+from terdit import kernels, w2a8
 from tests.kernel_gpu_common import *  # noqa: F401,F403 - the shared helpers and constants
 from tests.kernel_gpu_common import GPU_MARKS
 
@@ -79,7 +79,7 @@ def test_quantize_matches_definition(dtype):
         if m > 3:
             x[3, k // 2] = float("nan")
         xq, xs = torch.ops.terdit.quantize_rows_e4m3(x)
-        ref_q, ref_s = kernels.quantize_rows_e4m3_ref(x)
+        ref_q, ref_s = w2a8.quantize_rows_e4m3_ref(x)
         same_q = (xq.view(torch.uint8) == ref_q.view(torch.uint8)) | (
             torch.isnan(xq.float()) & torch.isnan(ref_q.float()))
         same_s = (xs == ref_s) | (torch.isnan(xs) & torch.isnan(ref_s))
@@ -89,7 +89,7 @@ def test_quantize_matches_definition(dtype):
 
 
 def quantized(m, k, g):
-    xq, xs = kernels.quantize_rows_e4m3_ref(torch.randn(m, k, generator=g, device=DEVICE))
+    xq, xs = w2a8.quantize_rows_e4m3_ref(torch.randn(m, k, generator=g, device=DEVICE))
     return xq, xs
 
 
@@ -187,6 +187,6 @@ def test_w2a8_cuda_graph_capture():
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        q, s = kernels.quantize_rows_e4m3_ref(x)
+        q, s = w2a8.quantize_rows_e4m3_ref(x)
         ref, lowp = reference_w2a8(q, s, t, scale, b)
         assert_close(out, ref, lowp, "W1.58A8 graph replay")

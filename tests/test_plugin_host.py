@@ -2,8 +2,8 @@
 
 - Always: the TensorRT-free plugin logic (field validation, shape rules, format table), built
   without CUDA, and the written contract TernaryMatMul_PluginConfig.yaml against the logic's tables.
-- With TensorRT headers (env TensorRT_ROOT, or third_party/TensorRT holding the OSS repository's
-  include/) and nvcc: the plugin library itself, its exported symbols, and the dlopen host test.
+The plugin library itself (against the TensorRT 10.0.1, 10.7.0, 10.16 and 11.1 headers), its
+exported symbols and the dlopen host test: tests/test_plugin_matrix.py.
 """
 
 import json
@@ -32,12 +32,6 @@ def _run(cmd, timeout):
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{output[-6000:]}"
     return output
-
-
-def _tensorrt_root():
-    env = os.environ.get("TensorRT_ROOT")
-    root = Path(env) if env else ROOT / "third_party" / "TensorRT"
-    return root if (root / "include" / "NvInferRuntime.h").is_file() else None
 
 
 @pytest.fixture(scope="module")
@@ -123,47 +117,3 @@ def test_contract_yaml_matches_the_plugin_logic(logic_build):
         )
     assert all(row["Y"] == row["X"] for row in logic["formats"].values())
     assert version["input_dims"]["W"] == f"N, ceil(K / {logic['codes_per_word']})"
-
-
-def test_plugin_library_and_host_tests_with_tensorrt_headers(tmp_path):
-    trt_root = _tensorrt_root()
-    if trt_root is None:
-        pytest.skip(
-            "TensorRT headers not found: set TensorRT_ROOT, or extract include/ of the TensorRT "
-            "OSS repository into third_party/TensorRT (the plain-logic test above still ran)"
-        )
-    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file():
-        pytest.skip("nvcc not found: the plugin library links the CUDA kernels")
-    configure = _run(
-        [
-            "cmake",
-            "-S",
-            ROOT,
-            "-B",
-            tmp_path,
-            f"-DTensorRT_ROOT={trt_root}",
-            "-DTERDIT_WARNINGS_AS_ERRORS=ON",
-        ],
-        timeout=300,
-    )
-    assert "TernaryMatMul TensorRT plugin: building against TensorRT headers" in configure
-    targets = ["terdit_trt_plugin", "ternaryMatMulHostTest", "ternaryMatMulLogicTest"]
-    _run(["cmake", "--build", tmp_path, "-j", JOBS, "--target", *targets], timeout=900)
-    output = _run(
-        ["ctest", "--test-dir", tmp_path, "--output-on-failure", "-R", "^ternaryMatMul"],
-        timeout=300,
-    )
-    for name in ("ternaryMatMulLogicTest", "ternaryMatMulPluginExports", "ternaryMatMulHostTest"):
-        assert name in output
-    assert "100% tests passed, 0 tests failed out of 3" in output
-
-    nm = subprocess.run(
-        ["nm", "-D", "--defined-only", tmp_path / "libterdit_trt_plugin.so"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert sorted(line.split()[-1] for line in nm.stdout.splitlines() if line.strip()) == [
-        "getCreators",
-        "setLoggerFinder",
-    ]

@@ -1,6 +1,6 @@
 """W1.58A8 through ONNX: TernaryMatMul act_quant="fp8", its portable function (QuantizeLinear /
 DequantizeLinear to float8e4m3fn), the reference OpRun and `python -m exporter --w2a8`, all
-against the PyTorch definition of the mode, terdit.kernels.quantize_rows_e4m3_ref +
+against the PyTorch definition of the mode, terdit.w2a8.quantize_rows_e4m3_ref +
 ternary_linear_e4m3_ref (what the plugin's kernels are tested against)."""
 import json
 import subprocess
@@ -18,7 +18,7 @@ from onnx.reference import ReferenceEvaluator
 from exporter import ExportError, ExportOptions, contract, export
 from exporter.graph import build_graph, example_inputs, finalize, lower
 from terdit import TerDiTConfig, load_checkpoint, save_checkpoint
-from terdit.kernels import quantize_rows_e4m3_ref, ternary_linear_e4m3_ref
+from terdit.w2a8 import quantize_rows_e4m3_ref, ternary_linear_e4m3_ref
 from terdit.ternary import pack_k16, ternary_linear_ref
 from tests.helpers import random_model
 

@@ -4,7 +4,7 @@
     python tests/kernel_emu/drive.py LIB --quantize
 
 A path followed by "@e4m3" runs the W1.58A8 product on that path (X quantized per token with the
-torch definition, terdit.kernels.quantize_rows_e4m3_ref; --dtypes then name Y's type) against
+torch definition, terdit.w2a8.quantize_rows_e4m3_ref; --dtypes then name Y's type) against
 the fp64 product of the same e4m3 values. --quantize checks launchQuantizeRowsE4m3 bit for bit
 against that definition (odd shapes, misaligned rows, NaN rows).
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from terdit import kernels  # noqa: E402
+from terdit import kernels, w2a8  # noqa: E402
 from terdit.ternary import pack_k16  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -48,7 +48,7 @@ def run_case(lib, m, n, k, dtype, path, swiglu, bias, misalign_w, gen, e4m3=Fals
     x = torch.randn(m, k, generator=gen).to(dtype)
     xs = None
     if e4m3:
-        xq, xs = kernels.quantize_rows_e4m3_ref(x)  # X is e4m3 bytes, dtype is Y's type
+        xq, xs = w2a8.quantize_rows_e4m3_ref(x)  # X is e4m3 bytes, dtype is Y's type
         x = xq
         _, xv = fenced(xq.view(torch.uint8), 0x7F)  # 0x7F: e4m3 NaN
         _, sv = fenced(xs, float("nan"))
@@ -128,7 +128,7 @@ def quantize_cases(lib, gen):
                                             qv.data_ptr(), sv.data_ptr(), None)
             what = f"quantize {dtype} M={m} K={k} offset={offset}"
             count += 1
-            ref_q, ref_s = kernels.quantize_rows_e4m3_ref(x)
+            ref_q, ref_s = w2a8.quantize_rows_e4m3_ref(x)
             ref_bits = ref_q.view(torch.uint8)
             ok_q = (qv == ref_bits) | (torch.isnan(ref_q.float()) & torch.isnan(
                 qv.view(torch.float8_e4m3fn).float()))

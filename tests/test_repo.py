@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +40,22 @@ def test_readme_flags_exist_in_the_clis():
         section = readme.split(f"python -m {module}")[1][:600]
         for flag in set(re.findall(r"(--[a-z][a-z0-9-]+)", section)):
             assert flag in help_text, f"README mentions {flag} for {module}, --help does not"
+
+
+def test_readme_picture_is_the_quick_start_grid():
+    """README's first picture is terdit/demo/samples.png: the grid the quick start writes. After
+    `bash scripts/setup_and_demo.sh` (CI runs it before the tests) the two agree pixel for pixel up
+    to rounding differences between CPUs; before it, the test says so and skips."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme.index("![demo grid](terdit/demo/samples.png)") < readme.index("## Checkpoints")
+    produced = ROOT / "out" / "demo" / "samples" / "grid.png"
+    if not produced.is_file():
+        pytest.skip(f"{produced} not found: run `bash scripts/setup_and_demo.sh` first")
+    ours = np.asarray(Image.open(produced).convert("L"), dtype=np.int16)
+    committed = np.asarray(Image.open(ROOT / "terdit" / "demo" / "samples.png").convert("L"),
+                           dtype=np.int16)
+    assert ours.shape == committed.shape, "the quick start grid changed layout: update the picture"
+    diff = np.abs(ours - committed)
+    assert diff.mean() < 1.0 and (diff > 32).mean() < 0.002, (
+        f"the quick start's grid differs from terdit/demo/samples.png (mean |diff| "
+        f"{diff.mean():.2f} levels): copy {produced} over it if the model or sampler changed")

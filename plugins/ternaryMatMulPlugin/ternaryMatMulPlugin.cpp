@@ -197,11 +197,26 @@ void requireNonNull(void const* pointer, char const* what)
     }
 }
 
-//! Checks the shapes and types of a resolved I/O set (configurePlugin, onShapeChange).
-template <typename GetDesc>
-void checkIO(TernaryMatMulAttrs const& attrs, int32_t nbInputs, int32_t nbOutputs, GetDesc getDesc)
+PluginTensorDesc const& descOf(PluginTensorDesc const& desc)
 {
+    return desc;
+}
+
+PluginTensorDesc const& descOf(DynamicPluginTensorDesc const& desc)
+{
+    return desc.desc;
+}
+
+//! Checks the shapes and types of a resolved I/O set (configurePlugin, onShapeChange).
+template <typename Desc>
+void checkIO(TernaryMatMulAttrs const& attrs, Desc const* in, int32_t nbInputs, Desc const* out, int32_t nbOutputs)
+{
+    requireNonNull(in, "input description");
+    requireNonNull(out, "output description");
     checkIOCounts(nbInputs, nbOutputs);
+    auto getDesc = [&](int32_t i) -> PluginTensorDesc const& {
+        return descOf(i < nbInputs ? in[i] : out[i - nbInputs]);
+    };
     std::vector<Shape> shapes;
     TensorFormatDesc formats[5];
     for (int32_t i = 0; i < nbInputs + nbOutputs; ++i)
@@ -294,10 +309,7 @@ int32_t TernaryMatMulPlugin::configurePlugin(
 {
     try
     {
-        requireNonNull(in, "input description");
-        requireNonNull(out, "output description");
-        checkIO(mAttrs, nbInputs, nbOutputs,
-            [&](int32_t i) -> PluginTensorDesc const& { return i < nbInputs ? in[i].desc : out[i - nbInputs].desc; });
+        checkIO(mAttrs, in, nbInputs, out, nbOutputs);
         requireKernels(mAttrs);
         if (mAttrs.actQuant != ActQuantMode::kNONE)
         {
@@ -433,10 +445,7 @@ int32_t TernaryMatMulPlugin::onShapeChange(
 {
     try
     {
-        requireNonNull(in, "input description");
-        requireNonNull(out, "output description");
-        checkIO(mAttrs, nbInputs, nbOutputs,
-            [&](int32_t i) -> PluginTensorDesc const& { return i < nbInputs ? in[i] : out[i - nbInputs]; });
+        checkIO(mAttrs, in, nbInputs, out, nbOutputs);
         requireKernels(mAttrs);
         rowsOf(in[0].dims.d, in[0].dims.nbDims);
         mNbInputs = nbInputs;

@@ -93,6 +93,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     os.chmod(tmp, 0o777 & ~_umask())                 # mkdtemp makes 0700
     try:
         yield tmp
+        for f in tmp.rglob("*"):                    # writers that go through mkstemp (safetensors)
+            if f.is_file():                          # leave 0600 files: give them the umask's mode
+                os.chmod(f, 0o666 & ~_umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.rmdir(old)

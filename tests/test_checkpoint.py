@@ -186,6 +186,10 @@ def test_save_refuses_overwrite(tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         save_checkpoint(model, tmp_path / "ck")
     save_checkpoint(model, tmp_path / "ck", overwrite=True)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("config.json", "model.safetensors"):          # not the 0600 of a temp file
+        assert (tmp_path / "ck" / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
 def test_save_official_refuses_per_channel_scales(tmp_path):

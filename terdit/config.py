@@ -191,6 +191,6 @@ PRESETS: dict[str, TerDiTConfig] = {
     "TerDiT-tiny": TerDiTConfig(input_size=8, dim=64, n_layers=2, n_heads=4, multiple_of=32,
                                 num_classes=10),
     # The embedded demo (terdit/demo): Fashion-MNIST, pixel space, 32x32, 64 tokens.
-    "TerDiT-demo": TerDiTConfig(input_size=32, patch_size=4, in_channels=1, dim=128,
-                                n_layers=6, n_heads=4, multiple_of=64, num_classes=10),
+    "TerDiT-demo": TerDiTConfig(input_size=32, patch_size=4, in_channels=1, dim=192,
+                                n_layers=8, n_heads=4, multiple_of=64, num_classes=10),
 }

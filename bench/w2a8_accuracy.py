@@ -1,9 +1,10 @@
-"""Accuracy of W1.58A8 (per-token e4m3 activations x 2-bit ternary weights) against the weight-only
-path, reported (issue 11, item 6). Runs anywhere: on CPU the W1.58A8 ops run their exact
-emulation (terdit.w2a8: the same quantization and fp32 sums as the CUDA kernels), on a GPU the
-kernels themselves.
+"""Accuracy of W1.58A8 (per-token 8-bit activations x 2-bit ternary weights) against the weight-only
+path, for both activation formats: `--act-quant fp8` (e4m3, the GPU mode; terdit.w2a8) and
+`--act-quant int8` (the CPU mode; terdit.int8). Runs anywhere: on CPU the fp8 ops run their exact
+emulation (the same quantization and fp32 sums as the CUDA kernels) and the int8 ops the terdit
+CPU kernels (bit-equal to the definition), on a GPU the fp8 kernels themselves.
 
-    python bench/w2a8_accuracy.py [--device cpu|cuda] [--out bench/results] [--fid]
+    python bench/w2a8_accuracy.py [--act-quant fp8|int8] [--device cpu|cuda] [--out bench/results] [--fid]
 
 1. Layers: every TerDiT-600M / 4.2B token GEMM shape (qkv, wo, w1|w3 with SwiGLU, w2) at M = 512
    with Gaussian activations plus a few outlier channels (x 20, as RMSNorm + modulate outputs
@@ -27,13 +28,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from terdit import kernels, ternary, w2a8  # noqa: E402
-from terdit.accel import W2A8Linear  # noqa: E402
+from terdit import int8, kernels, ternary, w2a8  # noqa: E402
 from terdit.fused import FusedTerDiT  # noqa: E402
 from terdit.ternary import pack_k16, ternary_linear_ref  # noqa: E402
 
@@ -47,7 +48,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def layer_errors(device: str, m: int = 512, seed: int = 0) -> list[dict]:
+def layer_errors(device: str, m: int = 512, seed: int = 0, act_quant: str = "fp8") -> list[dict]:
     g = torch.Generator(device=device).manual_seed(seed)
     rows = []
     for model, (dim, hidden) in MODELS.items():
@@ -58,6 +59,17 @@ def layer_errors(device: str, m: int = 512, seed: int = 0) -> list[dict]:
             x = torch.randn(m, k, generator=g, device=device)
             x[:, torch.randint(0, k, (8,), generator=g, device=device)] *= 20  # outlier channels
             x = x.to(torch.bfloat16)
+            if act_quant == "int8":
+                op = (torch.ops.terdit.ternary_matmul_int8_swiglu if swiglu else
+                      lambda x, w, s: torch.ops.terdit.ternary_matmul_int8(x, w, s, None))
+                ref = (ternary.swiglu_ref if swiglu else ternary_linear_ref)(x.float(), w, scale)
+                out = op(x.float(), w, scale)
+                mx, mean = rel(out, ref)
+                rows.append({"part": "layer", "model": model, "layer": layer, "n": n, "k": k,
+                             "m": m, "max_rel": mx, "mean_rel": mean})
+                print(f"  {model:5s} {layer:5s} N={n:6d} K={k:5d}: max {mx:.2e} mean {mean:.2e}",
+                      flush=True)
+                continue
             xq, xs = w2a8.quantize_rows_e4m3_ref(x)
             if swiglu:
                 ref = ternary.swiglu_ref(x.float(), w, scale)
@@ -74,35 +86,54 @@ def layer_errors(device: str, m: int = 512, seed: int = 0) -> list[dict]:
 
 
 @torch.no_grad()
-def demo_errors(device: str, num_samples: int, fid: bool) -> list[dict]:
-    """DDIM-50 samples of the demo model, weight-only vs W1.58A8 (same noise, same labels), and
-    with `fid` their FID and class accuracy by terdit.evaluate's protocol."""
+def demo_errors(device: str, num_samples: int, fid: bool, act_quant: str = "fp8") -> list[dict]:
+    """The demo model's samples with the quick start's settings (DDIM 50, CFG 3.0, seed 0, the
+    runtime's sampler through the torch graph), weight-only vs W1.58A8 with the same noise and
+    labels, and with `fid` their FID and class accuracy by terdit.evaluate's protocol (reference:
+    the first 1000 Fashion-MNIST test images). int8 quantizes every TernaryMatMul input, adaLN
+    included, as an `--act-quant int8` export does; fp8 the token GEMMs, as the GPU mode does."""
     from terdit import evaluate as ev
-    model = ev._load_model(str(ROOT / "terdit" / "demo")).to(device)
-    sc = ev.SampleConfig(num_samples=num_samples, batch_size=min(250, num_samples))
+    from terdit.accel import to_w2a8_
+    from terdit.sampling import TorchForward, inference_model, model_info
+    from terdit_common.images import to_uint8
+    from terdit_common.sampling import SampleOptions, sample_latents
+    model, metadata = ev._load_model(str(ROOT / "terdit" / "demo"))
+    options = SampleOptions(steps=50, sampler="ddim", cfg_scale=3.0, seed=0, batch_size=100)
+    labels = ev.balanced_labels(num_samples, model.cfg.num_classes)
+    info = model_info(model, metadata=metadata)
     images = {}
     for mode in ("weight-only", "w2a8"):
-        # The sampler needs TerDiT.forward_with_cfg, so the unfused model's token GEMMs are swapped
-        # (q, k, v and w1, w3 quantize the same input: the same values the fused layers see).
-        m = copy.deepcopy(model)
+        net = inference_model(copy.deepcopy(model), device)
         if mode == "w2a8":
-            for block in m.layers:
-                for parent, names in ((block.attention, ("wq", "wk", "wv", "wo")),
-                                      (block.feed_forward, ("w1", "w2", "w3"))):
-                    for name in names:
-                        setattr(parent, name, W2A8Linear(getattr(parent, name)))
-        images[mode], labels = ev.generate(m, sc)  # uint8 (N, H, W, C), same seeds
-    mx, mean = rel(images["w2a8"].float(), images["weight-only"].float())
+            net = int8.set_act_quant_(net, "int8") if act_quant == "int8" else to_w2a8_(net)
+        forward = TorchForward(net, torch.device(device))
+        out = []
+        for i in range(0, num_samples, options.batch_size):
+            idx = list(range(i, min(num_samples, i + options.batch_size)))
+            out.append(to_uint8(sample_latents(forward, info, idx, [labels[j] for j in idx],
+                                               options)))
+            print(f"  demo {mode}: {i + len(idx)} / {num_samples}", flush=True)
+        images[mode] = np.concatenate(out)
+    a, b = (torch.from_numpy(images[k]).float() for k in ("w2a8", "weight-only"))
+    mx, mean = rel(a, b)
     row = {"part": "demo-ddim50", "model": "TerDiT-demo", "samples": num_samples, "max_rel": mx,
-           "mean_rel": mean}
+           "mean_rel": mean, "mean_abs_pixel": float((a - b).abs().mean()),
+           "pixels_off_by_more_than_32": float(((a - b).abs() > 32).float().mean())}
     print(f"  demo DDIM-50 samples (uint8): max {mx:.2e} mean {mean:.2e}", flush=True)
     if fid:
-        net = ev.InceptionFeatures(batch_size=50)
-        ref = ev.reference_features(net, 2000, image_size=images["w2a8"].shape[1])
+        nets: list = []
+
+        def feature_fn(x):
+            if not nets:
+                nets.append(ev.InceptionFeatures(batch_size=50))
+            return nets[0](x)
+        ref = ev.reference_features(feature_fn, "fashion-mnist:test", 1000,
+                                    images["w2a8"].shape[1], None, ev.cache_dir(),
+                                    network=ev.INCEPTION_FILE)
         classifier = ev.load_classifier(ROOT / "terdit" / "demo" / "classifier.safetensors")[0]
         for mode, x in images.items():
-            m = ev.evaluate_samples(x, labels, feature_fn=net, ref_features=ref,
-                                    classifier=classifier)
+            m = ev.evaluate_images(x, np.asarray(labels, np.int64), feature_fn=feature_fn,
+                                   ref_features=ref, classifier=classifier)
             row[f"fid_{mode}"], row[f"accuracy_{mode}"] = m["fid"], m["accuracy"]
             print(f"  demo {mode}: FID {m['fid']:.1f}, accuracy {m['accuracy']:.3f}", flush=True)
     return [row]
@@ -138,7 +169,8 @@ def model_errors(images: int = 1) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# W1.58A8 vs weight-only accuracy ({meta['device']}, {meta['date']})", "",
+    lines = [f"# W1.58A8 ({meta['act_quant']} activations) vs weight-only accuracy ({meta['device']}, "
+             f"{meta['date']})", "",
              "Error = max |a - b| / max |b| and mean |a - b| / max |b|, b = weight-only.", ""]
     layers = [r for r in rows if r["part"] == "layer"]
     if layers:
@@ -164,6 +196,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--act-quant", choices=["fp8", "int8"], default="fp8",
+                   help="activation format: fp8 (e4m3, the GPU mode) or int8 (the CPU kernels)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--num-samples", type=int, default=100, help="demo samples (DDIM-50 each)")
     p.add_argument("--fid", action="store_true", help="demo FID (slow on CPU)")
@@ -174,16 +208,25 @@ def main(argv=None) -> int:
             print("--device cuda needs a CUDA GPU", file=sys.stderr)
             return 2
         kernels.load()
+    if args.act_quant == "int8":
+        if args.device != "cpu":
+            print("--act-quant int8 runs on the CPU kernels: use --device cpu", file=sys.stderr)
+            return 2
+        from terdit import cpu_kernels
+        print(f"TernaryMatMul: {cpu_kernels.load()}", flush=True)
     t0 = time.time()
-    rows = layer_errors(args.device)
-    rows += demo_errors(args.device, args.num_samples, args.fid)
+    rows = layer_errors(args.device, act_quant=args.act_quant)
+    rows += demo_errors(args.device, args.num_samples, args.fid, args.act_quant)
     if args.device == "cuda":
         rows += model_errors()
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu-emulation",
+    meta = {"act_quant": args.act_quant,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else (
+                "cpu-kernels" if args.act_quant == "int8" else "cpu-emulation"),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "seconds": round(time.time() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"w2a8-accuracy-{args.device}-{meta['date']}"
+    prefix = "w2a8" if args.act_quant == "fp8" else "int8"
+    stem = args.out / f"{prefix}-accuracy-{args.device}-{meta['date']}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     md = markdown(rows, meta)
     stem.with_suffix(".md").write_text(md)

@@ -6,6 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from terdit_common.cli import run_cli
+from terdit_common.op import ACT_QUANT
 
 from .export import export
 from .options import CFG_CHOICES, DTYPES, ExportOptions
@@ -43,12 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-function", dest="function", action="store_false", default=True,
                    help="omit the portable local function (TensorRT older than 10.7 would inline "
                         "it instead of using the plugin); such files need the plugin to run")
-    p.add_argument("--w2a8", dest="act_quant", action="store_const", const="fp8",
-                   default=DEFAULTS.act_quant,
-                   help="W1.58A8: every TernaryMatMul node gets act_quant=\"fp8\" (activations "
-                        "quantized per token to float8 e4m3 in the plugin; the portable function "
-                        "emulates it with QuantizeLinear / DequantizeLinear); validated against "
-                        "PyTorch in the same mode")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--act-quant", dest="act_quant", choices=ACT_QUANT, default=DEFAULTS.act_quant,
+                     help="activation quantization of every TernaryMatMul node: 'none' "
+                          "(weight-only), 'int8' (W1.58A8 with int8 activations, s = amax / 127 "
+                          "per token; CPU kernels, ONNX Runtime and PyTorch only, TensorRT "
+                          "refuses it) or 'fp8' (W1.58A8 with float8 e4m3 activations, as "
+                          "--w2a8); validated against PyTorch in the same mode "
+                          "(default: %(default)s)")
+    act.add_argument("--w2a8", dest="act_quant", action="store_const", const="fp8",
+                     help="the same as --act-quant fp8: every TernaryMatMul node gets "
+                          "act_quant=\"fp8\" (activations quantized per token to float8 e4m3 "
+                          "in the plugin; the portable function emulates it with "
+                          "QuantizeLinear / DequantizeLinear)")
     p.add_argument("--no-validate", dest="validate", action="store_false", default=True,
                    help="skip the checker and the ONNX-vs-PyTorch comparison")
     p.add_argument("--validate-batches", type=int, nargs="+", default=list(DEFAULTS.validate_batches),
@@ -56,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None,
                    help="validation passes when max|onnx - torch_fp32| / max|torch_fp32| <= "
                         "TOLERANCE + 3 x PyTorch's own error at --dtype (default: 1e-4 fp32, "
-                        "5e-3 fp16/bf16, 5e-2 with --w2a8)")
+                        "5e-3 fp16/bf16, 5e-2 with --act-quant int8 or fp8)")
     p.add_argument("--vae", metavar="DIR|NAME", default=None,
                    help="also export the decoder of a diffusers AutoencoderKL to "
                         "vae_decoder.onnx (latent / scaling_factor inside the graph): a local "

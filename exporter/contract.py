@@ -15,6 +15,8 @@ import torch
 from onnx import FunctionProto, TensorProto, helper
 from onnx.defs import OpSchema
 
+from terdit.int8 import (INT8_MAX, INT8_MIN_AMAX, quantize_rows_int8_ref,
+                         ternary_linear_int8_ref)
 from terdit.w2a8 import E4M3_MAX, E4M3_MIN_AMAX, quantize_rows_e4m3_ref
 from terdit.ternary import unpack_k16
 from terdit_common.op import (ACT_QUANT, ACT_QUANT_DEFAULT, ATTRIBUTES, CONTRACT_VERSION, DOMAIN,
@@ -59,8 +61,10 @@ def register_schema() -> None:
                     # optional without a schema default, so that onnxscript leaves it out of
                     # weight-only nodes as node_attributes() does (absent means "none")
                     OpSchema.Attribute("act_quant", OpSchema.AttrType.STRING,
-                                       "activation quantization: \"none\" (when absent) or "
-                                       "\"fp8\" (per-token float8 e4m3, W1.58A8)",
+                                       "activation quantization: \"none\" (when absent), "
+                                       "\"int8\" (per-token int8, s = amax / 127, CPU "
+                                       "kernels only) or \"fp8\" (per-token float8 e4m3, "
+                                       "W1.58A8)",
                                        required=False)])
     onnx.defs.register_schema(schema)
 
@@ -71,18 +75,34 @@ def _ref_attr(name: str, ref: str, typ) -> onnx.AttributeProto:
     return attr
 
 
+def _decode_lut() -> np.ndarray:
+    """float32 [256, 4]: lut[b, i] = ((b >> 2i) & 3) - 1, the 4 ternary weights of a k16 byte."""
+    b = np.arange(256, dtype=np.int32)[:, None]
+    return (((b >> (2 * np.arange(4, dtype=np.int32))) & 3) - 1).astype(np.float32)
+
+
 def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto:
     """terdit.TernaryMatMul as a local function of standard opset-20 ops.
 
-    Decoding uses only INT32 Mod (fmod=0: result has the divisor's sign) and exact Div: with
-    D = 4^j, code_j = ((W - W mod D) / D) mod 4 for j = 0..15, which is correct for words whose
-    bit 31 is set too (D divides 2^32). Computation is fp32 (Gemm), the result is cast back to
-    X's type. The optional bias maps onto Gemm's optional C input.
+    Decode (every mode): the first op on W adds a zero computed from X (Cast(Size(X) - Size(X))),
+    so no runtime can constant-fold the decode at load time (folded, it would hold every weight
+    as fp32 at once, plus its int32 intermediates). The 4 bytes of each int32 word come from
+    exact INT32 ops valid for words with bit 31 set: with D = 256^j, byte_j = ((W - W mod D) / D)
+    mod 256 (Mod fmod=0 takes the divisor's sign; D divides 2^32). A Gather from the constant
+    float LUT [256, 4] (lut[b, i] = ((b >> 2i) & 3) - 1) turns bytes into ternary weights
+    T [N, KW*16]; X is zero-padded to KW*16 columns. Then Y = (X @ T^T) * scale[n] + bias[n] in
+    fp32 (Gemm on the unscaled T), cast back to X's type. Every node the exporter writes carries
+    a bias (zeros when the layer has none): the function needs it.
 
-    act_quant="fp8" (W1.58A8) quantizes the fp32 rows of X first, as the plugin does: per row
+    act_quant="int8" quantizes the fp32 rows of X first (terdit.int8): per row ReduceMax |X| ->
+    s = max(amax, 1e-12) / 127 -> QuantizeLinear to int8 (per-axis on the rows, round half to
+    even, |X / s| <= 127 by construction) -> Cast to float; then Y = ((xq @ T^T) * s[m]) *
+    scale[n] + bias[n], each a separate fp32 op, as terdit.int8.ternary_linear_int8_ref.
+
+    act_quant="fp8" (W1.58A8) quantizes the fp32 rows of X as the plugin does: per row
     ReduceMax |X| -> s = max(amax, 1e-12) / 448 -> QuantizeLinear to float8e4m3fn (per-axis on
-    the rows, saturate=1; float8 Q/DQ need opset 19+) -> DequantizeLinear, then the same decode
-    and Gemm. A function has one body and the body cannot read a STRING attribute without string
+    the rows, saturate=1; float8 Q/DQ need opset 19+) -> DequantizeLinear, then the same Gemm.
+    A function has one body and the body cannot read a STRING attribute without string
     tensors (which TensorRT's function fallback cannot parse), so the body is chosen per file:
     every node of one export has the same act_quant (graph.finalize checks it) and the file
     carries this mode's body. A file mixing modes would run all its nodes in the body's mode
@@ -102,20 +122,35 @@ def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto
     k_scalar.attribute.append(_ref_attr("value_int", "K", onnx.AttributeProto.INT))
     n_scalar = helper.make_node("Constant", [], ["n_scalar"])
     n_scalar.attribute.append(_ref_attr("value_int", "N", onnx.AttributeProto.INT))
+    lut = _decode_lut()
     x_rows = "x2"
     quantize = []
-    if act_quant == "fp8":
-        x_rows = "x2_dq"
+    if act_quant in ("int8", "fp8"):
+        qmax, min_amax = (INT8_MAX, INT8_MIN_AMAX) if act_quant == "int8" else (E4M3_MAX,
+                                                                                E4M3_MIN_AMAX)
         quantize = [
-            # s = max(amax_k |X[m, k]|, 1e-12) / 448 per row m, as a [M] per-axis scale
+            # s = max(amax_k |X[m, k]|, 1e-12) / qmax per row m, as a [M] per-axis scale
             helper.make_node("Abs", ["x2"], ["x2_abs"]),
             helper.make_node("ReduceMax", ["x2_abs", "axis1"], ["amax"], keepdims=0),
-            f32("min_amax", E4M3_MIN_AMAX), f32("e4m3_max", E4M3_MAX),
+            f32("min_amax", min_amax), f32("q_max", qmax),
             helper.make_node("Max", ["amax", "min_amax"], ["amax_c"]),
-            helper.make_node("Div", ["amax_c", "e4m3_max"], ["s_row"]),
+            helper.make_node("Div", ["amax_c", "q_max"], ["s_row"]),
+            helper.make_node("Shape", ["s_row"], ["m1"]),
+        ]
+    if act_quant == "int8":
+        x_rows = "xq_f"
+        quantize += [
+            # an int8 zero point of shape [M] selects int8 as QuantizeLinear's output
+            helper.make_node("ConstantOfShape", ["m1"], ["zp_i8"],
+                             value=helper.make_tensor("zp_i8", TensorProto.INT8, [1], [0])),
+            helper.make_node("QuantizeLinear", ["x2", "s_row", "zp_i8"], ["x2_q"], axis=0),
+            helper.make_node("Cast", ["x2_q"], ["xq_f"], to=TensorProto.FLOAT),
+        ]
+    elif act_quant == "fp8":
+        x_rows = "x2_dq"
+        quantize += [
             # a float8 zero point of shape [M] selects float8e4m3fn as QuantizeLinear's output
             # (ONNX Runtime's ConstantOfShape has no float8 output, hence the Cast)
-            helper.make_node("Shape", ["s_row"], ["m1"]),
             helper.make_node("ConstantOfShape", ["m1"], ["zp32"],
                              value=helper.make_tensor("zp32", TensorProto.FLOAT, [1], [0.0])),
             helper.make_node("Cast", ["zp32"], ["zp8"], to=TensorProto.FLOAT8E4M3FN),
@@ -123,10 +158,17 @@ def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto
                              saturate=1),
             helper.make_node("DequantizeLinear", ["x2_q", "s_row", "zp8"], ["x2_dq"], axis=0),
         ]
+    acc_scaled = [helper.make_node("Mul", ["acc", "scale"], ["y_scaled"])]
+    if act_quant == "int8":
+        acc_scaled = [
+            helper.make_node("Unsqueeze", ["s_row", "axis1"], ["s_col"]),
+            helper.make_node("Mul", ["acc", "s_col"], ["acc_s"]),
+            helper.make_node("Mul", ["acc_s", "scale"], ["y_scaled"]),
+        ]
     nodes = [
         k_scalar, n_scalar,
         i64("axis0", [0]), i64("axis1", [1]), i64("axis2", [2]), i64("minus1", [-1]),
-        i64("zero", [0]),
+        i64("zeros3", [0, 0, 0]), i64("sixteen", [16]),
         helper.make_node("Unsqueeze", ["k_scalar", "axis0"], ["k1"]),
         helper.make_node("Unsqueeze", ["n_scalar", "axis0"], ["n1"]),
         # X -> fp32 [M, K]
@@ -134,22 +176,33 @@ def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto
         helper.make_node("Concat", ["minus1", "k1"], ["x2_shape"], axis=0),
         helper.make_node("Reshape", ["x32", "x2_shape"], ["x2"]),
         *quantize,
-        # W [N, KW] -> codes [N, KW, 16]
-        helper.make_node("Unsqueeze", ["W", "axis2"], ["w3"]),
-        i32("pow4", [4 ** j for j in range(16)]),
-        i32("four", [4]), i32("one_i", [1]),
-        helper.make_node("Mod", ["w3", "pow4"], ["low"], fmod=0),
+        # a zero that depends on X: nothing below can be constant-folded at load time
+        helper.make_node("Size", ["X"], ["x_size"]),
+        helper.make_node("Sub", ["x_size", "x_size"], ["zero64"]),
+        helper.make_node("Cast", ["zero64"], ["dyn_zero"], to=TensorProto.INT32),
+        helper.make_node("Add", ["W", "dyn_zero"], ["w_dyn"]),
+        # W [N, KW] -> bytes [N, KW, 4]: byte_j = ((W - W mod 256^j) / 256^j) mod 256
+        helper.make_node("Unsqueeze", ["w_dyn", "axis2"], ["w3"]),
+        i32("pow256", [1, 1 << 8, 1 << 16, 1 << 24]), i32("c256", [256]),
+        helper.make_node("Mod", ["w3", "pow256"], ["low"], fmod=0),
         helper.make_node("Sub", ["w3", "low"], ["high"]),
-        helper.make_node("Div", ["high", "pow4"], ["shifted"]),
-        helper.make_node("Mod", ["shifted", "four"], ["codes"], fmod=0),
-        helper.make_node("Sub", ["codes", "one_i"], ["tern_i"]),
-        helper.make_node("Cast", ["tern_i"], ["tern3"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["high", "pow256"], ["shifted"]),
+        helper.make_node("Mod", ["shifted", "c256"], ["bytes"], fmod=0),
+        # bytes -> ternary weights [N, KW, 4, 4] -> T [N, KW*16] (columns past K are zeros)
+        helper.make_node("Constant", [], ["lut"], value=helper.make_tensor(
+            "lut", TensorProto.FLOAT, list(lut.shape), lut.ravel().tolist())),
+        helper.make_node("Gather", ["lut", "bytes"], ["tern4"], axis=0),
         helper.make_node("Concat", ["n1", "minus1"], ["t_shape"], axis=0),
-        helper.make_node("Reshape", ["tern3", "t_shape"], ["tern_pad"]),
-        helper.make_node("Slice", ["tern_pad", "zero", "k1", "axis1"], ["tern"]),
-        helper.make_node("Unsqueeze", ["scale", "axis1"], ["scale_col"]),
-        helper.make_node("Mul", ["tern", "scale_col"], ["w_eff"]),
-        helper.make_node("Gemm", [x_rows, "w_eff", "bias"], ["y2"], transB=1),
+        helper.make_node("Reshape", ["tern4", "t_shape"], ["tern"]),
+        # X's rows zero-padded from K to KW*16 columns
+        helper.make_node("Shape", ["W"], ["kw1"], start=1, end=2),
+        helper.make_node("Mul", ["kw1", "sixteen"], ["kp1"]),
+        helper.make_node("Sub", ["kp1", "k1"], ["k_pad"]),
+        helper.make_node("Concat", ["zeros3", "k_pad"], ["pads"], axis=0),
+        helper.make_node("Pad", [x_rows, "pads"], ["x_pad"]),
+        helper.make_node("Gemm", ["x_pad", "tern"], ["acc"], transB=1),
+        *acc_scaled,
+        helper.make_node("Add", ["y_scaled", "bias"], ["y2"]),
         helper.make_node("Shape", ["X"], ["lead"], end=-1),
         helper.make_node("Concat", ["lead", "n1"], ["y_shape"], axis=0),
         helper.make_node("Reshape", ["y2", "y_shape"], ["y32"]),
@@ -203,6 +256,13 @@ def reference_ops():
             if mode not in ACT_QUANT:
                 raise ValueError(f"TernaryMatMul: act_quant={mode!r} is not one of {ACT_QUANT}")
             x = X.astype(np.float32).reshape(-1, int(K))
+            if mode == "int8":
+                xq, s = quantize_rows_int8_ref(torch.from_numpy(x))
+                w = torch.from_numpy(np.array(W, np.int32, order="C"))
+                y = ternary_linear_int8_ref(xq, s, w, torch.from_numpy(np.asarray(scale)),
+                                            None if bias is None else
+                                            torch.from_numpy(np.asarray(bias))).numpy()
+                return (y.reshape(*X.shape[:-1], int(N)).astype(X.dtype),)
             if mode == "fp8":
                 x = dequantize_rows_e4m3(torch.from_numpy(x)).numpy()
             y = np.empty((x.shape[0], int(N)), np.float32)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from terdit import TerDiT
 from terdit.fused import FusedTerDiT
+from terdit.int8 import set_act_quant_
 from terdit.ternary import TERNARY_LAYERS, swiglu_ref, ternary_linear_ref
 from terdit_common.guidance import guide
 from terdit_common.manifest import DATA_FILE
@@ -52,30 +53,41 @@ class DiffusionGraph(nn.Module):
 
 
 def _translation_table(act_quant: str) -> dict:
+    """terdit's registered ops -> TernaryMatMul nodes. The weight-only ops get `act_quant` (an
+    fp8 export lowers the weight-only model); the int8 ops, which a model runs after
+    terdit.int8.set_act_quant_(model, "int8"), always get act_quant="int8"."""
     import onnxscript
     from onnxscript import ir
     from onnxscript import opset20 as op
 
+    import terdit.int8  # noqa: F401  (registers terdit::ternary_matmul_int8*)
+
     contract.register_schema()
     terdit_ops = onnxscript.values.Opset(contract.DOMAIN, contract.OP_VERSION)
 
-    def ternary_matmul(x, w, scale, bias=None):
-        k, n = int(x.shape[-1]), int(w.shape[0])
-        if bias is None:
-            # Every node carries a bias (zeros here), so the portable function, whose optional
-            # input onnx.reference cannot leave out, evaluates everywhere.
-            bias = op.Constant(value=ir.tensor(np.zeros(n, np.float32)))
-        return terdit_ops.TernaryMatMul(x, w, scale, bias, **node_attributes(k, n, act_quant))
+    def node(mode):
+        def ternary_matmul(x, w, scale, bias=None):
+            k, n = int(x.shape[-1]), int(w.shape[0])
+            if bias is None:
+                # Every node carries a bias (zeros here): the portable function adds it.
+                bias = op.Constant(value=ir.tensor(np.zeros(n, np.float32)))
+            return terdit_ops.TernaryMatMul(x, w, scale, bias, **node_attributes(k, n, mode))
 
-    def ternary_matmul_swiglu(x, w, scale):
-        n = int(w.shape[0])
-        a = ternary_matmul(x, w, scale)
-        h1 = op.Slice(a, [0], [n // 2], [-1])
-        h3 = op.Slice(a, [n // 2], [n], [-1])
-        return op.Mul(op.Mul(h1, op.Sigmoid(h1)), h3)
+        def ternary_matmul_swiglu(x, w, scale):
+            n = int(w.shape[0])
+            a = ternary_matmul(x, w, scale)
+            h1 = op.Slice(a, [0], [n // 2], [-1])
+            h3 = op.Slice(a, [n // 2], [n], [-1])
+            return op.Mul(op.Mul(h1, op.Sigmoid(h1)), h3)
 
-    return {torch.ops.terdit.ternary_matmul.default: ternary_matmul,
-            torch.ops.terdit.ternary_matmul_swiglu.default: ternary_matmul_swiglu}
+        return ternary_matmul, ternary_matmul_swiglu
+
+    plain, plain_swiglu = node(act_quant)
+    int8, int8_swiglu = node("int8")
+    ops = torch.ops.terdit
+    return {ops.ternary_matmul.default: plain, ops.ternary_matmul_swiglu.default: plain_swiglu,
+            ops.ternary_matmul_int8.default: int8,
+            ops.ternary_matmul_int8_swiglu.default: int8_swiglu}
 
 
 def build_graph(model: TerDiT, options: ExportOptions) -> DiffusionGraph:
@@ -88,6 +100,8 @@ def build_graph(model: TerDiT, options: ExportOptions) -> DiffusionGraph:
         if why:
             raise ExportError(f"layer {name!r}: {why}")
     net: nn.Module = FusedTerDiT(model) if options.fuse else model
+    # int8: PyTorch runs the mode itself (the validation reference) and lowers its int8 ops
+    set_act_quant_(net, "int8" if options.act_quant == "int8" else "none")
     mode = None if options.cfg == "none" else options.cfg
     return DiffusionGraph(net, mode, cfg.null_class, cfg.in_channels).eval()
 
@@ -140,7 +154,8 @@ class ActQuantEmulation(torch.overrides.TorchFunctionMode):
 
 
 def act_quant_emulation(act_quant: str):
-    """A context in which PyTorch computes the model in `act_quant` mode ("none": unchanged)."""
+    """A context in which PyTorch computes the model as an `act_quant` file does: fp8 is
+    emulated; "none" and "int8" (which the graph runs itself, see build_graph) are unchanged."""
     return ActQuantEmulation() if act_quant == "fp8" else contextlib.nullcontext()
 
 

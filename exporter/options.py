@@ -36,7 +36,8 @@ class ExportOptions:
     ternary: Optional[bool] = None
     external_data: Optional[bool] = None
     seed: int = 0
-    # TernaryMatMul activation mode of every node: "none" or "fp8" (W1.58A8, --w2a8)
+    # TernaryMatMul activation mode of every node (--act-quant; --w2a8 is "fp8"): one of
+    # terdit_common.op.ACT_QUANT, "none" (weight-only), "int8" or "fp8"
     act_quant: str = ACT_QUANT_DEFAULT
 
     def __post_init__(self) -> None:

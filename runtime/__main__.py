@@ -12,6 +12,8 @@ import numpy as np
 from terdit_common.cli import add_sampling_args, run_cli, sample_options
 from terdit_common.errors import UserError
 from terdit_common.manifest import is_export_dir
+from terdit_common.op import ACT_QUANT
+from terdit_common.ort import KERNEL_CHOICES
 from terdit_common.sampling import imagenet_to_model_label
 
 from .backends import BACKENDS, open_backend
@@ -67,10 +69,21 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
                      help="torch backend compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     io_.add_argument("--threads", type=int, default=None,
                      help="ONNX Runtime intra-op threads (default: ONNX Runtime's)")
+    io_.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                     help="ort backend, how terdit::TernaryMatMul runs: 'auto' the terdit CPU "
+                          "kernels (plugins/cpu, built with the system C++ compiler on first use) "
+                          "when they load, else the file's portable ONNX function; 'native' "
+                          "requires the kernels; 'function' never uses them (default: "
+                          "%(default)s)")
     io_.add_argument("--w2a8", "--fp8", dest="w2a8", action="store_true",
                      help="torch backend: W1.58A8, FP8 (e4m3) activations on the token GEMMs "
                           "with the weights kept 2-bit; an exact emulation on the CPU (--fp8 is "
                           "a deprecated alias)")
+    io_.add_argument("--act-quant", choices=ACT_QUANT, default=None,
+                     help="activation quantization of the ternary products. torch backend: "
+                          "'none' (default), 'int8' (W1.58A8 with int8 activations, "
+                          "terdit.int8) or 'fp8' (as --w2a8). ort / trt: the export's own mode "
+                          "(python -m exporter --act-quant); another value is refused")
     io_.add_argument("--no-compile", dest="compile", action="store_false",
                      help="torch backend on CUDA: do not torch.compile the blocks")
     io_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -140,8 +153,10 @@ def sample_main(args) -> int:
         if torch.cuda.is_available():
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     backend = open_backend(args.model, args.backend, plugin=args.plugin, device=device,
-                           dtype=args.dtype, threads=args.threads, compile=args.compile,
-                           cuda_graphs=args.cuda_graphs, w2a8=args.w2a8)
+                           dtype=args.dtype, threads=args.threads, kernels=args.kernels,
+                           compile=args.compile,
+                           cuda_graphs=args.cuda_graphs, w2a8=args.w2a8,
+                           act_quant=args.act_quant)
     labels = labels_from_args(args, backend.info)
     model_path = Path(args.model)
     vae = None
@@ -153,10 +168,14 @@ def sample_main(args) -> int:
             initial = np.load(args.latents, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise UserError(f"--latents {args.latents}: cannot read a .npy array ({err})") from None
+    extra = {"imagenet_ids": bool(args.imagenet_ids)}
+    act_quant = getattr(backend, "act_quant", "none")   # torch's own mode; ort / trt: in the file
+    if act_quant != "none":
+        extra["act_quant"] = act_quant                  # a resumed run must use the same mode
     record = Pipeline(backend, vae).run(
         args.out, labels, options, initial_latents=initial, save_latents=args.save_latents,
         overwrite=args.overwrite, rank=rank, world_size=world, barrier=barrier,
-        progress=args.progress, extra_settings={"imagenet_ids": bool(args.imagenet_ids)})
+        progress=args.progress, extra_settings=extra)
     if rank == 0:
         timing = record.get("timing", {})
         new, old = timing.get("images_generated_rank0", 0), timing.get("images_resumed_rank0", 0)

@@ -50,7 +50,9 @@ class TerDiTPipeline:
         checkpoint (torch). backend None: ort for export directories, torch for checkpoints.
         `vae`: a VAE for latent models (default: the export's vae_decoder.onnx). Other keyword
         arguments go to the backend (e.g. threads=2 for ort, plugin=... for trt, dtype="bf16"
-        for torch)."""
+        for torch). `act_quant`: the activation mode of the ternary products; torch runs
+        "none" (default), "int8" or "fp8"; ort and trt run the export's own mode and refuse
+        another (BackendError)."""
         if device is not None:
             backend_kwargs["device"] = device
         opened = open_backend(path, backend, **backend_kwargs)

@@ -25,8 +25,9 @@ from .vae import open_vae
 
 
 class Pipeline:
-    """A backend (or a path, opened with `open_backend`) plus an optional VAE decoder (default:
-    the export's vae_decoder.onnx for latent models)."""
+    """A backend (or a path, opened with `open_backend` and its keyword arguments, e.g.
+    backend="torch", act_quant="int8") plus an optional VAE decoder (default: the export's
+    vae_decoder.onnx for latent models)."""
 
     def __init__(self, backend: Backend | str | os.PathLike, vae=None, **backend_kwargs) -> None:
         source = None

@@ -240,9 +240,14 @@ def build_engine(
         if not path.is_file():
             raise UserError(f"{what} {path} not found; {fix}")
 
+    nodes = read_ternary_nodes(onnx_path)
+    if "int8" in nodes.act_quant:
+        # the plugin creator refuses it too; say so before TensorRT spends time parsing
+        raise UserError(f"{onnx_path}: TernaryMatMul act_quant=\"int8\" runs on the CPU kernels "
+                        f"(ONNX Runtime / PyTorch) only; export with --act-quant none or fp8 for "
+                        f"TensorRT")
     trt = import_tensorrt()
     environment = EngineEnvironment.detect()
-    nodes = read_ternary_nodes(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     load_plugin_library(trt, plugin_path)
 

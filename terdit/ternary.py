@@ -327,6 +327,9 @@ class PackedTernaryLinear(nn.Module):
     the kernel contract). The forward is the registered op `terdit::ternary_matmul`."""
 
     packed = True
+    # activation mode of the product (terdit.int8.set_act_quant_): "none" runs
+    # terdit::ternary_matmul, "int8" terdit::ternary_matmul_int8; not saved with the weights
+    act_quant = "none"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device=None) -> None:
@@ -360,12 +363,16 @@ class PackedTernaryLinear(nn.Module):
         return apply_keep_fp32(self, fn, recurse, buffers=("scale",), params=("bias",))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant == "int8":
+            return torch.ops.terdit.ternary_matmul_int8(x, self.codes, self.scale, self.bias)
         return ternary_matmul(x, self.codes, self.scale, self.bias)
 
     def swiglu(self, x: Tensor) -> Tensor:
         """silu(A[..., :H]) * A[..., H:] of this layer's output A (a fused w1|w3 layer)."""
         if self.bias is not None:
             raise ValueError("swiglu() needs a layer without bias (a fused w1|w3)")
+        if self.act_quant == "int8":
+            return torch.ops.terdit.ternary_matmul_int8_swiglu(x, self.codes, self.scale)
         return ternary_matmul_swiglu(x, self.codes, self.scale)
 
     @torch.no_grad()

@@ -15,11 +15,18 @@ PLUGIN_NAMESPACE = ""
 REQUIRED_ATTRIBUTES = ("K", "N", "plugin_version", "plugin_namespace")
 OPTIONAL_ATTRIBUTES = ("act_quant",)                  # absent means ACT_QUANT_DEFAULT
 ATTRIBUTES = REQUIRED_ATTRIBUTES + OPTIONAL_ATTRIBUTES
-# Activation quantization of the product: "none" (weight-only, W1.58A16) or "fp8" (W1.58A8:
-# each row m of X quantized to float8 e4m3 with s[m] = max(amax_k |X[m, k]|, 1e-12) / 448, fp32
-# accumulation, Y = acc * s[m] * scale[n] + bias[n]; defined by terdit.w2a8'
-# quantize_rows_e4m3_ref and ternary_linear_e4m3_ref).
-ACT_QUANT = ("none", "fp8")
+# Activation quantization of the product:
+# - "none": weight-only (W1.58A16).
+# - "int8" (W1.58A8 with int8 activations, BitNet b1.58's A8; CPU kernels, ONNX Runtime and
+#   PyTorch only, the TensorRT plugin refuses it): each row m of X quantized with the fp32 scale
+#   s[m] = max(amax_k |X[m, k]|, 1e-12) / 127 to xq = clamp(round_half_even(X / s[m]), -127,
+#   127) (true fp32 division), acc = xq @ T^T exact (integer sums), then Y = (acc * s[m]) *
+#   scale[n] + bias[n] as separate fp32 ops in that order; defined by terdit.int8's
+#   quantize_rows_int8_ref and ternary_linear_int8_ref.
+# - "fp8" (W1.58A8: each row m of X quantized to float8 e4m3 with s[m] = max(amax_k |X[m, k]|,
+#   1e-12) / 448, fp32 accumulation, Y = acc * s[m] * scale[n] + bias[n]; defined by
+#   terdit.w2a8's quantize_rows_e4m3_ref and ternary_linear_e4m3_ref).
+ACT_QUANT = ("none", "int8", "fp8")
 ACT_QUANT_DEFAULT = "none"
 # Kernels tile K and N by 16 (k16 words hold 16 weights).
 SIZE_MULTIPLE = 16

@@ -230,7 +230,7 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "exporter", "--help"], capture_output=True,
                                text=True, cwd=ROOT, timeout=60).stdout
     for flag in ("--dtype", "--cfg", "--fuse", "--no-fuse", "--no-function", "--vae",
-                 "--no-validate", "--overwrite", "--tolerance", "--w2a8"):
+                 "--no-validate", "--overwrite", "--tolerance", "--w2a8", "--act-quant"):
         assert flag in help_text
 
 
@@ -244,7 +244,7 @@ def test_polygraphy_runs_the_file(tiny_ckpt, tmp_path):
     assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("act_quant", ["none", "fp8"])
+@pytest.mark.parametrize("act_quant", ["none", "int8", "fp8"])
 def test_nodes_follow_the_written_contract(one_layer_ckpt, tmp_path, act_quant):
     """The exporter and the plugin creator are both checked against the same YAML contract."""
     yaml = pytest.importorskip("yaml")

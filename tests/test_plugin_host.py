@@ -94,11 +94,16 @@ def test_contract_yaml_matches_the_plugin_logic(logic_build):
             # A STRING attribute reaches the creator as a kCHAR field of any length (length 0 here).
             assert (f["type"], f["length"]) == ("char", 0)
             assert version["attribute_types"][f["name"]] == "string"
+    # the contract's values are what the plugin runs plus what it refuses (int8: CPU kernels only)
     assert version["attribute_options"]["act_quant"] == {
-        "values": logic["act_quant_values"],
+        "values": ["none", "int8", "fp8"],
         "default": logic["act_quant_default"],
+        "plugin_refuses": logic["act_quant_refused"],
     }
     assert logic["act_quant_values"] == ["none", "fp8"] and logic["act_quant_default"] == "none"
+    assert logic["act_quant_refused"] == ["int8"]
+    assert sorted(logic["act_quant_values"] + logic["act_quant_refused"]) == sorted(
+        version["attribute_options"]["act_quant"]["values"])
     assert version["attribute_values"] == {
         "plugin_version": logic["version"],
         "plugin_namespace": logic["namespace"],

@@ -158,10 +158,10 @@ def test_mixed_modes_file_runs_every_node_in_the_body_mode():
 
 
 def test_function_and_options_refuse_unknown_modes():
-    with pytest.raises(ValueError, match="act_quant='int8' is not one of"):
-        contract.ternary_matmul_function("int8")
-    with pytest.raises(ValueError, match="act_quant='int8' is not one of none, fp8"):
-        ExportOptions(act_quant="int8")
+    with pytest.raises(ValueError, match="act_quant='int4' is not one of"):
+        contract.ternary_matmul_function("int4")
+    with pytest.raises(ValueError, match="act_quant='int4' is not one of none, int8, fp8"):
+        ExportOptions(act_quant="int4")
     with pytest.raises(ValueError, match="act_quant='fp4'"):
         contract.node_attributes(16, 16, "fp4")
 

@@ -182,6 +182,13 @@ ActQuantMode parseActQuant(std::string const& value)
     {
         return ActQuantMode::kFP8E4M3;
     }
+    if (value == kACT_QUANT_CPU_ONLY)
+    {
+        // A valid contract value (terdit_common.op.ACT_QUANT) that only the CPU kernels implement.
+        fail(std::string{"act_quant=\""} + kACT_QUANT_CPU_ONLY
+            + "\" runs on the CPU kernels (ONNX Runtime / PyTorch) only; export with --act-quant none or fp8 "
+              "for TensorRT");
+    }
     fail("field act_quant='" + printable(value)
         + "' is not one of 'none', 'fp8'; export the node with act_quant=\"fp8\" for W1.58A8 (activations "
           "quantized per token to float8 e4m3), or without the attribute for the weight-only product");
@@ -506,7 +513,8 @@ std::string contractJson()
            << ", \"required\": " << (kFIELD_SPECS[i].required ? "true" : "false") << "}";
     }
     os << "], \"act_quant_values\": [\"" << actQuantName(ActQuantMode::kNONE) << "\", \""
-       << actQuantName(ActQuantMode::kFP8E4M3) << "\"], \"act_quant_default\": \""
+       << actQuantName(ActQuantMode::kFP8E4M3) << "\"], \"act_quant_refused\": [\"" << kACT_QUANT_CPU_ONLY
+       << "\"], \"act_quant_default\": \""
        << actQuantName(TernaryMatMulAttrs{}.actQuant) << "\", \"workspace_alignment\": " << kWORKSPACE_ALIGNMENT;
     os << ", \"inputs\": [\"X\", \"W\", \"scale\", \"bias\"], \"optional_inputs\": [\"bias\"], "
           "\"outputs\": [\"Y\"], \"size_multiple\": "

@@ -99,6 +99,10 @@ enum class ActQuantMode : int32_t
     kFP8E4M3 = 1, //!< "fp8": W1.58A8, X quantized per token to float8 e4m3 inside the plugin
 };
 
+//! act_quant="int8" (W1.58A8 with int8 activations) is a valid contract value that runs on the CPU
+//! kernels only: the creator refuses it with a message that says so.
+constexpr char const* kACT_QUANT_CPU_ONLY = "int8";
+
 //! The attribute value of a mode: "none" or "fp8".
 char const* actQuantName(ActQuantMode mode);
 

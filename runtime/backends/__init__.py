@@ -72,10 +72,38 @@ def _check_config(where: Path, info: ModelInfo) -> None:
                            f"model") from None
 
 
+def export_act_quant(export_dir: Path) -> str:
+    """The TernaryMatMul activation mode an export directory's file computes (its manifest's
+    graph.act_quant; exports before the field are weight-only)."""
+    from terdit_common.op import ACT_QUANT, ACT_QUANT_DEFAULT
+    mode = read_manifest(export_dir).get("graph", {}).get("act_quant", ACT_QUANT_DEFAULT)
+    if mode not in ACT_QUANT:
+        raise BackendError(f"{export_dir / MANIFEST_FILE}: field 'graph.act_quant' is {mode!r}, "
+                           f"not one of {', '.join(ACT_QUANT)}; re-export the model")
+    return mode
+
+
+def check_act_quant(export_dir: Path, act_quant: Optional[str], backend: str) -> None:
+    """ort / trt run the export's own activation mode: refuse another one."""
+    if act_quant is None:
+        return
+    from terdit_common.op import ACT_QUANT
+    if act_quant not in ACT_QUANT:
+        raise BackendError(f"--act-quant {act_quant!r}: choose one of {', '.join(ACT_QUANT)}")
+    own = export_act_quant(export_dir)
+    if act_quant != own:
+        raise BackendError(f"--act-quant {act_quant}: --backend {backend} runs the export's own "
+                           f"activation mode, and {export_dir} was exported with act_quant={own}; "
+                           f"re-export with `python -m exporter ... --act-quant {act_quant}`, drop "
+                           f"--act-quant, or use --backend torch")
+
+
 def open_backend(model: str | os.PathLike, backend: Optional[str] = None, **kwargs) -> Backend:
     """`model` is an export directory (any backend) or a checkpoint (torch); `backend` None picks
-    ort for export directories and torch for checkpoints. kwargs go to the backend (threads for
-    ort; plugin for trt; device, dtype, compile, cuda_graphs, w2a8 for torch)."""
+    ort for export directories and torch for checkpoints. kwargs go to the backend (threads and
+    kernels for ort; plugin for trt; device, dtype, compile, cuda_graphs, w2a8, act_quant for torch).
+    act_quant (None: the export's own for ort / trt, "none" for torch) selects the activation
+    mode of torch's ternary products; ort and trt refuse a mode other than the export's."""
     path = Path(model)
     if not path.exists():
         raise BackendError(f"--model {path}: no such file or directory")
@@ -89,14 +117,23 @@ def open_backend(model: str | os.PathLike, backend: Optional[str] = None, **kwar
             raise BackendError(f"--model {path}: not an export directory (no {MANIFEST_FILE}); "
                                f"export it with `python -m exporter {path} -o DIR` or use "
                                f"--backend torch")
+        check_act_quant(path if path.is_dir() else path.parent, kwargs.get("act_quant"), "ort")
         from .ort_backend import OrtBackend
-        return OrtBackend(path if path.is_dir() else path.parent, threads=kwargs.get("threads"))
+        return OrtBackend(path if path.is_dir() else path.parent, threads=kwargs.get("threads"),
+                          kernels=kwargs.get("kernels") or "auto")
     if backend == "trt":
+        if kwargs.get("act_quant") is not None:
+            export_dir = path if path.is_dir() else path.parent
+            if not is_export_dir(export_dir):
+                raise BackendError(f"--act-quant with --backend trt needs the plan inside its "
+                                   f"export directory ({export_dir} has no {MANIFEST_FILE})")
+            check_act_quant(export_dir, kwargs["act_quant"], "trt")
         from .trt_backend import TensorRTBackend
         return TensorRTBackend(path, plugin=kwargs.get("plugin"))
     from .torch_backend import TorchBackend
-    keys = ("device", "dtype", "compile", "cuda_graphs", "w2a8")
+    keys = ("device", "dtype", "compile", "cuda_graphs", "w2a8", "act_quant")
     return TorchBackend(path, **{k: kwargs[k] for k in keys if k in kwargs})
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "ModelInfo", "open_backend", "open_export"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "ModelInfo", "export_act_quant", "open_backend",
+           "open_export"]

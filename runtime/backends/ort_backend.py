@@ -1,34 +1,49 @@
-"""ONNX Runtime over an export directory (CUDA execution provider when available)."""
+"""ONNX Runtime over an export directory (CUDA execution provider when available).
+
+terdit::TernaryMatMul runs on the terdit CPU kernels (plugins/cpu, registered as an ONNX Runtime
+custom op; built with the system C++ compiler on first use) unless `kernels="function"`, or when
+they cannot be built, where the file's portable local function runs. Which path runs is said once
+per process (`TernaryMatMul: terdit CPU kernels (avx2)`)."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from terdit_common.manifest import MODEL_FILE
-from terdit_common.ort import ort_session
+from terdit_common.ort import KERNEL_CHOICES, ort_session
 
 from . import BackendError, open_export
+
+
+_said: set[str] = set()
 
 
 class OrtBackend:
     name = "ort"
 
     def __init__(self, export_dir: str | os.PathLike, threads: Optional[int] = None,
-                 providers: Optional[list[str]] = None) -> None:
+                 providers: Optional[list[str]] = None, kernels: str = "auto") -> None:
         export_dir = Path(export_dir)
         if threads is not None and threads < 0:
             raise BackendError(f"--threads {threads}: must be >= 0 (0: ONNX Runtime's default)")
+        if kernels not in KERNEL_CHOICES:
+            raise BackendError(f"--kernels {kernels!r}: choose one of {', '.join(KERNEL_CHOICES)}")
         manifest, self.info = open_export(export_dir)
         model_file = export_dir / MODEL_FILE
         # Constant folding would decode every ternary weight to fp32 at load time (~5x the
         # weights in RAM); large models skip it.
         large = bool(manifest.get("graph", {}).get("large_model"))
         self.session = ort_session(model_file, threads=threads, providers=providers,
-                                   fold_constants=not large)
+                                   fold_constants=not large, kernels=kernels)
+        self.kernels = self.session.terdit_kernels
+        if self.kernels not in _said:
+            print(f"TernaryMatMul: {self.kernels}", file=sys.stderr, flush=True)
+            _said.add(self.kernels)
         stored = self.session.get_modelmeta().custom_metadata_map.get("terdit.config")
         if stored is not None and json.loads(stored) != self.info.config:
             raise BackendError(f"{export_dir / 'manifest.json'}: field 'config' disagrees with "

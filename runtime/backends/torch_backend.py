@@ -10,6 +10,7 @@ from typing import Optional
 
 from terdit_common.files import sha256_file
 from terdit_common.manifest import is_export_dir
+from terdit_common.op import ACT_QUANT
 from terdit_common.sampling import ModelInfo
 
 from . import BackendError, open_export
@@ -22,7 +23,7 @@ class TorchBackend:
 
     def __init__(self, path: str | os.PathLike, device: Optional[str] = None,
                  dtype: Optional[str] = None, compile: bool = True, cuda_graphs: bool = True,
-                 w2a8: bool = False) -> None:
+                 w2a8: bool = False, act_quant: Optional[str] = None) -> None:
         try:
             import torch
 
@@ -33,6 +34,15 @@ class TorchBackend:
                                f"torch or use --backend ort") from None
         if dtype is not None and dtype not in DTYPES:
             raise BackendError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        # the activation mode of the ternary products: "none", "int8" (terdit.int8) or "fp8"
+        # (--w2a8, terdit.accel's W1.58A8)
+        if act_quant is not None and act_quant not in ACT_QUANT:
+            raise BackendError(f"--act-quant {act_quant!r}: choose one of {', '.join(ACT_QUANT)}")
+        if w2a8 and act_quant not in (None, "fp8"):
+            raise BackendError(f"--w2a8 selects act_quant=fp8 but --act-quant is {act_quant}; "
+                               f"give one of them")
+        self.act_quant = "fp8" if w2a8 else (act_quant or "none")
+        w2a8 = self.act_quant == "fp8"
         path = Path(path)
         export_info = None
         if is_export_dir(path):
@@ -49,6 +59,15 @@ class TorchBackend:
         self.model = inference_model(loaded.model, self.device, tdtype)
         self.kernels = "reference"
         run = self.model
+        if self.act_quant == "int8":
+            # terdit::ternary_matmul_int8 (its CPU kernels when registered; the reference else)
+            from terdit.int8 import set_act_quant_
+            set_act_quant_(self.model, "int8")
+        if self.device.type == "cpu":
+            # the terdit CPU kernels for the ternary ops (built on first use; says once which path)
+            from terdit import cpu_kernels
+            if cpu_kernels.load_or_say():
+                self.kernels = "cpu"
         if self.device.type == "cuda":
             try:
                 from terdit import kernels
@@ -57,7 +76,7 @@ class TorchBackend:
             except Exception as err:  # noqa: BLE001 - fall back loudly, still correct
                 warnings.warn(f"CUDA TernaryMatMul kernels unavailable ({err}); using the "
                               f"reference op (slow)", stacklevel=2)
-        if self.kernels == "cuda" or w2a8:
+        if (self.kernels == "cuda" and self.act_quant != "int8") or w2a8:
             # on the CPU, W1.58A8 runs an exact emulation (slow; for accuracy studies)
             from terdit.accel import AcceleratedTerDiT
             on_gpu = self.kernels == "cuda"

@@ -713,6 +713,15 @@ void testRejectedCollections(IPluginCreatorV3One* creator)
             rejected(&fc, phase, "field act_quant='" + std::string{value} + "' is not one of 'none', 'fp8'", __LINE__);
         }
         {
+            // a contract value the plugin does not run: refused at build (and in an engine) with the way out
+            Fields f{"int8"};
+            PluginFieldCollection const fc = f.collection();
+            rejected(&fc, phase,
+                "act_quant=\"int8\" runs on the CPU kernels (ONNX Runtime / PyTorch) only; export "
+                "with --act-quant none or fp8 for TensorRT",
+                __LINE__);
+        }
+        {
             Fields f{"fp8"};
             f.fields[2].type = PluginFieldType::kINT32;
             PluginFieldCollection const fc = f.collection();

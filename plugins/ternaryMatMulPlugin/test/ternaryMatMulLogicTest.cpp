@@ -189,6 +189,11 @@ void testUnknownFieldsIgnoredWhileBuilding()
     badQuant.fields.push_back({"future_option", &number, FieldType::kINT32, 1});
     badQuant.addActQuant("fp16", onnxLength("fp16"));
     TEST_THROWS(TernaryMatMulError, badQuant.parseBuild(), "field act_quant='fp16' is not one of 'none', 'fp8'");
+    FieldSet int8Quant;
+    int8Quant.addActQuant("int8", onnxLength("int8"));
+    TEST_THROWS(TernaryMatMulError, int8Quant.parseBuild(),
+        "act_quant=\"int8\" runs on the CPU kernels (ONNX Runtime / PyTorch) only; export with "
+        "--act-quant none or fp8 for TensorRT");
 }
 
 void testActQuant()
@@ -218,7 +223,7 @@ void testActQuant()
             TEST_CHECK_MSG(attrs.actQuant == c.mode && attrs.k == kK && attrs.n == kN, c.bytes);
         }
     }
-    for (char const* bad : {"", "FP8", "fp8 ", " fp8", "fp16", "int8", "e4m3", "None", "fp8e4m3"})
+    for (char const* bad : {"", "FP8", "fp8 ", " fp8", "fp16", "INT8", "int8 ", "e4m3", "None", "fp8e4m3"})
     {
         FieldSet set;
         set.addActQuant(bad, onnxLength(bad));
@@ -570,7 +575,9 @@ void testContract(char const* contractPath)
     }
     YamlNode const& actQuant = version.at("attribute_options").at("act_quant");
     TEST_CHECK((actQuant.at("values").list
-        == std::vector<std::string>{actQuantName(ActQuantMode::kNONE), actQuantName(ActQuantMode::kFP8E4M3)}));
+        == std::vector<std::string>{
+            actQuantName(ActQuantMode::kNONE), kACT_QUANT_CPU_ONLY, actQuantName(ActQuantMode::kFP8E4M3)}));
+    TEST_CHECK((actQuant.at("plugin_refuses").list == std::vector<std::string>{kACT_QUANT_CPU_ONLY}));
     TEST_CHECK(actQuant.at("default").scalar == actQuantName(TernaryMatMulAttrs{}.actQuant));
     TEST_CHECK(version.at("workspace").at("alignment").scalar == std::to_string(kWORKSPACE_ALIGNMENT));
 

@@ -19,7 +19,7 @@ qkv, wo, w13, w2) and M in {256, 512, 2048}. Rows (paths):
   openvino-bf16       OpenVINO CPU on the dense ONNX, inference precision hint bf16 (on a CPU
                       without bf16 it falls back; the row records the precision it reports)
   openvino-int8       OpenVINO on NNCF post-training int8 of the dense ONNX (8 calibration inputs)
-Each GEMM row: ms (median after a warm-up; up to 10 reps for short GEMMs, 3 for long ones, 2
+Each GEMM row: ms (median after a warm-up; up to 10 reps for short GEMMs, 3 for long ones, 1
 above 3 s),
 GOP/s = 2MNK / t, max |Y - Y_fp32| / max |Y_fp32| against the fp32 reference.
 
@@ -114,12 +114,12 @@ def slug(text: str) -> str:
 
 def time_ms(fn, short_budget_s: float = 1.5) -> tuple[float, int]:
     """(median ms, reps), the caller having made the warm-up call: up to 10 reps within about
-    short_budget_s when a call is short, 3 when it is long, 2 above 3 s (the 4.2B GEMMs at
-    M = 2048 on a few cores; keeps the whole run near 20 minutes on 2 cores)."""
+    short_budget_s when a call is short, 3 when it is long, 1 above 3 s (the slow peers on the
+    4.2B GEMMs at M = 2048 take 10-30 s a call on 2 cores; keeps the whole run near 40 minutes)."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
-    reps = 2 if first > 3.0 else max(3, min(10, int(short_budget_s / max(first, 1e-6))))
+    reps = 1 if first > 3.0 else max(3, min(10, int(short_budget_s / max(first, 1e-6))))
     times = [first]
     for _ in range(reps - 1):
         t0 = time.perf_counter()

@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--act-quant", choices=["fp8", "int8"], default="fp8",
                    help="activation format: fp8 (e4m3, the GPU mode) or int8 (the CPU kernels)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--num-samples", type=int, default=100, help="demo samples (DDIM-50 each)")
+    p.add_argument("--num-samples", type=int, default=100,
+                   help="demo samples (DDIM-50 each); 0 skips the demo")
     p.add_argument("--fid", action="store_true", help="demo FID (slow on CPU)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -216,7 +217,8 @@ def main(argv=None) -> int:
         print(f"TernaryMatMul: {cpu_kernels.load()}", flush=True)
     t0 = time.time()
     rows = layer_errors(args.device, act_quant=args.act_quant)
-    rows += demo_errors(args.device, args.num_samples, args.fid, args.act_quant)
+    if args.num_samples > 0:
+        rows += demo_errors(args.device, args.num_samples, args.fid, args.act_quant)
     if args.device == "cuda":
         rows += model_errors()
     meta = {"act_quant": args.act_quant,

@@ -289,21 +289,45 @@ def test_ort_refuses_an_unsupported_act_quant_and_code_3(tmp_path):
         ort.InferenceSession(str(tmp_path / "three.onnx"), so)
 
 
-@needs_ort_headers
-def test_export_samples_the_same_images_with_and_without_the_library(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
     from exporter import ExportOptions, export
+    from tests.helpers import pixel_checkpoint
+    root = tmp_path_factory.mktemp("cpu_export")
+    export(pixel_checkpoint(root / "ckpt"), root / "onnx", ExportOptions())
+    return root / "onnx"
+
+
+@needs_ort_headers
+def test_export_samples_the_same_images_with_and_without_the_library(tiny_export):
     from runtime.backends.ort_backend import OrtBackend
     from terdit_common.sampling import SampleOptions, sample_latents
-    from tests.helpers import pixel_checkpoint
-    ckpt = pixel_checkpoint(tmp_path / "ckpt")
-    out = tmp_path / "onnx"
-    export(ckpt, out, ExportOptions())
-    native, function = OrtBackend(out, kernels="native"), OrtBackend(out, kernels="function")
+    native = OrtBackend(tiny_export, kernels="native")
+    function = OrtBackend(tiny_export, kernels="function")
     assert native.kernels.startswith("terdit CPU kernels") and "function" in function.kernels
     options = SampleOptions(steps=10, sampler="ddim", cfg_scale=2.0, seed=0, batch_size=4)
     a = sample_latents(native.forward, native.info, [0, 1, 2, 3], [0, 1, 2, 0], options)
     b = sample_latents(function.forward, function.info, [0, 1, 2, 3], [0, 1, 2, 0], options)
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(b).max()))
+
+
+def test_cli_with_a_broken_library_is_one_error_line(tiny_export, tmp_path):
+    """--kernels native with a library that does not load: exit 2, one line naming the file; the
+    default (auto) says which path it took and samples with the portable function."""
+    bad = tmp_path / "libterdit_cpu.so"
+    bad.write_bytes(b"\x7fELF broken")
+    env = {"TERDIT_CPU_LIB": str(bad), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    args = [sys.executable, "-m", "runtime", "sample", "--model", str(tiny_export), "--classes",
+            "0", "--num", "1", "--steps", "2", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(args + ["--kernels", "native"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --kernels native: cannot load "), lines
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run(args + ["--out", str(tmp_path / "auto")], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "TernaryMatMul: portable ONNX function (cannot load" in proc.stderr
 
 
 def test_ctypes_abi_version():

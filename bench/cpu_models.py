@@ -333,25 +333,9 @@ def dense_torch_model(packed_model, dtype=torch.bfloat16):
 
 
 def random_packed_cpu(cfg, seed: int = 0):
-    """A packed TerDiT on the CPU with random codes 0..2, scale 1/sqrt(K) and N(0, 0.02) dense
-    weights (bench/e2e_models.random_packed, on the CPU)."""
-    from terdit import TerDiT
-    from terdit.ternary import codes_to_k16
-    torch.manual_seed(seed)
-    model = TerDiT(cfg, packed=True)
-    with torch.no_grad():
-        for m in model.ternary_layers():
-            codes = torch.randint(0, 3, (m.out_features, m.in_features), dtype=torch.uint8)
-            m.codes.copy_(codes_to_k16(codes))
-            m.scale.fill_(1.0 / m.in_features ** 0.5)
-            if m.bias is not None:
-                torch.nn.init.normal_(m.bias, std=0.02)
-        for name, p in model.named_parameters():
-            if "adaLN_modulation.2" in name or name.endswith("norm.weight"):
-                continue
-            if p.dim() >= 2 and not name.startswith("y_embedder"):
-                torch.nn.init.normal_(p, std=0.02)
-    return model.eval()
+    """bench/e2e_models.random_packed on the CPU."""
+    import e2e_models
+    return e2e_models.random_packed(cfg, seed, on="cpu")
 
 
 def vm_hwm_mib() -> float:

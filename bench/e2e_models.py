@@ -22,10 +22,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def random_packed(cfg: TerDiTConfig, seed: int = 0) -> TerDiT:
-    """A packed TerDiT on the GPU with random codes 0..2 and alpha ~ 1/sqrt(K)."""
+def random_packed(cfg: TerDiTConfig, seed: int = 0, on: str | None = None) -> TerDiT:
+    """A packed TerDiT on the GPU (or `on`) with random codes 0..2, alpha ~ 1/sqrt(K) and
+    N(0, 0.02) dense weights."""
     torch.manual_seed(seed)
-    with torch.device(device()):
+    with torch.device(on or device()):
         model = TerDiT(cfg, packed=True)
         for m in model.ternary_layers():
             codes = torch.randint(0, 3, (m.out_features, m.in_features), dtype=torch.uint8)

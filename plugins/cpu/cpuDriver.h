@@ -299,19 +299,18 @@ inline void f32Epilogue(Gemm const& g, float const* c, int ns, int64_t m0, int64
     }
 }
 
-template <class I>
-int gemmInt8(Gemm const& g, Int8Rows const& a, Parallel const& par)
+//! Runs body(n0, m0, m1, panel, acc) for every task (a strip of kNS columns from n0, rows
+//! [m0, m1)) on the pool, with per-thread scratch: `panelBytes` for the panel, then a zeroed
+//! accumulator block [m1 - m0][kNS] of 4-byte values.
+template <class I, class Body>
+int forEachTask(Gemm const& g, Parallel const& par, int mr, size_t panelBytes, Body const& body)
 {
-    Tiling const tiling(g.m, g.n, I::kNS, I::kMRI, par.threads);
-    int64_t const kw4 = (g.k + 15) / 16 * 4; // bytes (= k groups of 4) per weight row
+    Tiling const tiling(g.m, g.n, I::kNS, mr, par.threads);
     bool failed = false;
     auto task = [&](size_t index) {
-        int64_t const strip = static_cast<int64_t>(index) % tiling.strips;
-        int64_t const block = static_cast<int64_t>(index) / tiling.strips;
-        int64_t const n0 = strip * I::kNS;
-        int64_t const m0 = block * tiling.rowBlock;
+        int64_t const n0 = static_cast<int64_t>(index) % tiling.strips * I::kNS;
+        int64_t const m0 = static_cast<int64_t>(index) / tiling.strips * tiling.rowBlock;
         int64_t const m1 = lesser<int64_t>(g.m, m0 + tiling.rowBlock);
-        size_t const panelBytes = static_cast<size_t>(I::kGROUPS) * I::kNS * 4;
         size_t const accBytes = static_cast<size_t>(tiling.rowBlock) * I::kNS * 4;
         auto* base = static_cast<uint8_t*>(threadScratch(panelBytes + accBytes));
         if (base == nullptr)
@@ -319,55 +318,48 @@ int gemmInt8(Gemm const& g, Int8Rows const& a, Parallel const& par)
             failed = true;
             return;
         }
-        auto* panel = reinterpret_cast<uint32_t*>(base);
-        auto* acc = reinterpret_cast<int32_t*>(base + panelBytes);
-        std::memset(acc, 0, static_cast<size_t>(m1 - m0) * I::kNS * 4);
-        for (int64_t g0 = 0; g0 < kw4; g0 += I::kGROUPS)
-        {
-            int const groups = static_cast<int>(lesser<int64_t>(I::kGROUPS, kw4 - g0));
-            buildInt8Panel<I>(g, kw4, n0, g0, groups, panel);
-            RowTiles<I, I::kMRI>::int8(reinterpret_cast<uint8_t const*>(panel), a.q + g0 * 4, a.kp, groups, acc,
-                m0, m1);
-        }
-        int8Epilogue(g, a, acc, I::kNS, m0, m1, n0);
+        std::memset(base + panelBytes, 0, static_cast<size_t>(m1 - m0) * I::kNS * 4);
+        body(n0, m0, m1, base, base + panelBytes);
     };
     par.run(static_cast<size_t>(tiling.strips * tiling.rowBlocks), task);
     return failed ? kTERDIT_CPU_OUT_OF_MEMORY : kTERDIT_CPU_OK;
 }
 
 template <class I>
+int gemmInt8(Gemm const& g, Int8Rows const& a, Parallel const& par)
+{
+    int64_t const kw4 = (g.k + 15) / 16 * 4; // bytes (= k groups of 4) per weight row
+    size_t const panelBytes = static_cast<size_t>(I::kGROUPS) * I::kNS * 4;
+    return forEachTask<I>(g, par, I::kMRI, panelBytes,
+        [&](int64_t n0, int64_t m0, int64_t m1, uint8_t* panel, uint8_t* accBytes) {
+            auto* acc = reinterpret_cast<int32_t*>(accBytes);
+            for (int64_t g0 = 0; g0 < kw4; g0 += I::kGROUPS)
+            {
+                int const groups = static_cast<int>(lesser<int64_t>(I::kGROUPS, kw4 - g0));
+                buildInt8Panel<I>(g, kw4, n0, g0, groups, reinterpret_cast<uint32_t*>(panel));
+                RowTiles<I, I::kMRI>::int8(panel, a.q + g0 * 4, a.kp, groups, acc, m0, m1);
+            }
+            int8Epilogue(g, a, acc, I::kNS, m0, m1, n0);
+        });
+}
+
+template <class I>
 int gemmF32(Gemm const& g, Parallel const& par)
 {
-    Tiling const tiling(g.m, g.n, I::kNS, I::kMRF, par.threads);
     int64_t const kw4 = (g.k + 15) / 16 * 4;
-    bool failed = false;
-    auto task = [&](size_t index) {
-        int64_t const strip = static_cast<int64_t>(index) % tiling.strips;
-        int64_t const block = static_cast<int64_t>(index) / tiling.strips;
-        int64_t const n0 = strip * I::kNS;
-        int64_t const m0 = block * tiling.rowBlock;
-        int64_t const m1 = lesser<int64_t>(g.m, m0 + tiling.rowBlock);
-        size_t const panelBytes = static_cast<size_t>(I::kKC) * I::kNS * 4;
-        size_t const accBytes = static_cast<size_t>(tiling.rowBlock) * I::kNS * 4;
-        auto* base = static_cast<uint8_t*>(threadScratch(panelBytes + accBytes));
-        if (base == nullptr)
-        {
-            failed = true;
-            return;
-        }
-        auto* panel = reinterpret_cast<float*>(base);
-        auto* acc = reinterpret_cast<float*>(base + panelBytes);
-        std::memset(acc, 0, static_cast<size_t>(m1 - m0) * I::kNS * 4);
-        for (int64_t k0 = 0; k0 < g.k; k0 += I::kKC)
-        {
-            int const kc = static_cast<int>(lesser<int64_t>(I::kKC, g.k - k0));
-            buildF32Panel<I>(g, kw4, n0, k0, kc, panel);
-            RowTiles<I, I::kMRF>::f32(panel, g.x + k0, g.k, kc, acc, m0, m1);
-        }
-        f32Epilogue(g, acc, I::kNS, m0, m1, n0);
-    };
-    par.run(static_cast<size_t>(tiling.strips * tiling.rowBlocks), task);
-    return failed ? kTERDIT_CPU_OUT_OF_MEMORY : kTERDIT_CPU_OK;
+    size_t const panelBytes = static_cast<size_t>(I::kKC) * I::kNS * 4;
+    return forEachTask<I>(g, par, I::kMRF, panelBytes,
+        [&](int64_t n0, int64_t m0, int64_t m1, uint8_t* panelBytesPtr, uint8_t* accBytes) {
+            auto* panel = reinterpret_cast<float*>(panelBytesPtr);
+            auto* acc = reinterpret_cast<float*>(accBytes);
+            for (int64_t k0 = 0; k0 < g.k; k0 += I::kKC)
+            {
+                int const kc = static_cast<int>(lesser<int64_t>(I::kKC, g.k - k0));
+                buildF32Panel<I>(g, kw4, n0, k0, kc, panel);
+                RowTiles<I, I::kMRF>::f32(panel, g.x + k0, g.k, kc, acc, m0, m1);
+            }
+            f32Epilogue(g, acc, I::kNS, m0, m1, n0);
+        });
 }
 
 } // namespace driver

@@ -94,6 +94,21 @@ constexpr float kMIN_AMAX = 1e-12F;
 
 namespace
 {
+//! max |x[i]| over a row and whether every value is finite (the scalar scan of the portable
+//! quantizer and the fp8 rows).
+inline float rowAmax(float const* x, int64_t k, bool& finite)
+{
+    float amax = 0.0F;
+    finite = true;
+    for (int64_t i = 0; i < k; ++i)
+    {
+        float const a = x[i] < 0.0F ? -x[i] : x[i];
+        finite = finite && (x[i] - x[i] == 0.0F); // false for NaN and +-Inf
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
 //! Row scale of the int8 mode from the row's amax; NaN for a row holding NaN or Inf.
 inline float int8RowScale(float amax, bool finite)
 {

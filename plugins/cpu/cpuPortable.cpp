@@ -24,14 +24,8 @@ void quantizeInt8(float const* x, int64_t k, int64_t kp, int64_t r0, int64_t r1,
     {
         float const* xr = x + r * k;
         int8_t* qr = q + r * kp;
-        float amax = 0.0F;
         bool finite = true;
-        for (int64_t i = 0; i < k; ++i)
-        {
-            finite = finite && std::isfinite(xr[i]);
-            amax = std::fabs(xr[i]) > amax ? std::fabs(xr[i]) : amax;
-        }
-        float const s = int8RowScale(amax, finite);
+        float const s = int8RowScale(rowAmax(xr, k, finite), finite);
         scale[r] = s;
         int32_t total = 0;
         for (int64_t i = 0; i < kp; ++i)

@@ -262,13 +262,8 @@ void dequantizedE4m3Rows(float const* x, int64_t k, int64_t r0, int64_t r1, floa
     {
         float const* xr = x + r * k;
         float* o = out + r * k;
-        float amax = 0.0F;
         bool finite = true;
-        for (int64_t i = 0; i < k; ++i)
-        {
-            finite = finite && std::isfinite(xr[i]);
-            amax = std::fmax(amax, std::fabs(xr[i]));
-        }
+        float const amax = rowAmax(xr, k, finite);
         float const s = (amax > kMIN_AMAX ? amax : kMIN_AMAX) / 448.0F;
         for (int64_t i = 0; i < k; ++i)
         {

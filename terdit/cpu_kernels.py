@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from terdit import int8 as _int8
 from terdit import ternary as _ternary
 from terdit_common import cpukernels
 from terdit_common.cpukernels import ACT_QUANT_CODES, CpuKernelError
@@ -63,9 +64,10 @@ def matmul(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
     return out.to(x.dtype)
 
 
-def _swiglu(x: Tensor, w: Tensor, scale: Tensor, act_quant: str) -> Tensor:
+def _swiglu(op: str, x: Tensor, w: Tensor, scale: Tensor, act_quant: str) -> Tensor:
+    _ternary._check_op_args(x, w, scale, None)
     if w.shape[0] % 2:
-        raise ValueError(f"ternary_matmul_swiglu: N={w.shape[0]} must be even (w1|w3)")
+        raise ValueError(f"{op}: N={w.shape[0]} must be even (w1|w3)")
     a = matmul(x.float(), w, scale, None, act_quant)
     h = a.shape[-1] // 2
     return (torch.nn.functional.silu(a[..., :h]) * a[..., h:]).to(x.dtype)
@@ -76,17 +78,18 @@ def _ternary_matmul_cpu(x, w, scale, bias=None):
 
 
 def _ternary_matmul_swiglu_cpu(x, w, scale):
-    _ternary._check_op_args(x, w, scale, None)
-    return _swiglu(x, w, scale, "none")
+    return _swiglu("ternary_matmul_swiglu", x, w, scale, "none")
 
 
+# the int8 ops check what their reference implementations check, with the same messages
 def _ternary_matmul_int8_cpu(x, w, scale, bias=None):
+    _int8._check_x("ternary_matmul_int8", x)
     return matmul(x, w, scale, bias, "int8")
 
 
 def _ternary_matmul_int8_swiglu_cpu(x, w, scale):
-    _ternary._check_op_args(x, w, scale, None)
-    return _swiglu(x, w, scale, "int8")
+    _int8._check_x("ternary_matmul_int8_swiglu", x)
+    return _swiglu("ternary_matmul_int8_swiglu", x, w, scale, "int8")
 
 
 def load(build: bool = True) -> str:
@@ -96,7 +99,6 @@ def load(build: bool = True) -> str:
     cpukernels.load(build=build)
     with _lock:
         if not _registered:
-            from terdit import int8 as _int8  # noqa: F401  (defines the int8 ops)
             ops = {"terdit::ternary_matmul": _ternary_matmul_cpu,
                    "terdit::ternary_matmul_swiglu": _ternary_matmul_swiglu_cpu,
                    "terdit::ternary_matmul_int8": _ternary_matmul_int8_cpu,

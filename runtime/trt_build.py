@@ -240,14 +240,19 @@ def build_engine(
         if not path.is_file():
             raise UserError(f"{what} {path} not found; {fix}")
 
-    nodes = read_ternary_nodes(onnx_path)
-    if "int8" in nodes.act_quant:
-        # the plugin creator refuses it too; say so before TensorRT spends time parsing
+    try:
+        nodes = read_ternary_nodes(onnx_path)
+    except UserError:
+        nodes = None            # an unreadable file is reported after the TensorRT check
+    if nodes is not None and "int8" in nodes.act_quant:
+        # the plugin creator refuses it too; say so before TensorRT is needed
         raise UserError(f"{onnx_path}: TernaryMatMul act_quant=\"int8\" runs on the CPU kernels "
                         f"(ONNX Runtime / PyTorch) only; export with --act-quant none or fp8 for "
                         f"TensorRT")
     trt = import_tensorrt()
     environment = EngineEnvironment.detect()
+    if nodes is None:
+        nodes = read_ternary_nodes(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     load_plugin_library(trt, plugin_path)
 

@@ -11,6 +11,7 @@ releases the GIL during a call.
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from typing import Optional
@@ -44,7 +45,7 @@ def matmul(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
     k, n = x.shape[-1], w.shape[0]
     xf = x.detach().to(torch.float32).contiguous()
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    m = xf.numel() // max(k, 1)
+    m = math.prod(x.shape[:-1])
     if m and n:
         if k == 0:
             out.zero_()

@@ -165,6 +165,10 @@ def test_torch_ops_run_the_kernels_on_cpu():
     assert torch.equal(ys, torch.nn.functional.silu(a[..., :48]) * a[..., 48:])
     xb = x.to(torch.bfloat16)
     assert torch.ops.terdit.ternary_matmul(xb, w, scale, b).dtype == torch.bfloat16
+    # K = 0: every output row is the bias, as in the reference
+    w0 = torch.empty(96, 0, dtype=torch.int32)
+    y0 = torch.ops.terdit.ternary_matmul(torch.empty(3, 0), w0, scale, b)
+    assert torch.equal(y0, b.expand(3, 96))
 
 
 def test_torch_compile_keeps_the_op():

@@ -1,10 +1,15 @@
 """CPU checks of the CUDA kernel library: it compiles (sm_80, sm_89 for tc, sm_90a SASS, compute_90
 PTX for newer GPUs), exports only the C ABI, depends on glibc alone, rejects bad sizes without
-touching a GPU, and the torch binding validates its inputs before any CUDA call."""
+touching a GPU, and the torch binding validates its inputs before any CUDA call. The library is
+the session's one CMake build of plugins/kernels (tests/conftest.py, shared with the plugin
+tests); cuobjdump comes from PATH, beside nvcc or the pip package nvidia-cuda-cuobjdump."""
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,22 +27,34 @@ INVALID_VALUE = 1  # cudaErrorInvalidValue
 
 
 @pytest.fixture(scope="module")
-def built_lib(tmp_path_factory):
-    if kernels.find_nvcc() is None:
-        pytest.skip("nvcc not found (CUDA toolkit absent): cannot compile the kernels")
-    out_dir = tmp_path_factory.mktemp("terdit_kernels")
-    path = kernels.build_library(out_dir)  # every arch (SASS + PTX); 1-3 minutes on 2 cores
-    return path
+def built_lib(cuda_kernels):
+    """libterdit_kernels.so of the session's every-architecture CMake build (tests/conftest.py)."""
+    return cuda_kernels.library
+
+
+def _cuobjdump_from_pip():
+    """cuobjdump of the pip package nvidia-cuda-cuobjdump (the test extra installs it), or None."""
+    try:
+        files = importlib.metadata.files("nvidia-cuda-cuobjdump") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [f for f in files if f.name == "cuobjdump" and f.parent.name == "bin"]
+    return str(found[0].locate()) if found else None
 
 
 def _cuda_tool(name):
-    """A CUDA binary utility (cuobjdump, ptxas) on PATH or beside nvcc, or a skip."""
+    """A CUDA binary utility on PATH, beside nvcc, or (cuobjdump) from its pip package; else a
+    skip."""
     found = shutil.which(name)
     nvcc = kernels.find_nvcc()
     if found is None and nvcc is not None and (Path(nvcc).parent / name).is_file():
         found = str(Path(nvcc).parent / name)
+    if found is None and name == "cuobjdump":
+        found = _cuobjdump_from_pip()
     if found is None:
-        pytest.skip(f"{name} not found (CUDA toolkit binary utilities absent)")
+        pytest.skip(f"{name} not found on PATH or beside nvcc" + (
+            " (pip install nvidia-cuda-cuobjdump, in the test extra)" if name == "cuobjdump"
+            else " (CUDA toolkit binary utilities absent)"))
     return found
 
 
@@ -195,6 +212,26 @@ def test_build_commands_give_tc_its_sm89_cubin(tmp_path):
     assert sm89 in by_source["ternaryTensorCore.cu"]
     assert all(sm89 not in c for name, c in by_source.items() if name != "ternaryTensorCore.cu")
     assert link[-1] == str(tmp_path / "lib.so") and "-shared" in link
+
+
+def test_python_build_compiles_each_source_as_the_cmake_build_does(cuda_kernels, tmp_path):
+    """terdit.kernel_build (kernels.load(build=True) where CMake is not at hand) is not run here
+    (a second compile of every source); its nvcc commands give each kernel source the -gencode
+    flags and the -O3 / C++17 / hidden-visibility options of the CMake build the tests above
+    check."""
+    cmake = {Path(e["file"]).name: shlex.split(e["command"])
+             for e in json.loads((cuda_kernels.directory / "compile_commands.json").read_text())}
+    *compiles, _ = kernels.nvcc_commands(tmp_path / "lib.so", obj_dir=tmp_path)
+    python = {next(a for a in c if a.endswith(".cu")).rsplit("/", 1)[-1]: c
+              for c in compiles if any(a.endswith(".cu") for a in c)}
+    assert set(python) == {name for name in cmake if name.endswith(".cu")}
+    for name, command in python.items():
+        gencode = [a for a in command if a.startswith("-gencode")]
+        assert gencode == [a for a in cmake[name] if a.startswith("-gencode")], name
+        assert "-O3" in cmake[name] and "-O3" in command
+        assert "-std=c++17" in cmake[name] and "-std=c++17" in command
+        assert "-Xcompiler=-fvisibility=hidden" in cmake[name], cmake[name]
+        assert any("-fvisibility=hidden" in a for a in command)
 
 
 def test_import_makes_no_cuda_call():

@@ -6,11 +6,12 @@ the path it looked at). Nothing here needs a GPU or libnvinfer.
 
 - configure only: CMake reads each release's version from NvInferVersion.h (10.0-10.7 write the
   numbers followed by a //!< comment, 10.16 and 11.x through TRT_*_ENTERPRISE macros).
-- build matrix: the kernels are compiled once per session (the slow part, about a minute on two
-  cores) into libterdit_kernels_static.a; per release only the plugin, its logic and host tests are
-  compiled against that release's headers with -Wall -Wextra -Werror, linked with that archive
-  (TERDIT_KERNELS_PREBUILT), and ctest runs the logic test, the exports check and the dlopen host
-  test of the real plugin library. The act_quant="fp8" branch, which is compiled in only once the
+- build matrix: the kernels are compiled once per session (the slow part; tests/native_build.py,
+  shared with tests/test_kernels_build.py and the TensorRT tests) into libterdit_kernels_static.a;
+  per release only the plugin, its logic and host tests are compiled against that release's headers
+  with -Wall -Wextra -Werror, linked with that archive (TERDIT_KERNELS_PREBUILT), once per session
+  (the TensorRT stand-in tests load the same 10.16 and 11.1 libraries), and ctest runs the logic
+  test, the exports check and the dlopen host test of the real plugin library. The act_quant="fp8" branch, which is compiled in only once the
   kernels define launchQuantizeRowsE4m3, is compiled (syntax only) from the same compile commands.
 - static registration: a stand-in libnvinfer.so.<major> (test/nvinferStub.cpp, built here) in a
   TensorRT_ROOT/lib or a pip-style site-packages/tensorrt_libs folder; CMake must find and link it,
@@ -30,8 +31,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-HEADERS = ROOT.parent / "shared" / "tensorrt-headers"
+from tests.native_build import ROOT, configure_plugin
+from tests.native_build import nvcc as _nvcc
+from tests.native_build import run as _run
+from tests.native_build import tensorrt_include as _headers
+
 # Header folder -> the version CMake must print for it.
 VERSIONS = {
     "10.0.1": r"10\.0\.1",
@@ -47,25 +51,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("cmake") is None or shutil.which("c++") is None and shutil.which("g++") is None,
     reason="needs cmake and a C++ compiler",
 )
-
-
-def _run(cmd, timeout, env=None):
-    result = subprocess.run(
-        [str(c) for c in cmd], check=False, capture_output=True, text=True, timeout=timeout, env=env
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{output[-6000:]}"
-    return output
-
-
-def _headers(version):
-    include = HEADERS / version / "include"
-    if not (include / "NvInferRuntime.h").is_file():
-        pytest.skip(
-            f"TensorRT {version} headers not found at {include} (CI keeps the four releases in "
-            "../shared/tensorrt-headers beside the clone)"
-        )
-    return include
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
@@ -91,44 +76,6 @@ def test_configure_reports_the_tensorrt_version(version, tmp_path):
     assert "Could not read the TensorRT version" not in output
 
 
-def _nvcc():
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
-    if nvcc is None:
-        pytest.skip("nvcc not found: the plugin library links the CUDA kernels")
-    return nvcc
-
-
-@pytest.fixture(scope="session")
-def kernels_archive(tmp_path_factory):
-    """libterdit_kernels_static.a, compiled once for every test here (default -gencode list)."""
-    _nvcc()
-    build = tmp_path_factory.mktemp("kernels")
-    _run(["cmake", "-S", ROOT / "plugins" / "kernels", "-B", build], timeout=300)
-    _run(["cmake", "--build", build, "-j", JOBS, "--target", "terdit_kernels_static"], timeout=1200)
-    archive = build / "libterdit_kernels_static.a"
-    assert archive.is_file()
-    return archive
-
-
-def _configure_plugin(build, include, archive, *extra, env=None):
-    return _run(
-        [
-            "cmake",
-            "-S",
-            ROOT,
-            "-B",
-            build,
-            f"-DTensorRT_INCLUDE_DIR={include}",
-            f"-DTERDIT_KERNELS_PREBUILT={archive}",
-            "-DTERDIT_WARNINGS_AS_ERRORS=ON",
-            "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON",
-            *extra,
-        ],
-        timeout=300,
-        env=env,
-    )
-
-
 def _defined_dynamic_symbols(library):
     out = subprocess.run(
         ["nm", "-D", "--defined-only", library], capture_output=True, text=True, check=True
@@ -137,23 +84,21 @@ def _defined_dynamic_symbols(library):
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
-def test_plugin_builds_and_passes_host_tests(version, request, tmp_path):
-    include = _headers(version)
-    archive = request.getfixturevalue("kernels_archive")
-    configure = _configure_plugin(tmp_path, include, archive)
+def test_plugin_builds_and_passes_host_tests(version, trt_plugin_build, tmp_path):
+    _headers(version)
+    build = trt_plugin_build(version)      # shared with the TensorRT stand-in tests
+    configure, archive, build_dir = build.configure, build.archive, build.directory
     assert re.search(
         r"-- TernaryMatMul TensorRT plugin: building against TensorRT headers " + VERSIONS[version] + " in ",
         configure,
     ), configure
     assert "TerDiT kernels: prebuilt" in configure
-    targets = ["terdit_trt_plugin", "ternaryMatMulHostTest", "ternaryMatMulLogicTest"]
-    _run(["cmake", "--build", tmp_path, "-j", JOBS, "--target", *targets], timeout=900)
-    output = _run(["ctest", "--test-dir", tmp_path, "--output-on-failure"], timeout=300)
+    output = _run(["ctest", "--test-dir", build_dir, "--output-on-failure"], timeout=300)
     for name in ("ternaryMatMulLogicTest", "ternaryMatMulPluginExports", "ternaryMatMulHostTest"):
         assert re.search(rf"{name} \.+\s+Passed", output), output
     assert "100% tests passed, 0 tests failed out of 3" in output
 
-    library = tmp_path / "libterdit_trt_plugin.so"
+    library = build.library
     assert _defined_dynamic_symbols(library) == ["getCreators", "setLoggerFinder"]
     # The kernels' device code (SASS and PTX fatbins) travels inside the plugin library.
     sections = subprocess.run(["objdump", "-h", library], capture_output=True, text=True, check=True).stdout
@@ -162,14 +107,14 @@ def test_plugin_builds_and_passes_host_tests(version, request, tmp_path):
     # The generated feature header agrees with the archive: fp8 only if the W1.58A8 launcher exists.
     symbols = subprocess.run(["nm", "--defined-only", archive], capture_output=True, text=True, check=True).stdout
     has_quantize = re.search(r" [TtWw] _ZN6terdit22launchQuantizeRowsE4m3E", symbols) is not None
-    features = (tmp_path / "generated" / "ternaryMatMulKernelFeatures.h").read_text()
+    features = (build_dir / "generated" / "ternaryMatMulKernelFeatures.h").read_text()
     assert f"#define TERDIT_KERNELS_HAVE_FP8 {int(has_quantize)}" in features
 
     # The fp8 branch compiles against these headers too (syntax only: without the kernels it cannot link).
     fp8_dir = tmp_path / "fp8-on"
     fp8_dir.mkdir()
     (fp8_dir / "ternaryMatMulKernelFeatures.h").write_text("#pragma once\n#define TERDIT_KERNELS_HAVE_FP8 1\n")
-    commands = json.loads((tmp_path / "compile_commands.json").read_text())
+    commands = json.loads((build_dir / "compile_commands.json").read_text())
     checked = 0
     for entry in commands:
         if Path(entry["file"]).name not in ("ternaryMatMulPlugin.cpp", "ternaryMatMulHostTest.cpp"):
@@ -235,7 +180,7 @@ LOAD_LIKE_POLYGRAPHY = textwrap.dedent(
 @pytest.mark.parametrize("version, layout", [("10.16", "TensorRT_ROOT"), ("11.1", "pip")])
 def test_static_registration_links_a_versioned_nvinfer_and_loads_with_ctypes(version, layout, request, tmp_path):
     include = _headers(version)
-    archive = request.getfixturevalue("kernels_archive")
+    archive = request.getfixturevalue("cuda_kernels_any_arch").archive
     major = version.split(".")[0]
     env = dict(os.environ)
     if layout == "TensorRT_ROOT":
@@ -251,7 +196,7 @@ def test_static_registration_links_a_versioned_nvinfer_and_loads_with_ctypes(ver
         env["PYTHONPATH"] = str(site)
         extra = [f"-DPython3_EXECUTABLE={sys.executable}"]
     build = tmp_path / "build"
-    configure = _configure_plugin(build, include, archive, "-DTERDIT_PLUGIN_STATIC_REGISTRATION=ON", *extra, env=env)
+    configure = configure_plugin(build, include, archive, "-DTERDIT_PLUGIN_STATIC_REGISTRATION=ON", *extra, env=env)
     assert f"static registration ON (trtexec --staticPlugins, polygraphy --plugins); linked with {stub};" in configure
     if layout == "pip":
         assert f"pip package tensorrt_libs found in {stub.parent}" in configure
@@ -274,11 +219,11 @@ def test_static_registration_links_a_versioned_nvinfer_and_loads_with_ctypes(ver
 def test_static_registration_refuses_an_nvinfer_of_another_major(request, tmp_path):
     include = _headers("10.16")
     other = _headers("11.1")
-    archive = request.getfixturevalue("kernels_archive")
+    archive = request.getfixturevalue("cuda_kernels_any_arch").archive
     root = tmp_path / "TensorRT"
     stub = _build_nvinfer_stub("11.1", other, root / "lib")
     # Only TensorRT 11's soname: the 10.16 headers look for libnvinfer.so / libnvinfer.so.10 and find none.
-    configure = _configure_plugin(
+    configure = configure_plugin(
         tmp_path / "b1", include, archive, "-DTERDIT_PLUGIN_STATIC_REGISTRATION=ON", f"-DTensorRT_ROOT={root}"
     )
     assert "libnvinfer not found, so getPluginRegistry is left for the host process to provide" in configure

@@ -379,6 +379,11 @@ cudaError_t configureSmem(int bytes)
     return err;
 }
 
+//! Notes the family the calling thread's launchTernaryMatmul runs (lastKernelPath()). Every family's
+//! launcher calls it first, so one that hands the call to another family (launchWgmma to
+//! launchTensorCore) leaves the family that really ran.
+void recordKernelPath(KernelPath path) noexcept;
+
 cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream);
 cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream);

@@ -234,6 +234,7 @@ thread_local char tReason[256];
 
 cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream)
 {
+    recordKernelPath(KernelPath::kGENERIC);
     TernaryMatmulParams const& p = ctx.p;
     GenericArgs a{};
     a.x = p.x;
@@ -256,7 +257,23 @@ cudaError_t launchGeneric(LaunchContext const& ctx, cudaStream_t stream)
     return cudaErrorInvalidValue;
 }
 
+namespace
+{
+//! What lastKernelPath() returns, per host thread.
+thread_local KernelPath tLastKernelPath = KernelPath::kAUTO;
+} // namespace
+
+void recordKernelPath(KernelPath path) noexcept
+{
+    tLastKernelPath = path;
+}
+
 } // namespace kernels
+
+KernelPath lastKernelPath() noexcept
+{
+    return kernels::tLastKernelPath;
+}
 
 char const* ternaryMatmulCheck(TernaryMatmulParams const& p)
 {
@@ -323,6 +340,7 @@ char const* ternaryMatmulCheck(TernaryMatmulParams const& p)
 
 cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t stream)
 {
+    kernels::recordKernelPath(KernelPath::kAUTO); // until a family's launcher records itself
     if (ternaryMatmulCheck(params) != nullptr)
     {
         return cudaErrorInvalidValue;

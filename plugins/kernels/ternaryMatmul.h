@@ -89,6 +89,13 @@ cudaError_t launchTernaryMatmul(TernaryMatmulParams const& params, cudaStream_t 
 //! Human-readable reason why `params` is rejected, or nullptr when it is valid.
 char const* ternaryMatmulCheck(TernaryMatmulParams const& params);
 
+//! The kernel family that the calling thread's last launchTernaryMatmul launched (kSKINNY, kTC,
+//! kGENERIC, kWGMMA or kWGMMA2), after every fallback of the rules above and of the launchers
+//! themselves (a driver without the tensor map encoder runs tc instead of wgmma); kAUTO when that
+//! call launched nothing (rejected arguments, m == 0, no device). Tests and benchmarks read it to
+//! know which path they covered; it is per thread, so calls on other threads do not change it.
+KernelPath lastKernelPath() noexcept;
+
 //! Per-token e4m3 quantization: xq[m, k] = e4m3(x[m, k] / s[m]), s[m] = max(amax_k |x[m, k]|, 1e-12) / 448.
 //! Round to nearest even, saturating at +-448; a NaN in a row makes its s and all its xq NaN.
 //! x is [m, k] row-major in `dtype` (any alignment); xq is [m, k] bytes, xScale [m] float32.

@@ -383,6 +383,7 @@ cudaError_t dispatchSkinny(SkinnyArgs const& a, int mt, int r, cudaStream_t stre
 
 cudaError_t launchSkinny(LaunchContext const& ctx, cudaStream_t stream)
 {
+    recordKernelPath(KernelPath::kSKINNY);
     TernaryMatmulParams const& p = ctx.p;
     EpilogueOp const ep = makeEpilogue(p);
     int64_t const elem = xElementBytes(p);

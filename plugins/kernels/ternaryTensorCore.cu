@@ -375,6 +375,7 @@ cudaError_t launchTcOp(TcArgs const& a, int64_t m, bool small, int64_t yElem, cu
 
 cudaError_t launchTensorCore(LaunchContext const& ctx, cudaStream_t stream)
 {
+    recordKernelPath(KernelPath::kTC);
     TernaryMatmulParams const& p = ctx.p;
     TcArgs a{};
     a.x = p.x;

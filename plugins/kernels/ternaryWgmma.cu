@@ -542,6 +542,8 @@ int wsTokens(int64_t m, int32_t featTiles, int32_t kTiles, int numSMs)
 
 cudaError_t launchWgmma(LaunchContext const& ctx, cudaStream_t stream)
 {
+    // launchWsT hands the call to launchTensorCore where no tensor map can be made, which records tc
+    recordKernelPath(KernelPath::kWGMMA);
     TernaryMatmulParams const& p = ctx.p;
     WsArgs a{};
     a.ep = makeEpilogue(p);

@@ -489,6 +489,7 @@ cudaError_t launchW2Config(W2Args const& a, int64_t m, W2Config config, cudaStre
 
 cudaError_t launchWgmma2(LaunchContext const& ctx, cudaStream_t stream)
 {
+    recordKernelPath(KernelPath::kWGMMA2);
     TernaryMatmulParams const& p = ctx.p;
     W2Args a{};
     a.x = p.x;

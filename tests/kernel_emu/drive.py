@@ -8,15 +8,23 @@ torch definition, terdit.w2a8.quantize_rows_e4m3_ref; --dtypes then name Y's typ
 the fp64 product of the same e4m3 values. --quantize checks launchQuantizeRowsE4m3 bit for bit
 against that definition (odd shapes, misaligned rows, NaN rows).
 
+After every product the kernel family that ran (terditEmuLastKernelPath) must be the one the
+launcher's rules give for the case (tests/kernel_paths.py); "ran" lines before the last one count
+the families that ran per requested path ("ran wgmma: tc=12 wgmma=36").
+
 Run as its own process: the emulator aborts on a misaligned access. TERDIT_EMU_SMS (SM count
-the dispatch sees) and TERDIT_EMU_CC_MAJOR are read from the environment. Every output buffer is
-NaN-poisoned and fenced by sentinels (out-of-bounds writes), every input fenced by NaN / code-3
-words (out-of-bounds reads show up as NaN or wrong values). Exit status 1 on any failure.
+the dispatch sees), TERDIT_EMU_CC_MAJOR and TERDIT_EMU_CC_MINOR are read from the environment.
+Every output buffer is NaN-poisoned and fenced by sentinels (out-of-bounds writes), every input
+fenced by NaN / code-3 words (out-of-bounds reads show up as NaN or wrong values). Exit status 1
+on any failure.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -27,9 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from terdit import kernels, w2a8  # noqa: E402
 from terdit.ternary import pack_k16  # noqa: E402
+from tests.kernel_paths import expected_family  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GUARD = 64  # elements of fence on each side (keeps 16-byte alignment for every dtype)
+FAMILIES = {code: name for name, code in kernels.PATHS.items()}  # 0: "auto", nothing ran
 
 
 def fenced(t, fill, offset=0):
@@ -69,6 +79,13 @@ def run_case(lib, m, n, k, dtype, path, swiglu, bias, misalign_w, gen, e4m3=Fals
             f"bias={bias} misaligned_w={misalign_w}")
     if rc != 0:
         return f"{what}: rc={rc}"
+    ran = FAMILIES[lib.terditEmuLastKernelPath()]
+    sms, cc = emulated_gpu()
+    expected = expected_family(path, m=m, n=n, k=k, dtype=dtype, e4m3=e4m3, aligned_xy=True,
+                               aligned_w=not misalign_w, sms=sms, cc=cc)
+    if ran != expected:
+        return f"{what}: the {ran} kernel ran, the rules give {expected}"
+    ran_families[f"{path}{'@e4m3' if e4m3 else ''}"][ran] += 1
     if not (bool((ybuf[:GUARD] == 7).all()) and bool((ybuf[GUARD + m * cols:] == 7).all())):
         return f"{what}: wrote outside Y"
     if not bool(torch.isfinite(yv).all()):
@@ -85,6 +102,16 @@ def run_case(lib, m, n, k, dtype, path, swiglu, bias, misalign_w, gen, e4m3=Fals
     if err > bound:
         return f"{what}: relative error {err:.2e} > {bound:.0e}"
     return None
+
+
+ran_families: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+def emulated_gpu():
+    """(SM count, (major, minor)) the emulated launcher sees (fake/emu.h's defaults)."""
+    env = os.environ
+    return int(env.get("TERDIT_EMU_SMS", 4)), (int(env.get("TERDIT_EMU_CC_MAJOR", 9)),
+                                                  int(env.get("TERDIT_EMU_CC_MINOR", 0)))
 
 
 def cases(quick, path):
@@ -159,6 +186,7 @@ def main(argv=None):
                         help="check the quantization kernel instead of the products")
     args = parser.parse_args(argv)
     lib = kernels.open_library(args.lib)
+    lib.terditEmuLastKernelPath.restype = ctypes.c_int
     gen = torch.Generator().manual_seed(0)
     if args.quantize:
         count, failures = quantize_cases(lib, gen)
@@ -176,6 +204,8 @@ def main(argv=None):
                 if msg:
                     failures.append(msg)
                     print("FAIL", msg, flush=True)
+    for spec, ran in ran_families.items():
+        print(f"ran {spec}: " + " ".join(f"{name}={n}" for name, n in sorted(ran.items())))
     print(f"{count - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0
 

@@ -5,11 +5,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from terdit_common.cli import run_cli
+from terdit_common.cli import RESTART, run_cli
 from terdit_common.op import ACT_QUANT
 
 from .export import export
-from .options import CFG_CHOICES, DTYPES, ExportOptions
+from .options import CFG_CHOICES, DTYPES, ExportError, ExportOptions
 
 DEFAULTS = ExportOptions()
 
@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                "OUTDIR/model.onnx (+ model.onnx.data for large models), the same packed "
                "weights as a checkpoint (OUTDIR/config.json + model.safetensors), "
                "OUTDIR/manifest.json (config, contract, sha256 of every file, options, "
-               "validation, versions) and, with --vae, OUTDIR/vae_decoder.onnx.")
+               "validation, versions) and, with --vae, OUTDIR/vae_decoder.onnx. "
+               "Exit codes: 0 done; 2 bad input (one `error:` line naming the file or flag; "
+               "nothing written); 1 an internal error (a bug; nothing written).")
     p.add_argument("checkpoint", help="official TerDiT release directory (model_args.pth + "
                    "consolidated*.pth), a TerDiT Deploy directory (config.json + "
                    "model.safetensors), or a .pt/.pth file")
@@ -59,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "QuantizeLinear / DequantizeLinear)")
     p.add_argument("--no-validate", dest="validate", action="store_false", default=True,
                    help="skip the checker and the ONNX-vs-PyTorch comparison")
-    p.add_argument("--validate-batches", type=int, nargs="+", default=list(DEFAULTS.validate_batches),
-                   metavar="B", help="batch sizes of the validation runs (default: %(default)s)")
+    p.add_argument("--validate-batches", type=int, nargs="+", default=None, metavar="B",
+                   help=f"batch sizes of the validation runs (default: "
+                        f"{' '.join(map(str, DEFAULTS.validate_batches))})")
     p.add_argument("--tolerance", type=float, default=None,
                    help="validation passes when max|onnx - torch_fp32| / max|torch_fp32| <= "
                         "TOLERANCE + 3 x PyTorch's own error at --dtype (default: 1e-4 fp32, "
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="official directories: ternarize the fp consolidated file instead")
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="store weights in model.onnx.data (auto: above 1 GiB)")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the validation inputs")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the validation inputs (default: {DEFAULTS.seed})")
     return p
 
 
@@ -91,16 +95,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        # the validation's settings: each given one acts, or is refused with --no-validate
+        validation = {name: value for name, value in (
+            ("validate_batches", args.validate_batches and tuple(args.validate_batches)),
+            ("tolerance", args.tolerance), ("seed", args.seed)) if value is not None}
+        if validation and not args.validate:
+            flag = "--" + next(iter(validation)).replace("_", "-")
+            raise ExportError(f"{flag} sets the validation, which --no-validate skips; drop "
+                              f"{flag} or drop --no-validate")
         options = ExportOptions(
             dtype=args.dtype, cfg=args.cfg, fuse=args.fuse, function=args.function,
-            validate=args.validate, validate_batches=tuple(args.validate_batches),
-            tolerance=args.tolerance, vae=args.vae, overwrite=args.overwrite, ema=args.ema,
-            ternary=args.ternary, seed=args.seed, act_quant=args.act_quant,
-            external_data={"auto": None, "yes": True, "no": False}[args.external_data])
+            validate=args.validate, vae=args.vae, overwrite=args.overwrite, ema=args.ema,
+            ternary=args.ternary, act_quant=args.act_quant,
+            external_data={"auto": None, "yes": True, "no": False}[args.external_data],
+            **validation)
         export(args.checkpoint, args.output, options)
         return 0
 
-    return run_cli(body)
+    return run_cli(body, f"exporting {args.checkpoint}; nothing was written", RESTART,
+                   "free memory, or export with --no-validate")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,15 +18,18 @@ from torch import nn
 
 from terdit import load_checkpoint, save_checkpoint
 from terdit_common import op
-from terdit_common.files import (atomic_directory, atomic_write_json, check_writable_dir,
-                                 os_error_message, output_lock)
+from terdit_common.errors import UserError
+from terdit_common.files import (atomic_directory, atomic_write_json, check_disjoint,
+                                 check_replaceable_dir, check_writable_dir, os_error_message,
+                                 output_lock, remove_stale_temps_of)
 from terdit_common.manifest import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, VAE_FILE,
-                                    files_record, seal)
+                                    files_record, is_export_dir, is_export_file, seal)
+from terdit_common.sampling import ModelInfo
 
 from .graph import act_quant_emulation, build_graph, finalize, lower, save_model
 from .options import DTYPES, ExportError, ExportOptions
 from .validate import reference_outputs, validate
-from .vae import export_vae
+from .vae import export_vae, vae_source
 
 # Protobuf cannot serialise 2 GiB; above this the weights go to an external data file.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -71,19 +75,47 @@ def _weight_bytes(model: nn.Module) -> int:
 
 def export(checkpoint: str | Path, outdir: str | Path, options: ExportOptions = ExportOptions(),
            log: Callable[[str], None] = print) -> dict:
-    """Export `checkpoint` into directory `outdir`; returns the manifest."""
-    outdir = check_writable_dir(Path(outdir), "-o")
-    if outdir.exists() and not options.overwrite:
-        raise ExportError(f"{outdir} already exists; pass --overwrite to replace it")
+    """Export `checkpoint` into directory `outdir`; returns the manifest.
+
+    Before any work: `outdir` must not be, contain or lie inside an input, and an existing
+    `outdir` is replaced (with `overwrite`) only when it is an export directory holding nothing
+    but an export's files. Under the output's lock, temporaries a killed export left beside
+    `outdir` are removed; a lock left by a dead exporter is taken over."""
+    outdir = _check_output(Path(outdir), checkpoint, options)
     lock = outdir.parent / f".{outdir.name}.lock"
     try:
         with output_lock(lock, f"-o {outdir}"):
             try:
+                for p in remove_stale_temps_of(outdir):
+                    print(f"note: removed {p}, left by an export that was stopped",
+                          file=sys.stderr)
+                _check_output(outdir, checkpoint, options)       # again, under the lock
                 return _export(checkpoint, outdir, options, log)
             finally:
                 lock.unlink(missing_ok=True)        # still held: no other writer can be in
     except OSError as err:
-        raise ExportError(os_error_message(err, outdir) + "; nothing was written") from None
+        where = err.filename or outdir
+        raise ExportError(os_error_message(err, where) + "; nothing was written") from None
+
+
+def _check_output(outdir: Path, checkpoint, options: ExportOptions) -> Path:
+    """The output rules, as ExportError (the export API's error type): a writable path that is
+    none of the inputs, and an existing output replaced (with --overwrite) only when it is an
+    export directory holding only an export's files (terdit_common.manifest.EXPORT_FILES)."""
+    try:
+        outdir = check_writable_dir(outdir, "-o")
+        vae_dir = vae_source(options.vae) if options.vae else None
+        check_disjoint(outdir, "-o", {"CHECKPOINT": checkpoint, "--vae": vae_dir})
+        check_replaceable_dir(outdir, options.overwrite, is_export_file, "-o")
+    except ExportError:
+        raise
+    except UserError as err:
+        raise ExportError(str(err)) from None
+    if outdir.is_dir() and any(outdir.iterdir()) and not is_export_dir(outdir):
+        raise ExportError(f"-o {outdir}: is not an export directory (no {MANIFEST_FILE} or "
+                          f"{MODEL_FILE}); --overwrite replaces only an export: choose another "
+                          f"-o")
+    return outdir
 
 
 def _export(checkpoint: str | Path, outdir: Path, options: ExportOptions,
@@ -98,6 +130,12 @@ def _export(checkpoint: str | Path, outdir: Path, options: ExportOptions,
     if options.cfg == "official" and cfg.in_channels < 3:
         raise ExportError(f"--cfg official guides eps channels 0..2 but this model has "
                           f"{cfg.in_channels} input channel(s); use --cfg standard")
+    if options.vae and ModelInfo(cfg.to_dict(), str(checkpoint), "").pixel_space:
+        raise ExportError(f"--vae {options.vae}: {checkpoint} is a pixel-space model "
+                          f"({cfg.in_channels} channel(s)), whose samples no VAE decodes; drop "
+                          f"--vae")
+    if options.vae:
+        vae_source(options.vae, cfg.in_channels)        # decodes this model's latents
     graph = build_graph(model, options)
     ref32 = ref_lowp = None
     if options.validate:
@@ -120,7 +158,8 @@ def _export(checkpoint: str | Path, outdir: Path, options: ExportOptions,
     finalize(model_ir, options.function, {
         "terdit.contract_version": str(op.CONTRACT_VERSION),
         "terdit.config": cfg.to_json(indent=None)}, options.act_quant)
-    with atomic_directory(outdir, overwrite=options.overwrite) as tmp:
+    with atomic_directory(outdir, overwrite=options.overwrite, ours=is_export_file,
+                          flag="-o") as tmp:
         save_model(model_ir, tmp / MODEL_FILE, external)
         del model_ir
         log(f"wrote {MODEL_FILE} ({n_nodes} TernaryMatMul nodes"
@@ -141,7 +180,8 @@ def _export(checkpoint: str | Path, outdir: Path, options: ExportOptions,
         for f in packed_dir.iterdir():
             f.rename(tmp / f.name)
         packed_dir.rmdir()
-        vae_info = (export_vae(options.vae, tmp / VAE_FILE, options, cfg.input_size, log)
+        vae_info = (export_vae(options.vae, tmp / VAE_FILE, options, cfg.input_size,
+                               cfg.in_channels, log)
                     if options.vae else None)
         manifest = _manifest(tmp, loaded, cfg, options, n_nodes, external, large, validation,
                              vae_info, time.time() - t0)

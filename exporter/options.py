@@ -8,13 +8,11 @@ from typing import Optional
 import torch
 
 from terdit_common.errors import UserError
+from terdit_common.limits import MAX_SEED, MAX_VALIDATE_BATCH, MAX_VALIDATE_BATCHES, check_count
 from terdit_common.op import ACT_QUANT, ACT_QUANT_DEFAULT
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CFG_CHOICES = ("none", "official", "standard")
-# Validation runs the file at these batch sizes; more cost RAM and time for nothing.
-MAX_VALIDATE_BATCHES = 4
-MAX_VALIDATE_BATCH = 64
 
 
 class ExportError(UserError):
@@ -55,5 +53,4 @@ class ExportOptions:
         if self.tolerance is not None and not (math.isfinite(self.tolerance)
                                                and self.tolerance > 0):
             raise ValueError(f"--tolerance {self.tolerance}: must be a finite positive number")
-        if not 0 <= self.seed <= 2**63 - 1:
-            raise ValueError(f"--seed {self.seed}: must be a non-negative integer")
+        check_count("--seed", self.seed, 0, MAX_SEED)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from terdit_common.vae import VAE_SCALE, resolve_vae
+from terdit.autoencoder import load_autoencoder
+from terdit_common.vae import read_vae_config, resolve_vae
 
 from . import contract
 from .graph import _quiet, save_model
@@ -29,20 +30,21 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latent / self.scaling_factor).sample
 
 
+def vae_source(vae_dir: str, latent_channels: Optional[int] = None) -> Path:
+    """The --vae directory (a local path, or a hub name in the local cache), checked before any
+    export work: a diffusers AutoencoderKL config within limits (and, given the model's latent
+    channels, one that decodes them)."""
+    vdir = resolve_vae(vae_dir)
+    read_vae_config(vdir, "--vae", latent_channels)
+    return vdir
+
+
 def export_vae(vae_dir: str, out_path: Path, options: ExportOptions, latent_size: int,
-               log: Callable[[str], None]) -> dict:
+               latent_channels: int, log: Callable[[str], None]) -> dict:
     """vae_decoder.onnx: latent (B, C, S, S) -> image (B, 3, 8S, 8S), batch dynamic, S fixed to
     the DiT's latent size."""
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise ExportError("--vae needs diffusers: pip install 'diffusers>=0.30'") from None
-    vdir = resolve_vae(vae_dir)
-    if not (vdir / "config.json").is_file():
-        raise ExportError(f"--vae {vae_dir}: not a diffusers AutoencoderKL directory (no "
-                          f"config.json); save one with AutoencoderKL.save_pretrained(DIR)")
-    vae = AutoencoderKL.from_pretrained(str(vdir), local_files_only=True).eval()
-    scaling = float(getattr(vae.config, "scaling_factor", VAE_SCALE) or VAE_SCALE)
+    vdir = vae_source(vae_dir)
+    vae, scaling = load_autoencoder(vdir, "--vae", latent_channels)
     graph = VaeDecoderGraph(vae, scaling).to(DTYPES[options.dtype]).eval()
     ch = int(vae.config.latent_channels)
     size = latent_size

@@ -4,8 +4,11 @@
     pipe = TerDiTPipeline.from_pretrained("out/demo/onnx")
     images = pipe(["Trouser", "Bag"], num_inference_steps=50, guidance_scale=3.0).images
 
-Importing it needs no torch (only the torch backend and TensorRT's do).
+Importing it needs no torch (only the torch backend and TensorRT's do). Bad arguments raise
+`UserError` (a ValueError; BackendError and SamplingError are its subclasses) with the text the
+CLI prints.
 """
+from terdit_common.errors import UserError
 from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, image_rng,
                                     imagenet_to_model_label)
 from terdit_common.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler,
@@ -15,7 +18,7 @@ from .api import TerDiTPipeline, TerDiTPipelineOutput
 from .backends import BACKENDS, BackendError, open_backend
 from .pipeline import Pipeline
 
-__all__ = ["TerDiTPipeline", "TerDiTPipelineOutput", "Pipeline", "SampleOptions",
+__all__ = ["TerDiTPipeline", "TerDiTPipelineOutput", "Pipeline", "SampleOptions", "UserError",
            "SamplingError", "ModelInfo", "BACKENDS", "BackendError", "open_backend", "image_rng",
            "imagenet_to_model_label", "DDIMScheduler", "DDPMScheduler", "DPMSolverScheduler",
            "make_scheduler"]

@@ -2,24 +2,25 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
-from terdit_common.cli import add_sampling_args, run_cli, sample_options
+from terdit_common.cli import (RESTART, RESUMABLE, add_sampling_args, env_int, run_cli,
+                               sample_options)
 from terdit_common.errors import UserError
-from terdit_common.manifest import is_export_dir
+from terdit_common.inputs import input_file, read_npy
+from terdit_common.limits import MAX_IMAGES, MAX_THREADS, check_count, check_threads
+from terdit_common.manifest import export_dir_of
 from terdit_common.op import ACT_QUANT
 from terdit_common.ort import KERNEL_CHOICES
 from terdit_common.sampling import imagenet_to_model_label
 
-from .backends import BACKENDS, open_backend
+from .backends import BACKENDS, default_backend, open_backend
 from .pipeline import Pipeline
-from .run import MAX_IMAGES
 from .vae import open_vae
+
+LATENTS_FIX = "pass a float .npy of shape (N, C, H, W), one latent per image"
 
 
 def add_sample_parser(sub) -> argparse.ArgumentParser:
@@ -62,32 +63,37 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
     io_.add_argument("--overwrite", action="store_true",
                      help="discard samples of a different run in --out instead of refusing")
     io_.add_argument("--plugin", default=None,
-                     help="TensorRT plugin library for --backend trt (or env TERDIT_TRT_PLUGIN)")
+                     help="TensorRT plugin library for --backend trt (or env "
+                          "TERDIT_TRT_PLUGIN); the other backends refuse it")
     io_.add_argument("--device", default=None,
-                     help="torch backend device (default: cuda if present, else cpu)")
+                     help="torch backend device, cpu or cuda[:N] (default: cuda if present, else "
+                          "cpu; ort and trt refuse it: choose their GPU with "
+                          "CUDA_VISIBLE_DEVICES)")
     io_.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                     help="torch backend compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+                     help="torch backend compute dtype (default: bf16 on CUDA, fp32 on CPU; ort "
+                          "and trt run the dtype of the export / engine and refuse it)")
     io_.add_argument("--threads", type=int, default=None,
-                     help="ONNX Runtime intra-op threads (default: ONNX Runtime's)")
-    io_.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                     help=f"CPU threads: ONNX Runtime's intra-op threads (ort) or torch's "
+                          f"(torch); 0 to {MAX_THREADS} (default: the library's own)")
+    io_.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
                      help="ort backend, how terdit::TernaryMatMul runs: 'auto' the terdit CPU "
                           "kernels (plugins/cpu, built with the system C++ compiler on first use) "
                           "when they load, else the file's portable ONNX function; 'native' "
-                          "requires the kernels; 'function' never uses them (default: "
-                          "%(default)s)")
+                          "requires the kernels; 'function' never uses them (default: auto)")
     io_.add_argument("--w2a8", "--fp8", dest="w2a8", action="store_true",
                      help="torch backend: W1.58A8, FP8 (e4m3) activations on the token GEMMs "
                           "with the weights kept 2-bit; an exact emulation on the CPU (--fp8 is "
-                          "a deprecated alias)")
+                          "a deprecated alias). It is --act-quant fp8: ort / trt accept it only "
+                          "for an export made with --act-quant fp8")
     io_.add_argument("--act-quant", choices=ACT_QUANT, default=None,
                      help="activation quantization of the ternary products. torch backend: "
                           "'none' (default), 'int8' (W1.58A8 with int8 activations, "
                           "terdit.int8) or 'fp8' (as --w2a8). ort / trt: the export's own mode "
                           "(python -m exporter --act-quant); another value is refused")
-    io_.add_argument("--no-compile", dest="compile", action="store_false",
+    io_.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                      help="torch backend on CUDA: do not torch.compile the blocks")
     io_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                     help="torch backend on CUDA: do not capture CUDA graphs")
+                     default=None, help="torch backend on CUDA: do not capture CUDA graphs")
     io_.add_argument("--no-progress", dest="progress", action="store_false",
                      help="no progress bar")
     p.set_defaults(func=sample_main)
@@ -105,13 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_sample_args(args) -> None:
+    """The flags that need no model, checked before anything is opened: bounds, and flags that
+    would be ignored in this combination (refused, not dropped)."""
+    if args.num is not None:
+        check_count("--num", args.num, 1, MAX_IMAGES, "images")
+    check_threads(args.threads)
+    if args.uncond:
+        for given, flag in ((args.classes, "--classes"), (args.imagenet_ids, "--imagenet-ids"),
+                            (args.cfg_scale is not None, "--cfg-scale"),
+                            (getattr(args, "cfg_mode", None), "--cfg-mode")):
+            if given:
+                raise UserError(f"--uncond and {flag} exclude each other (unconditional "
+                                f"sampling has no labels and no guidance); drop one")
+    if args.imagenet_ids and not args.classes:
+        raise UserError("--imagenet-ids maps the ids given with --classes; pass --classes or "
+                        "drop --imagenet-ids")
+    if args.latents is not None:
+        input_file(args.latents, "--latents", LATENTS_FIX)
+
+
 def labels_from_args(args, info) -> list[int]:
     """The label of every image: --classes cycled over --num (or --uncond)."""
-    if args.num is not None and not 1 <= args.num <= MAX_IMAGES:
-        raise UserError(f"--num {args.num}: must be from 1 to {MAX_IMAGES} images")
     if args.uncond:
-        if args.classes:
-            raise UserError("--uncond and --classes exclude each other")
         return [info.null_class] * (args.num or 1)
     classes = args.classes
     if classes is None:
@@ -129,7 +151,7 @@ def labels_from_args(args, info) -> list[int]:
 
 def _distributed():
     """(rank, world size, barrier) under torchrun; a single process needs no torch.distributed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1)
     if world <= 1:
         return 0, 1, None
     import torch
@@ -138,40 +160,39 @@ def _distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env_int("LOCAL_RANK", 0))
     return dist.get_rank(), dist.get_world_size(), dist.barrier
 
 
 def sample_main(args) -> int:
-    options = sample_options(args, cfg_scale=1.0 if args.uncond else args.cfg_scale)
-    if args.threads is not None and args.threads < 0:
-        raise UserError(f"--threads {args.threads}: must be >= 0")
+    check_sample_args(args)
+    options = sample_options(args, **({"cfg_scale": 1.0} if args.uncond else {}))
     rank, world, barrier = _distributed()
     device = args.device
-    if device is None and world > 1:
+    if device is None and world > 1 and (args.backend or default_backend(args.model)) == "torch":
         import torch
         if torch.cuda.is_available():
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            device = f"cuda:{env_int('LOCAL_RANK', 0)}"
     backend = open_backend(args.model, args.backend, plugin=args.plugin, device=device,
                            dtype=args.dtype, threads=args.threads, kernels=args.kernels,
-                           compile=args.compile,
-                           cuda_graphs=args.cuda_graphs, w2a8=args.w2a8,
+                           compile=args.compile, cuda_graphs=args.cuda_graphs, w2a8=args.w2a8,
                            act_quant=args.act_quant)
     labels = labels_from_args(args, backend.info)
     model_path = Path(args.model)
-    vae = None
-    if not backend.info.pixel_space or args.vae:
-        vae = open_vae(args.vae, model_path if is_export_dir(model_path) else None)
+    vae = open_vae(args.vae, export_dir_of(model_path), backend.info)
     initial = None
     if args.latents:
-        try:
-            initial = np.load(args.latents, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise UserError(f"--latents {args.latents}: cannot read a .npy array ({err})") from None
+        info = backend.info
+        initial = read_npy(args.latents, "--latents", LATENTS_FIX,
+                           (len(labels), info.in_channels, info.input_size, info.input_size))
     extra = {"imagenet_ids": bool(args.imagenet_ids)}
-    act_quant = getattr(backend, "act_quant", "none")   # torch's own mode; ort / trt: in the file
+    # what changes the images beyond the model file, so that a resumed run must use the same:
+    # torch's activation mode and compute dtype (ort / trt: fixed in the hashed file)
+    act_quant = getattr(backend, "act_quant", "none")
     if act_quant != "none":
-        extra["act_quant"] = act_quant                  # a resumed run must use the same mode
+        extra["act_quant"] = act_quant
+    if getattr(backend, "dtype", None):
+        extra["dtype"] = backend.dtype
     record = Pipeline(backend, vae).run(
         args.out, labels, options, initial_latents=initial, save_latents=args.save_latents,
         overwrite=args.overwrite, rank=rank, world_size=world, barrier=barrier,
@@ -190,7 +211,11 @@ def sample_main(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: args.func(args))
+    if args.command == "build-engine":
+        return run_cli(lambda: args.func(args), f"building an engine from {args.onnx}", RESTART,
+                       "lower --max-batch or --workspace-gib")
+    return run_cli(lambda: args.func(args), f"sampling into {args.out}", RESUMABLE,
+                   "lower --batch-size, then run the same command to resume")
 
 
 if __name__ == "__main__":

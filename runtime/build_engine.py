@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from terdit_common.errors import UserError
-from terdit_common.manifest import MODEL_FILE, is_export_dir
+from terdit_common.inputs import input_file
+from terdit_common.manifest import (EXPORT_FILES, MANIFEST_FILE, MODEL_FILE, PLAN_FILE,
+                                    PLAN_RECORD_FILE)
 
 from .backends import open_export
 from .trt_build import (DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_PRECISION,
-                        DEFAULT_WORKSPACE_GIB, build_engine)
+                        DEFAULT_WORKSPACE_GIB, build_engine, check_workspace,
+                        resolve_batch_range)
 from .trt_record import sidecar_path
 
 
@@ -59,14 +63,41 @@ def add_build_engine_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def build_engine_main(args: argparse.Namespace) -> int:
+def check_build_args(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(the ONNX file to build, the plan to write), after the flags that need no TensorRT are
+    checked: bounded batch sizes and workspace, regular input files (a FIFO would block the
+    build), and outputs (the plan and its build record) that are none of the build's inputs."""
     onnx = args.onnx / MODEL_FILE if args.onnx.is_dir() else args.onnx
-    if not onnx.is_file():
-        raise UserError(f"{args.onnx}: no {MODEL_FILE} here; pass an export directory written by "
-                        f"`python -m exporter` or its model.onnx")
-    if is_export_dir(onnx.parent):
-        open_export(onnx.parent)             # the manifest and every file's sha256 check out
-    output = args.output or onnx.parent / "model.plan"
+    fix = "pass an export directory written by `python -m exporter` or its model.onnx"
+    if not os.path.lexists(onnx):
+        raise UserError(f"{args.onnx}: no {MODEL_FILE} here; {fix}")
+    input_file(onnx, fix=fix)
+    resolve_batch_range(args.min_batch, args.opt_batch, args.max_batch)
+    check_workspace(args.workspace_gib)
+    if os.path.lexists(args.plugin):
+        input_file(args.plugin, "--plugin", "pass the built libterdit_trt_plugin.so")
+    output = args.output or onnx.parent / PLAN_FILE
+    inputs = {onnx.resolve(), args.plugin.resolve()} | {
+        (onnx.parent / name).resolve() for name in EXPORT_FILES
+        if name not in (PLAN_FILE, PLAN_RECORD_FILE)}
+    for written in (output, sidecar_path(output)):
+        if written.resolve() in inputs:
+            raise UserError(f"-o {output}: writes {written}, one of the build's inputs (the "
+                            f"export's files or the plugin); choose another output, e.g. "
+                            f"{onnx.parent / PLAN_FILE}")
+        if written.is_dir():
+            raise UserError(f"-o {output}: {written} is a directory; pass the .plan file to "
+                            f"write")
+    return onnx, output
+
+
+def build_engine_main(args: argparse.Namespace) -> int:
+    onnx, output = check_build_args(args)
+    # An export directory (given as the directory, or its manifest beside the file) is built only
+    # when its manifest and every file's sha256 check out. A lone ONNX file is built as it is:
+    # its plan runs only inside an export whose model.onnx has the sha256 the build records.
+    if args.onnx.is_dir() or os.path.lexists(onnx.parent / MANIFEST_FILE):
+        open_export(onnx.parent)
     plan = build_engine(
         onnx,
         args.plugin,

@@ -15,8 +15,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from terdit_common.errors import UserError
 from terdit_common.images import to_uint8
-from terdit_common.manifest import is_export_dir
+from terdit_common.manifest import export_dir_of
 from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, resolve_cfg_mode,
                                     sample_latents)
 
@@ -35,13 +36,15 @@ class Pipeline:
             source = Path(backend)
             backend = open_backend(source, backend_kwargs.pop("backend", None), **backend_kwargs)
         elif backend_kwargs:
-            raise TypeError(f"backend options {sorted(backend_kwargs)} need a path, not an "
+            raise UserError(f"backend options {sorted(backend_kwargs)} need a path, not an "
                             f"opened backend")
         self.backend = backend
         self.info: ModelInfo = backend.info
-        if vae is None and not self.info.pixel_space and source is not None:
-            export_dir = source if is_export_dir(source) else source.parent
-            vae = open_vae(None, export_dir if is_export_dir(export_dir) else None)
+        if vae is not None and self.info.pixel_space:
+            raise UserError(f"vae: {self.info.source} is a pixel-space model; there are no "
+                            f"latents to decode: drop the VAE")
+        if vae is None and source is not None:
+            vae = open_vae(None, export_dir_of(source), self.info)
         self.vae = vae
 
     @property

@@ -8,42 +8,48 @@
 
 One writer per directory (an advisory lock, OUT/.terdit.lock); a run killed at any point is
 resumed by the same command: temporary files it left are removed, finished images are kept,
-and the model (by sha256) and every setting must be the ones recorded when the run started.
+and the model (by sha256), the backend and every setting must be the ones recorded when the run
+started.
+
+What we did not write we never touch or count (`_check_dir`): samples.json is written first, so
+images/ and latents/ hold only files written after a record of ours existed; a directory without
+our samples.json must hold none of them (a user's own images/000000.png is refused, never taken
+as a resumed image), and `--overwrite` removes only the files our layout names. --out must not
+be, contain or lie inside the model or the VAE.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import hashlib
-import json
-import shutil
+import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from terdit_common.cli import is_out_of_memory
 from terdit_common.errors import UserError
 from terdit_common.files import (LOCK_NAME, atomic_write_bytes, atomic_write_json,
-                                 check_writable_dir, is_temp_name, output_lock,
+                                 check_disjoint, check_writable_dir, foreign_entries,
+                                 is_temp_name, output_lock, refuse_foreign, remove_all,
                                  remove_stale_temps)
+from terdit_common.inputs import read_json_file
+from terdit_common.limits import MAX_IMAGES
+from terdit_common.manifest import export_dir_of
 from terdit_common.images import (grid_columns, png_bytes, read_png, write_grid, write_npy,
                                   write_npz)
-from terdit_common.sampling import SampleOptions, SamplingError
+from terdit_common.sampling import (SampleOptions, SamplingError, check_model_options,
+                                    resolve_clip)
 
 SAMPLES_FILE = "samples.json"
 SAMPLES_FORMAT = "terdit-samples"
-MAX_IMAGES = 1_000_000
 GRID_MAX = 256
 OUTPUT_NAMES = ("images", "latents", SAMPLES_FILE, "grid.png", "samples.npz", "latents.npy")
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, MemoryError):
-        return True
-    text = f"{type(err).__name__} {err}".lower()
-    return any(s in text for s in ("out of memory", "outofmemory", "failed to allocate",
-                                   "cuda_error_out_of_memory"))
+# the files of images/ and latents/ (image_path, latent_path)
+PER_IMAGE = {"images": re.compile(r"\d{6}\.png"), "latents": re.compile(r"\d{6}\.npy")}
 
 
 def image_path(out: Path, index: int) -> Path:
@@ -66,6 +72,7 @@ def run_to_dir(pipe, out: Path, labels: list[int], options: SampleOptions, *,
     if not 1 <= n <= MAX_IMAGES:
         raise SamplingError(f"--num {n}: must be from 1 to {MAX_IMAGES} images")
     info = pipe.info
+    check_model_options(info, options)
     if initial_latents is not None:
         want = (n, info.in_channels, info.input_size, info.input_size)
         if initial_latents.shape != want:
@@ -75,8 +82,7 @@ def run_to_dir(pipe, out: Path, labels: list[int], options: SampleOptions, *,
     save_latents = save_latents or latent_only
     settings = {**options.result_settings(),
                 "cfg_mode": pipe.cfg_mode(options) if options.cfg_scale != 1.0 else None,
-                "clip_denoised": options.clip_denoised if options.clip_denoised is not None
-                else pipe.pixel_space,
+                "clip_denoised": resolve_clip(info, options),
                 "labels": [int(v) for v in labels], "num_images": n,
                 "initial_latents_sha256": None if initial_latents is None else
                 hashlib.sha256(np.ascontiguousarray(initial_latents).tobytes()).hexdigest(),
@@ -94,6 +100,7 @@ def run_to_dir(pipe, out: Path, labels: list[int], options: SampleOptions, *,
     with contextlib.ExitStack() as stack:
         if rank == 0:
             check_writable_dir(out, "--out")
+            check_disjoint(out, "--out", _inputs(pipe))
             _check_dir(out, record, overwrite)       # refuse before creating anything
             stack.enter_context(output_lock(out / LOCK_NAME, f"--out {out}"))
             _prepare(out, record, overwrite)
@@ -128,12 +135,23 @@ def run_to_dir(pipe, out: Path, labels: list[int], options: SampleOptions, *,
         return record
 
 
+def _inputs(pipe) -> dict:
+    """What a run reads: the model (an export's directory for its model.onnx) and the VAE."""
+    model = export_dir_of(pipe.info.source) or Path(pipe.info.source)
+    vae = getattr(pipe.vae, "source", None)
+    return {"--model": model, "--vae": vae if vae and Path(vae).exists() else None}
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     diffs = []
-    if old.get("model", {}).get("sha256") != new["model"]["sha256"]:
-        diffs.append(f"model sha256 {str(old.get('model', {}).get('sha256'))[:12]}... -> "
+    old_model = old.get("model") if isinstance(old.get("model"), dict) else {}
+    if old_model.get("sha256") != new["model"]["sha256"]:
+        diffs.append(f"model sha256 {str(old_model.get('sha256'))[:12]}... -> "
                      f"{new['model']['sha256'][:12]}... ({new['model']['path']})")
-    old_s, new_s = old.get("settings") or {}, new["settings"]
+    if old_model.get("backend") != new["model"]["backend"]:
+        diffs.append(f"--backend {old_model.get('backend')} -> {new['model']['backend']}")
+    old_s = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+    new_s = new["settings"]
     for key in sorted(set(old_s) | set(new_s)):
         if old_s.get(key) != new_s.get(key):
             a, b = old_s.get(key), new_s.get(key)
@@ -143,25 +161,54 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def _check_dir(out: Path, record: dict, overwrite: bool) -> None:
-    """Refuse an output directory that holds another run's samples or foreign files."""
+def _read_record(out: Path) -> Optional[dict]:
+    """OUT/samples.json when it is a record of ours, None when absent; anything else there is
+    not ours (a UserError: we neither resume from it nor replace it)."""
     path = out / SAMPLES_FILE
-    if path.is_file() and not overwrite:
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            old = {}
-        diffs = _differences(old if isinstance(old, dict) else {}, record)
+    if not os.path.lexists(path):
+        return None
+    fix = (f"so the directory is not a run of this tool and nothing in it is ours to resume or "
+           f"replace: move {path} away or choose another --out")
+    if path.is_symlink():
+        raise SamplingError(f"--out {out}: {path.name} is a symbolic link, {fix}")
+    record = read_json_file(path, "--out", fix, error=SamplingError)
+    if not (isinstance(record, dict) and record.get("format") == SAMPLES_FORMAT):
+        raise SamplingError(f"--out {out}: {path.name} is not a TerDiT Deploy sample record (no "
+                            f"format {SAMPLES_FORMAT!r}), {fix}")
+    return record
+
+
+def _check_dir(out: Path, record: dict, overwrite: bool) -> None:
+    """Refuse an output directory that holds another run's samples (unless `overwrite`) or
+    anything this tool did not write where it would write (always)."""
+    if not out.is_dir():
+        return
+    old = _read_record(out)
+    if old is not None and not overwrite:
+        diffs = _differences(old, record)
         if diffs:
             raise SamplingError(f"{out} holds samples of a different run ({'; '.join(diffs[:4])}"
                                 f"); choose another --out, rerun with the recorded settings, or "
                                 f"pass --overwrite")
-        return
-    if not out.is_dir():
-        return
+    for name in PER_IMAGE:
+        sub = out / name
+        if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
+            raise SamplingError(f"--out {out}: {name} is not a directory this tool made (a "
+                                f"symbolic link or a file); move it away or choose another --out")
+    if old is None:
+        # without a record of ours, nothing named like our outputs is ours
+        taken = [n for n in OUTPUT_NAMES if os.path.lexists(out / n) and n not in PER_IMAGE]
+        if taken:
+            raise SamplingError(f"--out {out}: holds {taken[0]} but no {SAMPLES_FILE} of this "
+                                f"tool, so it was not written by a sampling run and will not be "
+                                f"replaced: move it away or choose another --out")
+    for name, pattern in PER_IMAGE.items():
+        refuse_foreign(out / name, lambda n, p=pattern: old is not None and p.fullmatch(n),
+                       "--out", f"only files a run recorded in {out / SAMPLES_FILE} wrote count "
+                                f"as resumed or are replaced")
     ours = set(OUTPUT_NAMES) | {LOCK_NAME}
-    foreign = [p.name for p in out.iterdir() if p.name not in ours and not is_temp_name(p.name)]
-    if foreign and not overwrite and not path.is_file():
+    foreign = [p.name for p in foreign_entries(out, ours.__contains__)]
+    if foreign and not overwrite and old is None:
         raise SamplingError(f"--out {out} exists and is not a sample directory (it holds "
                             f"{', '.join(sorted(foreign)[:3])}); choose another --out or pass "
                             f"--overwrite")
@@ -169,16 +216,18 @@ def _check_dir(out: Path, record: dict, overwrite: bool) -> None:
 
 def _prepare(out: Path, record: dict, overwrite: bool) -> None:
     """Under the lock: check again (another run may have finished in between), then clear an
-    overwritten run and write samples.json."""
+    overwritten run (only the files our layout names) and write samples.json."""
     _check_dir(out, record, overwrite)
     if (out / SAMPLES_FILE).is_file() and not overwrite:
         return
     path = out / SAMPLES_FILE
     if overwrite:
-        for name in ("images", "latents"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in (SAMPLES_FILE, "grid.png", "samples.npz", "latents.npy"):
-            (out / name).unlink(missing_ok=True)
+        for name, pattern in PER_IMAGE.items():
+            if (out / name).is_dir():
+                remove_all(f for f in (out / name).iterdir()
+                           if pattern.fullmatch(f.name) or is_temp_name(f.name))
+        remove_all(out / name for name in (SAMPLES_FILE, "grid.png", "samples.npz",
+                                           "latents.npy"))
     # samples.json first: a run killed before it was written left nothing of its own
     atomic_write_json(path, record)
     (out / "images").mkdir(exist_ok=True)
@@ -216,7 +265,7 @@ def _generate(pipe, out: Path, todo: list[int], labels, options: SampleOptions,
             except (SamplingError, UserError):
                 raise
             except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-                if _is_oom(err) and batch > 1:
+                if is_out_of_memory(err) and batch > 1:
                     batch = max(1, batch // 2)
                     msg = f"out of memory: batch size halved to {batch}"
                     (bar.write if bar else print)(msg)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from terdit_common.errors import UserError
+from terdit_common.inputs import input_file
+from terdit_common.limits import MAX_BATCH, MAX_WORKSPACE_GIB, check_count
 from terdit_common.op import (ACT_QUANT_DEFAULT, DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE,
                               PLUGIN_VERSION)
 
@@ -53,10 +55,8 @@ def resolve_batch_range(
     """Fills unset sizes from the defaults, keeping them consistent with the sizes that are set."""
     given = {"min": min_batch, "opt": opt_batch, "max": max_batch}
     for name, value in given.items():
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name}_batch={value!r} must be a positive integer")
+        if value is not None:
+            check_count(f"--{name}-batch", value, 1, MAX_BATCH, "images (limits.MAX_BATCH)")
     set_sizes = [v for v in given.values() if v is not None]
     low = min_batch if min_batch is not None else min([DEFAULT_MIN_BATCH, *set_sizes])
     high = max_batch if max_batch is not None else max([DEFAULT_MAX_BATCH, *set_sizes])
@@ -203,6 +203,12 @@ def inlined_ternary_message(onnx_path: Path, version: str, nodes: int, mapped: i
 # ---- Engine build ------------------------------------------------------------------------------
 
 
+def check_workspace(workspace_gib: float) -> None:
+    if not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib <= MAX_WORKSPACE_GIB):
+        raise UserError(f"--workspace-gib {workspace_gib}: must be a number of GiB above 0 and "
+                        f"at most {MAX_WORKSPACE_GIB} (limits.MAX_WORKSPACE_GIB)")
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     plugin_path: str | os.PathLike,
@@ -232,13 +238,10 @@ def build_engine(
         raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     batch_given = any(b is not None for b in (min_batch, opt_batch, max_batch))
     batch = resolve_batch_range(min_batch, opt_batch, max_batch)
-    if not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib < 1e6):
-        raise ValueError(f"workspace_gib={workspace_gib} must be positive")
-    plugin_fix = "build it with CMake (plugins/ternaryMatMulPlugin/README.md)"
-    for path, what, fix in ((onnx_path, "ONNX model", "export one with `python -m exporter`"),
-                            (plugin_path, "plugin library", plugin_fix)):
-        if not path.is_file():
-            raise UserError(f"{what} {path} not found; {fix}")
+    check_workspace(workspace_gib)
+    input_file(onnx_path, "ONNX model", "export one with `python -m exporter`")
+    input_file(plugin_path, "--plugin", "build it with CMake (plugins/ternaryMatMulPlugin/"
+                                        "README.md)")
 
     try:
         nodes = read_ternary_nodes(onnx_path)

@@ -167,9 +167,11 @@ def check_sidecar(
     plan_path: str | os.PathLike,
     plugin_path: str | os.PathLike,
     environment: EngineEnvironment | None = None,
+    onnx_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Returns the plan's build record, or raises EngineMismatchError naming every field that does
-    not match this machine (`environment`, detected when None), the plugin library or the plan."""
+    not match this machine (`environment`, detected when None), the plugin library, the plan or
+    (when `onnx_sha256` is given: the export's model.onnx) the ONNX file it was built from."""
     plan_path, plugin_path = Path(plan_path), Path(plugin_path)
     record_path = sidecar_path(plan_path)
     if not record_path.is_file():
@@ -196,6 +198,8 @@ def check_sidecar(
         "plugin.sha256": file_sha256(plugin_path),
         "plan_sha256": file_sha256(plan_path),
     }
+    if onnx_sha256 is not None:
+        expected["onnx.sha256"] = onnx_sha256
     mismatches = []
     for field, actual in expected.items():
         recorded: Any = record
@@ -207,7 +211,7 @@ def check_sidecar(
             )
     if mismatches:
         raise EngineMismatchError(
-            f"{plan_path} does not fit this machine, TensorRT or plugin library ("
+            f"{plan_path} does not fit this machine, TensorRT, plugin library or export ("
             + "; ".join(mismatches)
             + "); rebuild it here with `python -m runtime build-engine MODEL.onnx "
             f"--plugin {plugin_path} -o {plan_path}`"

@@ -8,16 +8,21 @@ was expected and what was found.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from terdit_common.files import atomic_directory, atomic_write
-from terdit_common.manifest import CONFIG_FILE, WEIGHTS_FILE
+from terdit_common.inputs import input_file, read_json_file
+from terdit_common.limits import MAX_WEIGHTS_BYTES
+from terdit_common.manifest import (CONFIG_FILE, MANIFEST_FILE, REEXPORT, WEIGHTS_FILE,
+                                    is_export_dir, read_manifest, verify_files)
 
-from .config import TerDiTConfig, read_json_file
-from .loading import (CheckpointError, LoadedCheckpoint, check_keys, check_tensor_like,
+from .config import TerDiTConfig
+from .loading import (CheckpointError, LoadedCheckpoint, check_keys,
+                      check_tensor_like,
                       codes_in_features, empty_model, finish_model, model_from_state_dict,
                       safe_torch_load, to_packed)
 from .model import TerDiT
@@ -25,6 +30,7 @@ from .official import OFFICIAL_ARGS_FILE, OFFICIAL_RE, load_official_dir, save_o
 
 FORMAT_NAME = "terdit"
 FORMAT_VERSION = 1
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE)   # all a checkpoint directory holds
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "save_checkpoint",
            "save_official", "save_torch", "model_from_state_dict", "read_config_file"]
@@ -44,17 +50,16 @@ def save_checkpoint(model: TerDiT, path: str | Path, overwrite: bool = False,
     doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "weights": kind,
            "config": model.cfg.to_dict(), "metadata": metadata or {}}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite, ours=CHECKPOINT_FILES.__contains__,
+                          flag="checkpoint directory") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return path
 
 
 def read_config_file(path: Path) -> tuple[TerDiTConfig, dict]:
-    try:
-        doc = read_json_file(path)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
+    doc = read_json_file(path, fix=f"the checkpoint's {CONFIG_FILE} is damaged: restore it or "
+                                   f"save the checkpoint again", error=CheckpointError)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: field 'format' is {doc.get('format') if isinstance(doc, dict) else doc!r}, "
                               f"expected {FORMAT_NAME!r} (a TerDiT Deploy checkpoint directory)")
@@ -103,9 +108,8 @@ def _load_terdit_dir(path: Path, packed: Optional[bool]) -> LoadedCheckpoint:
 
     cfg, doc = read_config_file(path / CONFIG_FILE)
     wfile = path / WEIGHTS_FILE
-    if not wfile.is_file():
-        raise CheckpointError(f"{wfile}: file not found (a checkpoint directory holds "
-                              f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    input_file(wfile, fix=f"a checkpoint directory holds {CONFIG_FILE} and {WEIGHTS_FILE}",
+               max_bytes=MAX_WEIGHTS_BYTES, limit_name="MAX_WEIGHTS_BYTES", error=CheckpointError)
     kind = doc["weights"]
     if (kind == "float") != (not cfg.ternary):
         raise CheckpointError(f"{path / CONFIG_FILE}: field 'weights' is {kind!r} but "
@@ -197,15 +201,35 @@ def load_checkpoint(path: str | Path, *, packed: Optional[bool] = None, ema: Opt
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
-        if (path / CONFIG_FILE).is_file():
-            loaded = _load_terdit_dir(path, packed)
+        if is_export_dir(path):
+            kind = "export"
+        elif os.path.lexists(path / CONFIG_FILE):
+            kind = "terdit"
         elif (path / OFFICIAL_ARGS_FILE).is_file():
-            loaded = load_official_dir(path, ema, ternary)
+            kind = "official"
         else:
             raise CheckpointError(
                 f"{path}: not a checkpoint directory: expected {CONFIG_FILE} + {WEIGHTS_FILE} "
                 f"(TerDiT Deploy) or {OFFICIAL_ARGS_FILE} + consolidated*.pth (official release)")
-    elif path.suffix == ".safetensors" and (path.parent / CONFIG_FILE).is_file():
+        if kind == "official":
+            loaded = load_official_dir(path, ema, ternary)
+        else:
+            _refuse_official_choices(path, ema, ternary)
+            if kind == "export":
+                _verify_export(path)
+            loaded = _load_terdit_dir(path, packed)
+        if dtype is not None:
+            loaded.model = loaded.model.to(dtype)
+        return loaded
+    input_file(path, fix="pass a checkpoint file or directory", max_bytes=MAX_WEIGHTS_BYTES,
+               limit_name="MAX_WEIGHTS_BYTES", error=CheckpointError)
+    _refuse_official_choices(path, ema, ternary)
+    if path.suffix == ".safetensors" and path.name != WEIGHTS_FILE:
+        raise CheckpointError(f"{path}: a checkpoint's weights are {WEIGHTS_FILE} beside its "
+                              f"{CONFIG_FILE}; pass the checkpoint directory {path.parent}")
+    if path.suffix == ".safetensors" and (path.parent / CONFIG_FILE).is_file():
+        if is_export_dir(path.parent):
+            _verify_export(path.parent)
         loaded = _load_terdit_dir(path.parent, packed)
     elif path.suffix in (".pt", ".pth"):
         loaded = _load_torch_file(path, packed)
@@ -215,3 +239,26 @@ def load_checkpoint(path: str | Path, *, packed: Optional[bool] = None, ema: Opt
     if dtype is not None:
         loaded.model = loaded.model.to(dtype)
     return loaded
+
+
+def _verify_export(path: Path) -> None:
+    """An export directory is read as a checkpoint only through its manifest: the config and
+    weights must be listed there and match their sha256 (terdit_common.manifest)."""
+    manifest = read_manifest(path)
+    unlisted = [n for n in CHECKPOINT_FILES if n not in manifest["files"]]
+    if unlisted:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: does not list {unlisted[0]}, so the "
+                              f"export's weights cannot be verified; {REEXPORT}")
+    verify_files(path, manifest, list(CHECKPOINT_FILES))
+
+
+def _refuse_official_choices(path: Path, ema: Optional[bool], ternary: Optional[bool]) -> None:
+    """ema / ternary choose among the files of an official release directory; anywhere else
+    they would be ignored, so they are refused."""
+    for name, value, flags in (("ema", ema, "--ema / --no-ema"),
+                               ("ternary", ternary, "--from-ternary / --from-fp")):
+        if value is not None:
+            raise CheckpointError(f"{flags} ({name}={value}) choose among the files of an "
+                                  f"official release directory ({OFFICIAL_ARGS_FILE} + "
+                                  f"consolidated*.pth); {path} is not one, so the flag would "
+                                  f"be ignored: drop it")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from terdit_common.guidance import default_cfg_mode
+from terdit_common.inputs import parse_json, read_json_file
 from terdit_common.limits import check_model_config
 
 # Official `model_args.model` names of the TerDiT release -> our preset names.
@@ -144,42 +145,12 @@ class TerDiTConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "config") -> "TerDiTConfig":
-        return cls.from_dict(read_json_text(text, source), source)
+        return cls.from_dict(parse_json(text, source), source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TerDiTConfig":
-        path = Path(path)
-        return cls.from_dict(read_json_file(path), source=str(path))
-
-
-MAX_JSON_BYTES = 16 << 20
-
-
-def read_json_text(text: str, source: str):
-    """JSON with every failure as one ValueError naming `source` (syntax, integers of thousands
-    of digits, nesting too deep to parse)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{source}: not valid JSON ({err})") from None
-    except (ValueError, RecursionError) as err:
-        why = str(err)[:100] or type(err).__name__
-        raise ValueError(f"{source}: cannot be read as JSON ({why})") from None
-
-
-def read_json_file(path: Path):
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise ValueError(f"{path}: {path.stat().st_size} bytes, too large for a config file")
-        data = path.read_bytes()
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read the file ({err.strerror})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 JSON"
-                         ) from None
-    return read_json_text(text, str(path))
+    def load(cls, path: str | Path, flag: str = "",
+             fix: str = "pass a JSON file of TerDiTConfig fields") -> "TerDiTConfig":
+        return cls.from_dict(read_json_file(path, flag, fix), source=str(path))
 
 
 PRESETS: dict[str, TerDiTConfig] = {

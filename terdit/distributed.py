@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from terdit_common.cli import env_int
 
 
 @dataclass
@@ -28,9 +29,9 @@ class Dist:
 
 def setup_distributed(tc) -> Dist:
     """The process group under torchrun (WORLD_SIZE > 1) and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    world = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local = env_int("LOCAL_RANK", rank)
     want_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,24 +24,31 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from terdit_common.cli import add_sampling_args, run_cli, sample_options
+from terdit_common.cli import (RESTART, add_sampling_args, given_sampling_flags, run_cli,
+                               sample_options)
 from terdit_common.errors import UserError
-from terdit_common.files import atomic_write_text
+from terdit_common.files import atomic_write_text, check_disjoint
 from terdit_common.images import from_uint8, write_grid, write_npz
+from terdit_common.inputs import input_file
+from terdit_common.limits import (MAX_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_IMAGES, MAX_SEED,
+                                  MAX_SMOOTH, MAX_WIDTH, check_count,
+                                  check_threads)
 
 from .classifier import (ClassifierConfig, classifier_accuracy, load_classifier,
                          save_classifier, train_classifier)
 from .data import load_dataset
 from .fid import (DATASET_SETS, INCEPTION_FILE, InceptionFeatures, cache_dir, fid_from_features, load_image_set,
                   reference_features)
-from .plots import plot_losses
+from .plots import plot_losses, read_log
 from .sampling import sample_images
 
-MAX_IMAGES = 1_000_000
+FASHION_MNIST_SIZE = 28                # the smallest --image-size (the sets are padded to it)
 
 
 def _load_model(path: str):
     from .checkpoint import load_checkpoint
+    if Path(path).exists() and not Path(path).is_dir():
+        input_file(path, "--model", "pass a checkpoint or an export directory")
     loaded = load_checkpoint(path, packed=True)
     return loaded.model.eval(), loaded.metadata
 
@@ -53,8 +61,7 @@ def balanced_labels(n: int, num_classes: int) -> list[int]:
 def generate(args, labels_fn=balanced_labels) -> tuple[np.ndarray, np.ndarray, dict]:
     """Samples of --model with the sampling flags: uint8 images, labels, and their settings."""
     n = 1000 if args.num_images is None else args.num_images
-    if not 1 <= n <= MAX_IMAGES:
-        raise UserError(f"--num-images {n}: must be from 1 to {MAX_IMAGES}")
+    check_count("--num-images", n, 1, MAX_IMAGES, "images")
     options = sample_options(args)
     model, metadata = _load_model(args.model)
     labels = labels_fn(n, model.cfg.num_classes)
@@ -76,7 +83,43 @@ def evaluate_images(images: np.ndarray, labels: Optional[np.ndarray], *, feature
     return result
 
 
+def check_source_args(args) -> None:
+    """Flags of `metrics` and `grid` that need no data, checked before any work: bounds, image
+    sets that are neither a directory nor a regular file (a FIFO would block), outputs that are
+    inputs, and sampling flags given with --samples (they would be ignored: refused)."""
+    check_count("--image-size", args.image_size, FASHION_MNIST_SIZE, MAX_IMAGE_SIZE, "pixels")
+    _image_set_arg(args.samples, "--samples")
+    _image_set_arg(getattr(args, "ref", None), "--ref")
+    classifier = getattr(args, "classifier", None)
+    if classifier and Path(classifier).exists():
+        input_file(classifier, "--classifier", "pass a classifier written by `python -m "
+                                               "terdit.evaluate train-classifier`")
+    if args.samples:
+        given = given_sampling_flags(args) + (["--save-samples"] if getattr(
+            args, "save_samples", None) else [])
+        if given:
+            raise UserError(f"{given[0]}: only used to sample from --model; the --samples "
+                            f"images are already made: drop {given[0]}")
+    inputs = {"--samples": args.samples, "--ref": getattr(args, "ref", None),
+              "--classifier": getattr(args, "classifier", None)}
+    inputs = {flag: path for flag, path in inputs.items() if path and Path(path).exists()}
+    for flag in ("--out", "--save-samples"):
+        out = getattr(args, flag[2:].replace("-", "_"), None)
+        if out:
+            check_disjoint(out, flag, inputs)
+
+
+def _image_set_arg(spec: Optional[str], flag: str) -> None:
+    if spec and Path(spec).exists() and not Path(spec).is_dir():
+        input_file(spec, flag, "pass an .npz, a folder of images or a dataset set")
+
+
 def cmd_metrics(args) -> dict:
+    check_source_args(args)
+    if args.ref != "none":
+        check_count("--ref-count", args.ref_count, 2, MAX_IMAGES, "images (FID needs at least 2)")
+    if args.num_images is not None:
+        check_count("--num-images", args.num_images, 1, MAX_IMAGES, "images")
     t0 = time.perf_counter()
     if args.samples:
         images, labels, _ = load_image_set(args.samples, args.num_images, args.image_size,
@@ -109,25 +152,31 @@ def cmd_metrics(args) -> dict:
 
 def cmd_grid(args) -> dict:
     """One column per class, `--per-class` rows: the layout of the runtime's grid."""
+    check_source_args(args)
+    check_count("--per-class", args.per_class, 1, MAX_IMAGES, "images")
     if args.samples:
         all_images, all_labels, _ = load_image_set(args.samples, None, args.image_size,
                                                    args.data_path)
         if all_labels is None:
             raise UserError(f"{args.samples}: no labels (arr_1); a class grid needs them")
-        classes = int(all_labels.max()) + 1
-        picks = []
-        for c in range(classes):
-            idx = np.flatnonzero(all_labels == c)[:args.per_class]
-            if len(idx) < args.per_class:
-                raise UserError(f"{args.samples}: class {c} has {len(idx)} samples, fewer than "
-                                f"--per-class {args.per_class}")
-            picks.append(idx)
-        order = np.stack(picks, axis=1).reshape(-1)          # row r holds sample r of each class
+        counts = np.bincount(all_labels)
+        short = np.flatnonzero(counts < args.per_class)
+        if len(short):
+            c = int(short[0])
+            raise UserError(f"{args.samples}: class {c} has {int(counts[c])} samples, fewer "
+                            f"than --per-class {args.per_class}")
+        classes = len(counts)
+        order = np.argsort(all_labels, kind="stable")      # each class's samples, in file order
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        picks = order[starts[:, None] + np.arange(args.per_class)[None, :]]    # (classes, rows)
+        order = picks.T.reshape(-1)                          # row r holds sample r of each class
         images, labels, source = all_images[order], all_labels[order], {"samples": args.samples}
         names = None
     else:
         model, metadata = _load_model(args.model)
         classes = model.cfg.num_classes
+        check_count("--per-class", args.per_class, 1, MAX_IMAGES // classes,
+                    f"images ({classes} classes, at most {MAX_IMAGES} images)")
         args.num_images = classes * args.per_class
         images, labels, source = generate(args)
         names = metadata.get("class_names")
@@ -137,6 +186,12 @@ def cmd_grid(args) -> dict:
 
 
 def cmd_train_classifier(args) -> dict:
+    check_count("--epochs", args.epochs, 1, MAX_EPOCHS)
+    check_count("--batch-size", args.batch_size, 1, MAX_BATCH)
+    check_count("--width", args.width, 1, MAX_WIDTH)
+    check_count("--seed", args.seed, 0, MAX_SEED)
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise UserError(f"--lr {args.lr}: must be a finite number > 0")
     t0 = time.perf_counter()
     train = load_dataset("fashion-mnist", args.data_path, split="train")
     test = load_dataset("fashion-mnist", args.data_path, split="test")
@@ -150,14 +205,18 @@ def cmd_train_classifier(args) -> dict:
 
 
 def cmd_plot_losses(args) -> dict:
+    check_count("--smooth", args.smooth, 1, MAX_SMOOTH, "log rows")
     runs = {}
     for spec in args.run:
         label, sep, path = spec.partition("=")
         if not sep:
             raise UserError(f"--run {spec!r}: expected LABEL=PATH/log.jsonl")
+        read_log(Path(path), "--run", missing_ok=False)       # refused before plotting
         runs[label] = Path(path)
+    check_disjoint(args.out, "--out", {f"--run {label}=": p for label, p in runs.items()})
     plot_losses(runs, Path(args.out), smooth=args.smooth)
     return {"plot": args.out}
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,8 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        if args.threads < 0:
-            raise UserError(f"--threads {args.threads} must be >= 0")
+        check_threads(args.threads)
         if args.threads:
             torch.set_num_threads(args.threads)
         handlers = {"metrics": cmd_metrics, "grid": cmd_grid,
@@ -241,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(text)
         return 0
 
-    return run_cli(body)
+    return run_cli(body, f"terdit.evaluate {args.command}", RESTART)
 
 
 if __name__ == "__main__":

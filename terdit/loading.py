@@ -8,6 +8,7 @@ and what was found.
 from __future__ import annotations
 
 import argparse
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from terdit_common.errors import UserError
+from terdit_common.inputs import input_file
+from terdit_common.limits import MAX_WEIGHTS_BYTES
 
 from .config import TerDiTConfig
 from .model import TerDiT
 from .ternary import TERNARY_LAYERS, check_k16
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The largest checkpoint file read (the official 7B release in fp32 with its EMA is ~56 GB); a
+# larger file is refused before it is opened.
 
 
 class CheckpointError(UserError):
@@ -43,8 +48,10 @@ class LoadedCheckpoint:
 def safe_torch_load(path: Path, allow_namespace: bool = False, mmap: bool = True):
     """torch.load with weights_only=True, turning every failure into a CheckpointError."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: file not found")
+    input_file(path, fix="pass a checkpoint file", max_bytes=MAX_WEIGHTS_BYTES,
+               limit_name="MAX_WEIGHTS_BYTES", error=CheckpointError)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     use_mmap = mmap and zipfile.is_zipfile(path)

@@ -8,11 +8,17 @@ timesteps, noise, dropped labels) is a function of (seed, step) and of the sampl
 the global batch, so a resume continues bit-identically and N ranks train the same model as one.
 
 Output layout (OUT = --out):
+  OUT/train_config.json                         the run's record (written when it starts)
   OUT/checkpoints/step_XXXXXXX/{model,ema}/     our checkpoint dirs (latent weights)
   OUT/checkpoints/step_XXXXXXX/train_state.safetensors + train_state.json
   OUT/final/                                    the EMA model (packed for ternary by default;
                                                 --final-from live: the last step's weights)
   OUT/log.jsonl, OUT/loss.png, OUT/samples/step_XXXXXXX.png
+
+OUT holds nothing else of ours, and we touch nothing else there (train_state.check_run_dir);
+OUT must not be, contain or lie inside an input (--data-path, --model-config, --init-from).
+Exit codes: 0 done; 2 bad input (one `error:` line naming the file or flag); 1 an internal
+error (a bug; one line).
 """
 from __future__ import annotations
 
@@ -21,7 +27,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,9 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from terdit_common.cli import env_int, run_cli
 from terdit_common.errors import UserError
-from terdit_common.files import (LOCK_NAME, atomic_write_text, check_writable_dir, os_error_message,
-                                 output_lock, remove_stale_temps)
+from terdit_common.files import (LOCK_NAME, append_text, atomic_write_text, check_disjoint,
+                                 check_writable_dir, output_lock, remove_stale_temps)
 from terdit_common.images import write_grid
 from terdit_common.sampling import SampleOptions
 
@@ -48,9 +54,10 @@ from .plots import plot_losses, read_log
 from .sampling import sample_images
 from .train_config import (DEVICES, FINAL_FROM, FINAL_WEIGHTS, LR_SCHEDULES, PRECISIONS,
                            STRATEGIES, TrainConfig)
-from .train_setup import build_model, load_training_data, model_config
-from .train_state import (EMA, find_resume, latest_checkpoint, load_training_checkpoint,
-                          model_from_params, recover_interrupted_save, save_training_checkpoint)
+from .train_setup import build_model, load_model_config, load_training_data, model_config
+from .train_state import (CONFIG_JSON, EMA, check_run_dir, clear_checkpoints, find_resume,
+                          latest_checkpoint, load_training_checkpoint, model_from_params,
+                          read_train_state, recover_interrupted_save, save_training_checkpoint)
 
 __all__ = ["TrainConfig", "train", "read_log", "plot_losses", "main"]
 
@@ -91,9 +98,14 @@ def train(tc: TrainConfig, dataset: Optional[ArrayDataset] = None) -> Path:
     with contextlib.ExitStack() as stack:
         if d.main:
             check_writable_dir(out, "--out")
+            check_disjoint(out, "--out", {"--data-path": tc.data_path,
+                                          "--model-config": tc.model_config,
+                                          "--init-from": tc.init_from})
+            check_run_dir(out)                         # before anything is created
             stack.enter_context(output_lock(out / LOCK_NAME, f"--out {out}"))
+            check_run_dir(out)                         # again, under the lock
             recover_interrupted_save(out)
-            remove_stale_temps(out, out / "checkpoints", out / "samples")
+            remove_stale_temps(out, out / "checkpoints", out / "samples", out / "final")
         return _train(tc, d, out, dataset)
 
 
@@ -112,10 +124,9 @@ def _train(tc: TrainConfig, d: Dist, out: Path, dataset: Optional[ArrayDataset])
         if latest_checkpoint(out) is not None and not tc.overwrite:
             raise UserError(f"{out} already holds checkpoints; pass --resume latest to "
                             f"continue or --overwrite to start over")
-        import shutil
-        shutil.rmtree(out / "checkpoints")   # --overwrite, or only incomplete checkpoints
+        clear_checkpoints(out)               # --overwrite, or only incomplete checkpoints
     if resume_path is not None:
-        recorded = json.loads((resume_path / "train_state.json").read_text())["train_config"]
+        recorded = read_train_state(resume_path)["train_config"]
         changed = tc.resume_conflicts(recorded)
         if changed:
             raise UserError(f"--resume {tc.resume}: the run was started with other settings "
@@ -138,7 +149,7 @@ def _train(tc: TrainConfig, d: Dist, out: Path, dataset: Optional[ArrayDataset])
     log_path = out / "log.jsonl"
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "train_config.json",
+        atomic_write_text(out / CONFIG_JSON,
                           json.dumps({"train_config": tc.to_dict(), "model_config": cfg.to_dict(),
                                       "world_size": d.world}, indent=2, sort_keys=True) + "\n")
         kept = [r for r in read_log(log_path) if r.get("step", 0) <= start]
@@ -193,8 +204,7 @@ def _train(tc: TrainConfig, d: Dist, out: Path, dataset: Optional[ArrayDataset])
                    "elapsed_s": now - t_start}
             window, t_window = {}, now
             if d.main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_text(log_path, json.dumps(row) + "\n")
         if tc.sample_every and done % tc.sample_every == 0:
             ema_params = ema.full_state()          # collective under FSDP: every rank calls it
             if d.main:
@@ -294,41 +304,48 @@ TYPES = {"warmup_steps": int}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag's default is SUPPRESS, so the parsed namespace holds exactly the flags given
+    (TrainConfig.from_flags refuses those that would have no effect); the defaults shown come
+    from TrainConfig."""
     p = argparse.ArgumentParser(prog="python -m terdit.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=__doc__[__doc__.index("Exit codes"):].strip())
     for field in dataclasses.fields(TrainConfig):
         name, default, helptext = field.name, field.default, FLAG_HELP[field.name]
         flag = "--" + name.replace("_", "-")
+        shown = "" if default is None or isinstance(default, bool) else \
+            f" (default: {default})".replace("%", "%%")
         if name in NEGATED:
-            p.add_argument(NEGATED[name], dest=name, action="store_false", help=helptext)
+            p.add_argument(NEGATED[name], dest=name, action="store_false",
+                           default=argparse.SUPPRESS, help=helptext)
         elif isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=helptext)
-        elif default is None:
-            p.add_argument(flag, type=TYPES.get(name, str), default=argparse.SUPPRESS,
-                           help=helptext)
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=helptext)
         else:
-            p.add_argument(flag, type=type(default), default=default,
-                           choices=CHOICES.get(name), help=helptext)
+            kind = TYPES.get(name, str) if default is None else type(default)
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                           choices=CHOICES.get(name), help=helptext + shown)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        tc = TrainConfig(**vars(args))
+
+    def body() -> int:
+        given = vars(args)
+        if "model_config" in given:              # a bad file first, then conflicting flags
+            load_model_config(given["model_config"])
+        tc = TrainConfig.from_flags(given, world=env_int("WORLD_SIZE", 1))
         final = train(tc)
-    except ValueError as err:                 # UserError and other bad input
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:                    # disk full, read-only, permissions
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
-        return 2
+        if env_int("RANK", 0) == 0:
+            print(f"final model: {final}")
+        return 0
+
+    try:
+        return run_cli(body, f"training into {args.out}", "add --resume latest to the same "
+                       "command to continue from the last checkpoint", "lower --global-batch or "
+                       "use a smaller --model, then add --resume latest to continue")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"final model: {final}")
-    return 0
 
 
 if __name__ == "__main__":

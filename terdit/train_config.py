@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from terdit_common.limits import MAX_COUNT, MAX_SEED, check_count, check_threads
 from terdit_common.sampling import SampleOptions
+from terdit_common.schedule import MIN_TIMESTEPS, NUM_TRAIN_STEPS
 
 from .data import DATASETS
 
@@ -17,7 +19,6 @@ DEVICES = ("auto", "cpu", "cuda")
 FINAL_WEIGHTS = ("packed", "latent")
 FINAL_FROM = ("ema", "live")
 LR_SCHEDULES = ("constant", "cosine")
-LIMIT = 10**9          # upper bound of counts (steps, batch, ...): refuses typos before any work
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,10 @@ class TrainConfig:
                                  f"{', '.join(choices)}")
         for name in ("steps", "global_batch", "log_every", "ckpt_every", "num_timesteps",
                      "sample_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMIT:
-                raise ValueError(f"{_flag(name)} {value!r} must be an integer from 1 to {LIMIT}")
-        for name in ("sample_every", "threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= LIMIT:
-                raise ValueError(f"{_flag(name)} {value!r} must be an integer from 0 to {LIMIT}")
-        if not 0 <= self.seed <= 2**63 - 1:
-            raise ValueError(f"--seed {self.seed} must be a non-negative integer")
+            check_count(_flag(name), getattr(self, name), 1, MAX_COUNT)
+        check_count("--sample-every", self.sample_every, 0, MAX_COUNT)
+        check_threads(self.threads)
+        check_count("--seed", self.seed, 0, MAX_SEED)
         if not math.isfinite(self.lr) or self.lr < 0:
             raise ValueError(f"--lr {self.lr!r} must be a finite number >= 0")
         if not math.isfinite(self.grad_clip) or self.grad_clip <= 0:
@@ -96,6 +92,10 @@ class TrainConfig:
             raise ValueError(f"--ema-decay {self.ema_decay} must be in [0, 1)")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"--class-dropout {self.class_dropout} must be in [0, 1)")
+        if self.num_timesteps < MIN_TIMESTEPS:
+            raise ValueError(f"--num-timesteps {self.num_timesteps}: must be at least "
+                             f"{MIN_TIMESTEPS} (the linear schedule 1e-4..0.02 rescaled to T "
+                             f"steps has betas above 1 below that)")
 
     @property
     def warmup(self) -> int:
@@ -131,6 +131,40 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_flags(cls, given: dict, world: int = 1) -> "TrainConfig":
+        """The config of the flags a user gave (`given`: field -> value, absent flags left out),
+        refusing every flag that would have no effect (each flag acts or is refused)."""
+        tc = cls(**given)
+        inert = []
+        if "model" in given and tc.model_config:
+            inert.append(("--model", "--model-config gives the architecture; give one of them"))
+        if "min_lr_ratio" in given and tc.lr_schedule == "constant":
+            inert.append(("--min-lr-ratio", "it sets the end of the cosine schedule and "
+                                            "--lr-schedule is constant"))
+        for name in ("sample_steps", "sample_cfg_scale"):
+            if name in given and not tc.sample_every:
+                inert.append((_flag(name), "it sets the preview grids and --sample-every is 0 "
+                                           "(no previews)"))
+        if tc.sample_every and tc.num_timesteps != NUM_TRAIN_STEPS:
+            inert.append(("--sample-every", f"the previews sample on the {NUM_TRAIN_STEPS}-step "
+                                            f"schedule of the runtime, and this model learns "
+                                            f"--num-timesteps {tc.num_timesteps}, so they would "
+                                            f"be wrong"))
+        if given.get("final_weights") == "packed" and tc.fp:
+            inert.append(("--final-weights packed", "a full-precision (--fp) model has no "
+                                                    "packed ternary form"))
+        if "overwrite" in given and tc.resume:
+            inert.append(("--overwrite", "--resume continues the run and replaces nothing"))
+        if "strategy" in given and world <= 1:
+            inert.append((f"--strategy {tc.strategy}", "it chooses how several ranks share the "
+                                                       "model, and this is one process (launch "
+                                                       "with torchrun for several)"))
+        if inert:
+            flag, why = inert[0]
+            raise ValueError(f"{flag} would have no effect: {why}; drop {flag.split()[0]}")
+        return tc
 
     def resume_conflicts(self, recorded: dict) -> list[str]:
         """The settings of a resumed run that differ from those it was started with and would

@@ -24,8 +24,20 @@ def load_training_data(tc: TrainConfig) -> ArrayDataset:
 
 
 def _arch(tc: TrainConfig) -> TerDiTConfig:
-    return TerDiTConfig.load(tc.model_config) if tc.model_config else \
+    return load_model_config(tc.model_config) if tc.model_config else \
         TerDiTConfig.from_name(tc.model)
+
+
+def load_model_config(path: str) -> TerDiTConfig:
+    """--model-config: a JSON file of TerDiTConfig fields (UserError naming the file)."""
+    fix = ("fix the file (TerDiTConfig fields as JSON, e.g. a checkpoint's config.json 'config' "
+           "object)")
+    try:
+        return TerDiTConfig.load(path, "--model-config", fix)
+    except UserError:
+        raise
+    except ValueError as err:
+        raise UserError(f"--model-config {err}; {fix}") from None
 
 
 def model_config(tc: TrainConfig, dataset: ArrayDataset, log=print) -> TerDiTConfig:
@@ -33,7 +45,7 @@ def model_config(tc: TrainConfig, dataset: ArrayDataset, log=print) -> TerDiTCon
     preset (--model) takes the channel and class counts of an image folder; an explicit
     --model-config must agree with the data."""
     if tc.model_config:
-        cfg = TerDiTConfig.load(tc.model_config)
+        cfg = load_model_config(tc.model_config)
         what = f"--model-config {tc.model_config}"
     else:
         cfg = TerDiTConfig.from_name(tc.model)

@@ -1,11 +1,16 @@
 """The trainer's resumable state: the EMA of the parameters, RNG states, and training
 checkpoints (OUT/checkpoints/step_XXXXXXX/ with {model,ema}/ checkpoint directories, the
-optimizer state and the RNG states), written so that a kill at any point loses nothing."""
+optimizer state and the RNG states), written so that a kill at any point loses nothing.
+
+A run directory holds only the names of RUN_FILES (`check_run_dir`): train_config.json, written
+when a run starts, is its record; without it nothing named like our outputs is ours. What
+--overwrite clears (`clear_checkpoints`) is what our layout names, nothing else."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -15,15 +20,27 @@ import torch
 from torch import Tensor, nn
 
 from terdit_common.errors import UserError
-from terdit_common.files import atomic_write_text
+from terdit_common.files import (LOCK_NAME, atomic_write_text, is_temp_name, refuse_foreign,
+                                 remove_all)
+from terdit_common.inputs import input_file, read_json_file
+from terdit_common.limits import MAX_WEIGHTS_BYTES
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
 from .config import TerDiTConfig
 from .distributed import Dist, full_tensor, unwrap
 from .model import TerDiT
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
+CONFIG_JSON = "train_config.json"
+# everything the trainer writes in OUT (the module docstring of terdit.train)
+RUN_FILES = {"checkpoints": "dir", "final": "dir", "samples": "dir", "log.jsonl": "file",
+             "loss.png": "file", CONFIG_JSON: "file", LOCK_NAME: "file"}
+STEP_RE = re.compile(r"step_\d{7}")
+# a step directory being written (`.step_X.partial`) or moved aside for its rewrite (`.old`)
+STEP_TEMP_RE = re.compile(r"\.step_\d{7}\.(?:partial|old)")
+STEP_FILES = (STATE_JSON, STATE_TENSORS, "model", "ema")      # what a step directory holds
+MAX_POINTER_BYTES = 64
 
 
 class EMA:
@@ -116,12 +133,16 @@ def save_training_checkpoint(out: Path, step: int, model: nn.Module, ema: EMA,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_checkpoint(model_from_params(cfg, params), tmp / "model",
-                    metadata={"step": step, "role": "live"})
-    save_checkpoint(model_from_params(cfg, ema_params), tmp / "ema",
-                    metadata={"step": step, "role": "ema", "ema_decay": tc.ema_decay})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
-    (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    try:
+        save_checkpoint(model_from_params(cfg, params), tmp / "model",
+                        metadata={"step": step, "role": "live"})
+        save_checkpoint(model_from_params(cfg, ema_params), tmp / "ema",
+                        metadata={"step": step, "role": "ema", "ema_decay": tc.ema_decay})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    except BaseException:                     # interrupted or failed: leave no temporary
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # Re-saving a step that exists (after resuming from an earlier one): the old directory is
     # moved aside, not deleted, until the new one is in place, so a kill here loses neither.
     old = path.with_name(f".{path.name}.old")
@@ -138,9 +159,9 @@ def save_training_checkpoint(out: Path, step: int, model: nn.Module, ema: EMA,
 
 def recover_interrupted_save(out: Path) -> None:
     """A kill between moving an existing step directory aside and renaming its replacement into
-    place leaves `.step_X.old` and no `step_X`: put the old copy back (the replacement, a
-    `.partial`, is then removed with the other temporaries), and point `latest` at the newest
-    complete checkpoint."""
+    place leaves `.step_X.old` and no `step_X`: put the old copy back, remove the step
+    temporaries left (the replacement `.partial`, an old copy whose step exists), and point
+    `latest` at the newest complete checkpoint. Call it only while holding the run's lock."""
     ckpts = out / "checkpoints"
     if not ckpts.is_dir():
         return
@@ -148,23 +169,33 @@ def recover_interrupted_save(out: Path) -> None:
         path = ckpts / old.name[1:-len(".old")]
         if not path.exists() and is_complete(old):
             os.replace(old, path)
+    remove_all(p for p in ckpts.iterdir() if STEP_TEMP_RE.fullmatch(p.name))
     newest = latest_checkpoint(out)
-    pointer = ckpts / "latest"
-    if newest is not None and (not pointer.is_file() or pointer.read_text().strip() != newest.name):
-        atomic_write_text(pointer, newest.name + "\n")
+    if newest is not None and _pointer(ckpts) != newest.name:
+        atomic_write_text(ckpts / "latest", newest.name + "\n")
 
 
 def is_complete(path: Path) -> bool:
     return all((path / need).exists() for need in (STATE_JSON, STATE_TENSORS, "model", "ema"))
 
 
+def _pointer(ckpts: Path) -> Optional[str]:
+    """The step directory named by checkpoints/latest, or None when it names none of ours."""
+    pointer = ckpts / "latest"
+    if pointer.is_symlink() or not pointer.is_file() or \
+            pointer.stat().st_size > MAX_POINTER_BYTES:
+        return None
+    name = pointer.read_bytes().decode("ascii", "replace").strip()
+    return name if STEP_RE.fullmatch(name) else None
+
+
 def latest_checkpoint(out: Path) -> Optional[Path]:
     """The newest complete checkpoint of a run: the `latest` pointer, or (when a kill came
     between a checkpoint's rename and the pointer's update) the highest complete step."""
     ckpts = out / "checkpoints"
-    pointer = ckpts / "latest"
-    if pointer.is_file():
-        path = ckpts / pointer.read_text().strip()
+    name = _pointer(ckpts)
+    if name is not None:
+        path = ckpts / name
         if is_complete(path):
             return path
     steps = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and is_complete(p))
@@ -184,15 +215,114 @@ def find_resume(out: Path, resume: str) -> Path:
                        if not (path / n).exists())
         raise UserError(f"--resume {resume}: {path / missing} is missing; pass a "
                                 f"checkpoints/step_XXXXXXX directory or 'latest'")
+    for name in (STATE_JSON, STATE_TENSORS):
+        input_file(path / name, "--resume", "pass a checkpoints/step_XXXXXXX directory the "
+                   "trainer wrote", MAX_WEIGHTS_BYTES, "MAX_WEIGHTS_BYTES")
     return path
+
+
+def read_train_state(path: Path) -> dict:
+    """A checkpoint's train_state.json with the fields a resume reads checked (UserError naming
+    the file and the field)."""
+    fix = ("the file is damaged: resume from another checkpoints/step_XXXXXXX (or 'latest' after "
+           "removing this one), or start over with --overwrite")
+    where = f"--resume {path / STATE_JSON}"
+    meta = read_json_file(path / STATE_JSON, "--resume", fix)
+    need = {"step": int, "train_config": dict, "optimizer": dict, "rng": dict}
+    for field, kind in need.items():
+        value = meta.get(field) if isinstance(meta, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{where}: field {field!r} is {type(value).__name__}, expected "
+                            f"{kind.__name__}; {fix}")
+    if not isinstance(meta["optimizer"].get("param_groups"), list) or \
+            not isinstance(meta["rng"].get("numpy"), list) or \
+            not isinstance(meta["rng"].get("python"), list):
+        raise UserError(f"{where}: fields 'optimizer.param_groups' / 'rng' are not what the "
+                        f"trainer writes; {fix}")
+    return meta
+
+
+def check_run_dir(out: Path, flag: str = "--out") -> None:
+    """OUT holds only what the trainer writes: each name of RUN_FILES of its kind (never a
+    symbolic link), checkpoints/ only step directories, `latest` and temporaries, final/ only a
+    checkpoint's files, samples/ only step grids. Without train_config.json (the run's record)
+    none of our names but the lock may exist. Anything else is refused: we would overwrite or
+    remove it."""
+    if not out.is_dir():
+        return
+    has_record = (out / CONFIG_JSON).is_file() and not (out / CONFIG_JSON).is_symlink()
+    for name, kind in RUN_FILES.items():
+        p = out / name
+        if not os.path.lexists(p) or name == LOCK_NAME:
+            continue
+        if p.is_symlink() or (kind == "dir") != p.is_dir() or (kind == "file" and not p.is_file()):
+            what = "directory" if kind == "dir" else "file"
+            raise UserError(f"{flag} {out}: {name} is not the {what} "
+                            f"this tool writes (a symbolic link or another kind); move it away "
+                            f"or choose another {flag}")
+        if not has_record:
+            raise UserError(f"{flag} {out}: holds {name} but no {CONFIG_JSON}, so it is not a "
+                            f"training run of this tool and will not be replaced: move it away "
+                            f"or choose another {flag}")
+    rule = "a run directory holds only what the trainer writes"
+    refuse_foreign(out / "checkpoints", lambda n: STEP_RE.fullmatch(n) is not None
+                   or STEP_TEMP_RE.fullmatch(n) is not None or n == "latest", flag, rule)
+    ckpts = out / "checkpoints"
+    latest = ckpts / "latest"
+    if latest.is_symlink() or (os.path.lexists(latest) and not latest.is_file()):
+        raise UserError(f"{flag} {out}: checkpoints/latest is not the pointer file this tool "
+                        f"writes; move it away or choose another {flag}")
+    for p in ckpts.glob("step_*") if ckpts.is_dir() else ():
+        if p.is_symlink() or not p.is_dir():
+            raise UserError(f"{flag} {out}: checkpoints/{p.name} is not a checkpoint directory "
+                            f"this tool wrote; move it away or choose another {flag}")
+        refuse_foreign(p, STEP_FILES.__contains__, flag, rule)
+        for sub in ("model", "ema"):
+            if (p / sub).is_symlink() or (os.path.lexists(p / sub) and not (p / sub).is_dir()):
+                raise UserError(f"{flag} {out}: checkpoints/{p.name}/{sub} is not a checkpoint "
+                                f"directory this tool wrote; move it away")
+            refuse_foreign(p / sub, CHECKPOINT_FILES.__contains__, flag, rule)
+    refuse_foreign(out / "final", CHECKPOINT_FILES.__contains__, flag, rule)
+    refuse_foreign(out / "samples", lambda n: re.fullmatch(r"step_\d{7}\.png", n) is not None,
+                   flag, rule)
+
+
+def clear_checkpoints(out: Path) -> None:
+    """Remove a run's checkpoints (--overwrite, or only incomplete ones left): the entries of
+    checkpoints/ our layout names (check_run_dir refused anything else)."""
+    ckpts = out / "checkpoints"
+    for p in list(ckpts.iterdir()) if ckpts.is_dir() else ():
+        if STEP_RE.fullmatch(p.name) or STEP_TEMP_RE.fullmatch(p.name) or is_temp_name(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        elif p.name == "latest":
+            p.unlink()
 
 
 def load_training_checkpoint(path: Path, model: nn.Module, ema: EMA,
                              opt: torch.optim.Optimizer) -> dict:
+    """Restore model, EMA, optimizer and RNG states from a checkpoint; a damaged one is one
+    UserError naming it."""
+    meta = read_train_state(path)
+    try:
+        return _load_state(path, meta, model, ema, opt)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors / torch errors of a damaged state
+        text = (str(err).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"--resume {path}: the checkpoint cannot be loaded ({type(err).__name__}:"
+                        f" {text}); it is damaged or does not match the model: resume from "
+                        f"another checkpoints/step_XXXXXXX, or start over with --overwrite"
+                        ) from None
+
+
+def _load_state(path: Path, meta: dict, model: nn.Module, ema: EMA,
+                opt: torch.optim.Optimizer) -> dict:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    meta = json.loads((path / STATE_JSON).read_text())
     tensors = load_file(str(path / STATE_TENSORS))
     live = load_checkpoint(path / "model").model.state_dict()
     inner = unwrap(model)

@@ -1,72 +1,167 @@
 """Command-line pieces shared by `python -m runtime sample`, `python -m terdit.evaluate` and the
-trainer's previews: one set of sampling flags, names and defaults (SampleOptions)."""
+trainer's previews: one set of sampling flags, names and defaults (SampleOptions), and `run_cli`,
+the one way every CLI ends: bad input is one `error:` line and exit code 2, Ctrl-C or SIGTERM one
+`interrupted:` line and exit code 130."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 from .errors import UserError
+from .guidance import CFG_MODES
 from .sampling import SampleOptions
 from .schedulers import SAMPLERS
 
 DEFAULTS = SampleOptions()
 
 
+SAMPLING_FIELDS = ("sampler", "steps", "eta", "cfg_scale", "seed", "batch_size")
+
+
 def add_sampling_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    p.add_argument("--sampler", default=DEFAULTS.sampler, metavar="{" + ",".join(SAMPLERS) + "}",
-                   help="ddpm: IDDPM ancestral with learned variance (the official default, with "
-                        "250 steps); ddim; dpm-solver: DPM-Solver++(2M); or diffusers:CLASS, a "
-                        "diffusers scheduler such as diffusers:UniPCMultistepScheduler (needs "
-                        "diffusers and torch) (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=DEFAULTS.steps,
-                   help="sampling steps, respaced as the official code does (default: "
-                        "%(default)s)")
-    p.add_argument("--eta", type=float, default=DEFAULTS.eta,
-                   help="DDIM eta; 0 is deterministic (default: %(default)s)")
-    p.add_argument("--cfg-scale", "--cfg", dest="cfg_scale", type=float,
-                   default=DEFAULTS.cfg_scale, metavar="SCALE",
-                   help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
-    p.add_argument("--cfg-mode", choices=("official", "standard"), default=argparse.SUPPRESS,
+    """The sampling flags. None (or absent) means "not given": `sample_options` fills in the
+    defaults, and `given_sampling_flags` tells which ones a user passed."""
+    p.add_argument("--sampler", default=None, metavar="{" + ",".join(SAMPLERS) + "}",
+                   help=f"ddpm: IDDPM ancestral with learned variance (the official default, "
+                        f"with 250 steps); ddim; dpm-solver: DPM-Solver++(2M); or diffusers:CLASS, "
+                        f"a diffusers scheduler such as diffusers:UniPCMultistepScheduler (needs "
+                        f"diffusers and torch) (default: {DEFAULTS.sampler})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps, respaced as the official code does (default: "
+                        f"{DEFAULTS.steps})")
+    p.add_argument("--eta", type=float, default=None,
+                   help=f"DDIM eta; 0 is deterministic (default: {DEFAULTS.eta})")
+    p.add_argument("--cfg-scale", "--cfg", dest="cfg_scale", type=float, default=None,
+                   metavar="SCALE",
+                   help=f"classifier-free guidance scale; 1 disables it (default: "
+                        f"{DEFAULTS.cfg_scale})")
+    p.add_argument("--cfg-mode", choices=CFG_MODES, default=None,
                    help="official: guide eps channels 0..2 (the TerDiT release; default for "
                         "4-channel latents); standard: all eps channels (default otherwise)")
-    p.add_argument("--clip-denoised", dest="clip_denoised", action="store_true",
-                   default=argparse.SUPPRESS,
+    p.add_argument("--clip-denoised", dest="clip_denoised", action="store_true", default=None,
                    help="clamp each predicted x_0 to [-1, 1] (default: on for pixel-space "
                         "models, off for latent models as in the official sampler)")
     p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
-                   default=argparse.SUPPRESS, help="never clamp the predicted x_0")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed,
-                   help="image i's noise depends on (seed, i) only (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
-                   help="images per forward (default: %(default)s)")
+                   default=None, help="never clamp the predicted x_0")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"image i's noise depends on (seed, i) only (default: {DEFAULTS.seed})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per forward (default: {DEFAULTS.batch_size})")
+
+
+def given_sampling_flags(args: argparse.Namespace) -> list[str]:
+    """The sampling flags a user passed (`add_sampling_args`), by their option names."""
+    names = SAMPLING_FIELDS + ("cfg_mode", "clip_denoised")
+    return ["--" + name.replace("_", "-") for name in names
+            if getattr(args, name, None) is not None]
 
 
 def sample_options(args: argparse.Namespace, **overrides) -> SampleOptions:
-    """SampleOptions from parsed `add_sampling_args` flags (ValueError names the flag)."""
-    fields = {name: getattr(args, name) for name in
-              ("sampler", "steps", "eta", "cfg_scale", "seed", "batch_size")}
-    fields["cfg_mode"] = getattr(args, "cfg_mode", None)
-    fields["clip_denoised"] = getattr(args, "clip_denoised", None)
+    """SampleOptions from parsed `add_sampling_args` flags, the defaults filling in what was not
+    given (UserError names the flag)."""
+    fields = {name: getattr(args, name, None) for name in
+              SAMPLING_FIELDS + ("cfg_mode", "clip_denoised")}
     fields.update(overrides)
+    for name in SAMPLING_FIELDS:
+        if fields[name] is None:
+            fields[name] = getattr(DEFAULTS, name)
     return SampleOptions(**fields)
 
 
-def run_cli(handler: Callable[[], int]) -> int:
-    """Run a CLI body: bad input (ValueError, UserError) and OS errors become one line on stderr
-    and exit code 2."""
-    from .files import os_error_message
+RESUMABLE = "run the same command to resume"
+RESTART = "nothing was written; run the same command again"
+EXIT_USAGE = 2
+EXIT_BUG = 1
+EXIT_INTERRUPTED = 130                        # 128 + SIGINT, as a shell reports Ctrl-C
+_OOM_TEXT = ("out of memory", "outofmemory", "can't allocate memory", "failed to allocate",
+             "cuda_error_out_of_memory")
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable (torchrun's WORLD_SIZE, RANK, LOCAL_RANK), or `default`
+    when unset; another value is a UserError naming the variable."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
     try:
-        return handler()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
-        return 2
-    except RecursionError:
-        print("error: input nested too deeply to parse", file=sys.stderr)
-        return 2
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise UserError(f"environment variable {name}={value[:40]!r}: must be a non-negative "
+                        f"integer (torchrun sets it); unset it or launch with torchrun")
+    return number
 
 
-__all__ = ["DEFAULTS", "add_sampling_args", "sample_options", "run_cli", "UserError"]
+def is_out_of_memory(err: BaseException) -> bool:
+    """MemoryError, or a framework's out-of-memory error (torch's CUDA / CPU allocators)."""
+    text = f"{type(err).__name__} {err}".lower()
+    return isinstance(err, MemoryError) or any(s in text for s in _OOM_TEXT)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a batch scheduler, torchrun stopping its workers) raises KeyboardInterrupt
+    in the main thread, so it ends a run the way Ctrl-C does: `finally` blocks remove temporary
+    files and release locks. The previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield                                 # signal handlers belong to the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def run_cli(handler: Callable[[], int], what: str = "", after_stop: str = RESUMABLE,
+            oom_fix: str = "use smaller inputs or free memory") -> int:
+    """Run a CLI body (`what` names its job in messages, e.g. "exporting M"): bad input
+    (ValueError, UserError) and OS errors are one `error:` line and exit code 2; running out of
+    memory one line naming `oom_fix`, exit code 2; Ctrl-C and SIGTERM one `interrupted:` line
+    (`after_stop` says what to do) and exit code 130; anything else is a bug: one line and exit
+    code 1 (TERDIT_TRACEBACK=1 shows the traceback). Never a traceback otherwise."""
+    from .files import os_error_message
+    with sigterm_as_interrupt():
+        try:
+            return handler()
+        except KeyboardInterrupt:
+            print(f"interrupted: {after_stop}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except ValueError as err:
+            return _error(str(err))
+        except OSError as err:
+            where = err.filename or err.filename2 or "a file the operating system did not name"
+            return _error(os_error_message(err, where))
+        except RecursionError:
+            return _error("input nested too deeply to parse")
+        except Exception as err:  # noqa: BLE001 - the one place a bug is reported, in one line
+            if os.environ.get("TERDIT_TRACEBACK"):
+                raise
+            text = (str(err).strip().splitlines() or [""])[0][:200]
+            doing = f" while {what}" if what else ""
+            if is_out_of_memory(err):
+                return _error(f"out of memory{doing} ({text}); {oom_fix}")
+            print(f"error: internal error{doing} ({type(err).__name__}: {text}); this is a bug: "
+                  f"please report it with the command line (TERDIT_TRACEBACK=1 shows the "
+                  f"traceback)", file=sys.stderr)
+            return EXIT_BUG
+
+
+def _error(text: str) -> int:
+    print("error: " + " ".join(text.split()), file=sys.stderr)
+    return EXIT_USAGE
+
+
+__all__ = ["DEFAULTS", "EXIT_INTERRUPTED", "RESTART", "RESUMABLE", "add_sampling_args",
+           "env_int", "given_sampling_flags", "is_out_of_memory", "run_cli", "sample_options",
+           "sigterm_as_interrupt", "UserError"]

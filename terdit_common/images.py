@@ -16,6 +16,10 @@ import numpy as np
 
 from .errors import UserError
 from .files import atomic_write, atomic_write_bytes
+from .inputs import npz_headers, read_npz
+from .limits import INT_BOUNDS, MAX_IMAGE_SIZE, MAX_IMAGES
+
+MAX_LABEL = INT_BOUNDS["num_classes"][1]      # the largest class id (or null label) in an .npz
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -139,36 +143,40 @@ def write_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -
     return atomic_write(path, write)
 
 
-def load_npz(path: str | os.PathLike, max_images: int = 10_000_000
+def load_npz(path: str | os.PathLike, max_images: int = MAX_IMAGES
              ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """An ADM-style batch: arr_0 uint8 (N, H, W, C), optional arr_1 labels (N,). RGB images whose
-    channels are all equal come back as one channel. Bad files are a UserError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found; pass an ADM-style .npz (arr_0 uint8 NHWC)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "arr_0" not in z.files:
-                raise UserError(f"{path}: no arr_0 (ADM-style sample files hold uint8 NHWC "
-                                f"images in arr_0); found {z.files}")
-            images = z["arr_0"]
-            labels = z["arr_1"] if "arr_1" in z.files else None
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - zip / npy errors of a truncated or foreign file
-        raise UserError(f"{path}: not a readable .npz ({type(err).__name__}: {err}); the file "
-                        f"may be truncated") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise UserError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 "
-                        f"(N, H, W, 1 or 3)")
-    if not 1 <= images.shape[0] <= max_images:
-        raise UserError(f"{path}: arr_0 holds {images.shape[0]} images; expected 1 .. "
-                        f"{max_images}")
+    channels are all equal come back as one channel. Bad files are a UserError naming the file;
+    the headers (shape, dtype, declared sizes) are checked before any data is read."""
+    fix = "pass an ADM-style .npz (arr_0 uint8 NHWC)"
+    heads = npz_headers(path, fix=fix)
+    if "arr_0" not in heads:
+        raise UserError(f"{path}: no arr_0 (ADM-style sample files hold uint8 NHWC images in "
+                        f"arr_0); found {sorted(heads)[:8]}")
+    shape, dtype = heads["arr_0"]
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
+        raise UserError(f"{path}: arr_0 is {dtype} {shape}, expected uint8 (N, H, W, 1 or 3)")
+    if not 1 <= shape[0] <= max_images:
+        raise UserError(f"{path}: arr_0 holds {shape[0]} images; expected 1 .. {max_images} "
+                        f"(limits.MAX_IMAGES)")
+    if not all(1 <= d <= MAX_IMAGE_SIZE for d in shape[1:3]):
+        raise UserError(f"{path}: arr_0 images are {shape[1]}x{shape[2]}; each side must be "
+                        f"from 1 to {MAX_IMAGE_SIZE} pixels (limits.MAX_IMAGE_SIZE)")
+    names = ("arr_0",)
+    if "arr_1" in heads:
+        lshape, ldtype = heads["arr_1"]
+        if lshape != (shape[0],) or ldtype.kind not in "iu":
+            raise UserError(f"{path}: arr_1 is {ldtype} {lshape}, expected integer labels of "
+                            f"shape ({shape[0]},)")
+        names += ("arr_1",)
+    arrays = read_npz(path, names)
+    images, labels = arrays["arr_0"], arrays.get("arr_1")
     if labels is not None:
-        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise UserError(f"{path}: arr_1 is {labels.dtype} {labels.shape}, expected integer "
-                            f"labels of shape ({images.shape[0]},)")
         labels = labels.astype(np.int64)
+        if len(labels) and not 0 <= labels.min() <= labels.max() <= MAX_LABEL:
+            bad = int(labels.min() if labels.min() < 0 else labels.max())
+            raise UserError(f"{path}: arr_1 holds label {bad}; labels are class ids from 0 to "
+                            f"{MAX_LABEL}")
     if images.shape[-1] == 3 and (images == images[..., :1]).all():
         images = np.ascontiguousarray(images[..., :1])
     return images, labels

@@ -9,6 +9,10 @@
 
 `open_export` checks the manifest's fields and the sha256 of every file it lists (streamed, once
 per open), so a changed byte anywhere is refused before any sampling starts.
+
+A directory is an export when it holds manifest.json or model.onnx (`is_export_dir`, the one
+place that decides "export or checkpoint"): an export whose manifest was deleted (or replaced
+by a directory) is refused, never read as a plain checkpoint with unverified weights.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Any, Optional
 
 from .errors import UserError
 from .files import sha256_file
+from .inputs import input_file, read_json_file
+from .limits import MAX_WEIGHTS_BYTES, is_int, short
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "terdit-onnx"
@@ -28,8 +34,14 @@ DATA_FILE = "model.onnx.data"
 VAE_FILE = "vae_decoder.onnx"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-MAX_MANIFEST_BYTES = 16 << 20
+PLAN_FILE = "model.plan"                  # `python -m runtime build-engine`'s default output
+PLAN_RECORD_FILE = PLAN_FILE + ".json"    # its build record
 CHECKSUM_FIELD = "manifest_sha256"
+# Every name an export directory may hold (the exporter's files, and the TensorRT plan
+# build-engine writes beside them): `--overwrite` replaces only a directory of these.
+EXPORT_FILES = (MANIFEST_FILE, MODEL_FILE, DATA_FILE, VAE_FILE, CONFIG_FILE, WEIGHTS_FILE,
+                PLAN_FILE, PLAN_RECORD_FILE)
+REEXPORT = "re-export the model with `python -m exporter`"
 
 
 def manifest_checksum(manifest: dict) -> str:
@@ -45,8 +57,26 @@ def seal(manifest: dict) -> dict:
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
+    """A directory holding manifest.json (of any kind, even a broken link or a directory) or
+    model.onnx is an export: it is read only through its manifest (`read_manifest`)."""
     path = Path(path)
-    return path.is_dir() and (path / MANIFEST_FILE).is_file()
+    return path.is_dir() and any(os.path.lexists(path / name)
+                                 for name in (MANIFEST_FILE, MODEL_FILE))
+
+
+def is_export_file(name: str) -> bool:
+    return name in EXPORT_FILES
+
+
+def export_dir_of(path: str | os.PathLike) -> Optional[Path]:
+    """The export directory that model path `path` names: the directory itself, or the one
+    holding a model.onnx / .plan file given by its path; None for a checkpoint."""
+    path = Path(path)
+    if is_export_dir(path):
+        return path
+    if path.suffix in (".onnx", ".plan") and not path.is_dir() and is_export_dir(path.parent):
+        return path.parent
+    return None
 
 
 def files_record(directory: Path) -> dict[str, dict[str, Any]]:
@@ -59,23 +89,19 @@ def read_manifest(export_dir: str | os.PathLike) -> dict:
     """The manifest as a dict, with its required fields checked (UserError naming the field)."""
     export_dir = Path(export_dir)
     path = export_dir / MANIFEST_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
+        if (export_dir / MODEL_FILE).exists():
+            raise UserError(f"{export_dir}: holds {MODEL_FILE} but no {MANIFEST_FILE}: an export "
+                            f"directory is read only with its manifest (the sha256 of every "
+                            f"file), never as a plain checkpoint; {REEXPORT}")
         raise UserError(f"{export_dir}: no {MANIFEST_FILE}; pass a directory written by "
                         f"`python -m exporter`, or a checkpoint with --backend torch")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise UserError(f"{path}: {path.stat().st_size} bytes, too large for a manifest; "
-                        f"re-export the model")
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; re-export the model") from None
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise UserError(f"{path}: not valid JSON ({str(err)[:120]}); re-export the model"
-                        ) from None
+    manifest = read_json_file(path, fix=f"an export's manifest is the file the exporter "
+                                        f"wrote: {REEXPORT}")
 
     def need(cond: bool, field: str, found: Any, want: str) -> None:
         if not cond:
-            raise UserError(f"{path}: field {field!r} is {_short(found)}, expected {want}; "
+            raise UserError(f"{path}: field {field!r} is {short(found)}, expected {want}; "
                             f"re-export the model")
 
     need(isinstance(manifest, dict), "<top level>", type(manifest).__name__, "a JSON object")
@@ -91,6 +117,11 @@ def read_manifest(export_dir: str | os.PathLike) -> dict:
     need(isinstance(files, dict) and all(
         isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()),
         "files", files, "an object {name: {sha256, bytes}}")
+    for name, entry in files.items():
+        size = entry.get("bytes")
+        need(size is None or (is_int(size) and 0 <= size <= MAX_WEIGHTS_BYTES),
+             f"files.{name}.bytes", size, f"a size from 0 to {MAX_WEIGHTS_BYTES} bytes "
+                                          f"(limits.MAX_WEIGHTS_BYTES)")
     need(MODEL_FILE in files, "files", sorted(files), f"an entry for {MODEL_FILE}")
     for name in files:
         need(name == Path(name).name and not name.startswith("."), "files", name,
@@ -110,9 +141,15 @@ def verify_files(export_dir: str | os.PathLike, manifest: dict,
         if names is not None and name not in names:
             continue
         path = export_dir / name
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise UserError(f"{path}: listed in {MANIFEST_FILE} but missing; re-export the model "
                             f"or restore the file")
+        size = input_file(path, "", f"it is listed in {MANIFEST_FILE}: {REEXPORT}",
+                          MAX_WEIGHTS_BYTES, "MAX_WEIGHTS_BYTES").stat().st_size
+        if entry.get("bytes") is not None and size != entry["bytes"]:
+            raise UserError(f"{path}: content differs from {MANIFEST_FILE} ({size} bytes, "
+                            f"recorded {entry['bytes']}); the file was truncated or changed: "
+                            f"{REEXPORT}")
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise UserError(f"{path}: content differs from {MANIFEST_FILE} (sha256 {digest[:16]}"
@@ -120,8 +157,3 @@ def verify_files(export_dir: str | os.PathLike, manifest: dict,
                             f"changed or corrupted: re-export the model")
         hashes[name] = digest
     return hashes
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

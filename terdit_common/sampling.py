@@ -18,11 +18,9 @@ import numpy as np
 
 from .errors import UserError
 from .guidance import CFG_MODES, default_cfg_mode, guide
+from .limits import MAX_BATCH, MAX_SEED, is_int
 from .schedule import NUM_TRAIN_STEPS, space_timesteps
-from .schedulers import check_sampler, make_scheduler
-
-MAX_BATCH = 65536
-MAX_SEED = 2**63 - 1
+from .schedulers import DIFFUSERS_PREFIX, ETA_SAMPLERS, SAMPLERS, check_sampler, make_scheduler
 
 
 class SamplingError(UserError):
@@ -37,7 +35,8 @@ class Forward(Protocol):
 @dataclass(frozen=True)
 class SampleOptions:
     """How to sample; every default of `python -m runtime sample`, `terdit.evaluate` and the
-    trainer's previews lives here."""
+    trainer's previews lives here. Every field is checked on creation (UserError naming the
+    flag); a setting that the sampler would ignore is refused, not dropped."""
 
     steps: int = 50
     sampler: str = "ddim"
@@ -50,20 +49,21 @@ class SampleOptions:
 
     def __post_init__(self) -> None:
         def bad(name: str, flag: str, rule: str) -> None:
-            raise ValueError(f"{flag} {getattr(self, name)!r}: {rule}")
+            raise UserError(f"{flag} {getattr(self, name)!r}: {rule}")
 
-        check_sampler(self.sampler)
-        if not _is_int(self.steps) or not 1 <= self.steps <= NUM_TRAIN_STEPS:
+        if not isinstance(self.sampler, str):
+            bad("sampler", "--sampler", "must be a sampler name such as 'ddim'")
+        if not is_int(self.steps) or not 1 <= self.steps <= NUM_TRAIN_STEPS:
             bad("steps", "--steps", f"must be an integer from 1 to {NUM_TRAIN_STEPS} (the "
                                     f"training timesteps)")
         if self.sampler == "ddim":
             try:
                 space_timesteps(NUM_TRAIN_STEPS, f"ddim{self.steps}")
             except ValueError as err:
-                raise ValueError(f"--steps {self.steps}: {err}") from None
-        if not _is_int(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH:
+                raise UserError(f"--steps {self.steps}: {err}") from None
+        if not is_int(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH:
             bad("batch_size", "--batch-size", f"must be an integer from 1 to {MAX_BATCH}")
-        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+        if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             bad("seed", "--seed", "must be a non-negative integer")
         if not _finite(self.cfg_scale):
             bad("cfg_scale", "--cfg-scale", "must be a finite number (1 disables guidance)")
@@ -71,6 +71,18 @@ class SampleOptions:
             bad("eta", "--eta", "must be a finite number >= 0")
         if self.cfg_mode is not None and self.cfg_mode not in CFG_MODES:
             bad("cfg_mode", "--cfg-mode", f"choose one of {', '.join(CFG_MODES)}")
+        if self.clip_denoised not in (None, True, False):
+            bad("clip_denoised", "--clip-denoised", "must be True, False or None (the default)")
+        if self.eta and self.sampler in SAMPLERS and self.sampler not in ETA_SAMPLERS:
+            bad("eta", "--eta", f"--sampler {self.sampler} has no eta (only "
+                                f"{', '.join(ETA_SAMPLERS)} and diffusers schedulers whose step() "
+                                f"takes one); drop --eta or use --sampler ddim")
+        if self.clip_denoised and self.sampler.startswith(DIFFUSERS_PREFIX):
+            raise UserError(f"--clip-denoised: --sampler {self.sampler} does not clamp x_0 (a "
+                            f"diffusers scheduler runs with its own clip_sample=False); drop "
+                            f"--clip-denoised or use a built-in sampler")
+        # last: a diffusers scheduler is built once to check that it can run these settings
+        check_sampler(self.sampler, self.steps, self.eta)
 
     def replace(self, **changes) -> "SampleOptions":
         return dataclasses.replace(self, **changes)
@@ -80,10 +92,6 @@ class SampleOptions:
         d = dataclasses.asdict(self)
         d.pop("batch_size")
         return d
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _finite(v) -> bool:
@@ -132,6 +140,15 @@ class ModelInfo:
             return list(names)
         return None
 
+    @property
+    def num_timesteps(self) -> int:
+        """The diffusion steps T the model was trained with (the trainer's --num-timesteps, kept
+        in the metadata; the official models and checkpoints without a record: 1000)."""
+        train = self.metadata.get("train_config") if isinstance(self.metadata, dict) else None
+        value = train.get("num_timesteps") if isinstance(train, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) \
+            else NUM_TRAIN_STEPS
+
     def caption(self, label: int) -> str:
         names = self.class_names
         if names and 0 <= label < len(names):
@@ -145,8 +162,10 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
 
 def imagenet_to_model_label(imagenet_id: int) -> int:
     """The official models were trained on ImageFolder dirs "0".."999", sorted as strings."""
-    if not 0 <= imagenet_id < 1000:
-        raise ValueError(f"ImageNet id {imagenet_id} is not in [0, 1000)")
+    if not is_int(imagenet_id) or not 0 <= imagenet_id < 1000:
+        raise UserError(f"ImageNet id {imagenet_id!r} (--classes with --imagenet-ids) is not an "
+                        f"integer in [0, 1000); pass ImageNet class ids, or drop --imagenet-ids "
+                        f"to pass the model's own labels")
     return sorted(str(i) for i in range(1000)).index(str(imagenet_id))
 
 
@@ -160,6 +179,10 @@ def resolve_cfg_mode(info: ModelInfo, options: SampleOptions) -> str:
 
 
 def resolve_clip(info: ModelInfo, options: SampleOptions) -> bool:
+    """--clip-denoised as given, else on for pixel-space models; diffusers schedulers never clamp
+    (their clip_sample is off; SampleOptions refuses --clip-denoised with them)."""
+    if options.sampler.startswith(DIFFUSERS_PREFIX):
+        return False
     return options.clip_denoised if options.clip_denoised is not None else info.pixel_space
 
 
@@ -178,14 +201,32 @@ def guided_forward(forward: Forward, info: ModelInfo, x: np.ndarray, t: int, y: 
                  info.in_channels)
 
 
+def check_model_options(info: ModelInfo, options: SampleOptions) -> None:
+    """SamplingError unless `options` can sample this model: a guidance mode its graph can do, a
+    sampler its outputs support, and the diffusion schedule it was trained on."""
+    if options.cfg_scale != 1.0:
+        resolve_cfg_mode(info, options)     # refuses a mode the graph cannot do
+    if options.sampler == "ddpm" and not info.config.get("learn_sigma", True):
+        raise SamplingError(f"--sampler ddpm needs a learned-sigma model (2C output channels); "
+                            f"{info.source} has learn_sigma=false: use --sampler ddim or "
+                            f"dpm-solver")
+    if info.num_timesteps != NUM_TRAIN_STEPS:
+        raise SamplingError(f"{info.source}: trained with --num-timesteps {info.num_timesteps}, "
+                            f"but the samplers run the {NUM_TRAIN_STEPS}-step IDDPM schedule of "
+                            f"the official models, so its images would be wrong; retrain with "
+                            f"--num-timesteps {NUM_TRAIN_STEPS}")
+
+
 def sample_latents(forward: Forward, info: ModelInfo, indices: Sequence[int],
                    labels: Sequence[int], options: SampleOptions,
                    initial: Optional[np.ndarray] = None,
                    on_step: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """Final latents (B, C, H, W) of images `indices` with model labels `labels`."""
     c, s = info.in_channels, info.input_size
-    if options.cfg_scale != 1.0:
-        resolve_cfg_mode(info, options)     # refuses a mode the graph cannot do
+    if len(indices) != len(labels):
+        raise SamplingError(f"{len(indices)} image indices but {len(labels)} labels; give one "
+                            f"label per image")
+    check_model_options(info, options)
     rngs = [image_rng(options.seed, int(i)) for i in indices]
     x = np.stack([r.standard_normal((c, s, s), dtype=np.float32) for r in rngs])
     if initial is not None:

@@ -7,12 +7,14 @@ from typing import Sequence, Union
 import numpy as np
 
 NUM_TRAIN_STEPS = 1000
+# rescaled to T steps the last beta is 0.02 * 1000 / T: above 1 (no valid process) below this
+MIN_TIMESTEPS = 20
 
 
 def linear_betas(num_steps: int = NUM_TRAIN_STEPS) -> np.ndarray:
     """Ho et al.'s linear schedule 1e-4 .. 0.02, rescaled to `num_steps` (float64)."""
-    if num_steps < 2:
-        raise ValueError(f"num_timesteps={num_steps} must be at least 2")
+    if num_steps < MIN_TIMESTEPS:
+        raise ValueError(f"num_timesteps={num_steps} must be at least {MIN_TIMESTEPS}")
     scale = 1000 / num_steps
     return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
 

@@ -15,16 +15,20 @@ the official code) is the oracle these are tested against.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from .errors import UserError
 from .schedule import NUM_TRAIN_STEPS, linear_betas, space_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+ETA_SAMPLERS = ("ddim",)                 # the built-in samplers that take --eta
 DIFFUSERS_PREFIX = "diffusers:"
+EXAMPLE = "UniPCMultistepScheduler"
 # The IDDPM training schedule, for diffusers schedulers (they take the rest from their defaults).
 DIFFUSERS_CONFIG = {"num_train_timesteps": NUM_TRAIN_STEPS, "beta_start": 1e-4, "beta_end": 0.02,
                     "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": False,
@@ -108,8 +112,8 @@ class DDPMScheduler:
         i = int(self._indices[step_index])
         eps, var = split_output(model_output, x.shape[1])
         if var is None:
-            raise ValueError("the DDPM sampler needs a learned-sigma model (2C output channels); "
-                             "use --sampler ddim or dpm-solver")
+            raise UserError("--sampler ddpm needs a learned-sigma model (2C output channels); "
+                            "use --sampler ddim or dpm-solver")
         x0 = self.pred_xstart(x, eps, i)
         mean = _f32(s.posterior_mean_coef1, i) * x0 + _f32(s.posterior_mean_coef2, i) * x
         if i == 0:
@@ -129,7 +133,7 @@ class DDIMScheduler(DDPMScheduler):
     def __init__(self, eta: float = 0.0, clip_denoised: bool = False) -> None:
         super().__init__(clip_denoised)
         if eta < 0:
-            raise ValueError(f"eta={eta} must be >= 0")
+            raise UserError(f"--eta {eta}: must be >= 0")
         self.eta = eta
         self.needs_noise = eta > 0
 
@@ -208,19 +212,31 @@ class DPMSolverScheduler:
 class DiffusersScheduler:
     """A diffusers scheduler class (e.g. UniPCMultistepScheduler, EulerDiscreteScheduler) on the
     IDDPM schedule, driven like the built-in samplers (needs diffusers and torch). Noise for
-    stochastic schedulers comes from diffusers' own generator, not from the per-image seeds."""
+    stochastic schedulers comes from diffusers' own generator, not from the per-image seeds.
+    Only schedulers that take the IDDPM betas and epsilon prediction and step with (model_output,
+    timestep, sample) are accepted (`diffusers_scheduler_class`)."""
 
     needs_noise = False
 
     def __init__(self, class_name: str, eta: float = 0.0) -> None:
         import inspect
-
-        import torch
         cls = diffusers_scheduler_class(class_name)
+        try:
+            import torch
+        except ImportError:
+            raise UserError(f"--sampler {DIFFUSERS_PREFIX}{class_name} needs torch: pip install "
+                            f"torch") from None
         params = inspect.signature(cls.__init__).parameters
         self.name = DIFFUSERS_PREFIX + class_name
         self.torch = torch
-        self.scheduler = cls(**{k: v for k, v in DIFFUSERS_CONFIG.items() if k in params})
+        try:
+            self.scheduler = cls(**{k: v for k, v in DIFFUSERS_CONFIG.items() if k in params})
+        except ValueError as err:              # diffusers refuses a config it cannot run
+            raise _unusable(class_name, err) from None
+        self.step_takes_eta = "eta" in _step_params(self.scheduler)
+        if eta and not self.step_takes_eta:
+            raise UserError(f"--eta {eta}: --sampler {self.name} has no eta (its step() takes "
+                            f"none); drop --eta")
         self.eta = eta
         self.timesteps = np.zeros(0, np.int64)
 
@@ -229,7 +245,10 @@ class DiffusersScheduler:
         return float(self.scheduler.init_noise_sigma)
 
     def set_timesteps(self, num_steps: int) -> None:
-        self.scheduler.set_timesteps(num_steps)
+        try:
+            self.scheduler.set_timesteps(num_steps)
+        except ValueError as err:
+            raise _unusable(self.name[len(DIFFUSERS_PREFIX):], err, num_steps) from None
         self.timesteps = self.scheduler.timesteps.numpy().astype(np.int64)
 
     def scale_model_input(self, x: np.ndarray, step_index: int) -> np.ndarray:
@@ -240,7 +259,7 @@ class DiffusersScheduler:
              noise: Optional[np.ndarray] = None) -> np.ndarray:
         eps, _ = split_output(model_output, x.shape[1])
         torch = self.torch
-        kwargs = {"eta": self.eta} if "eta" in _step_params(self.scheduler) else {}
+        kwargs = {"eta": self.eta} if self.step_takes_eta else {}
         out = self.scheduler.step(torch.from_numpy(np.ascontiguousarray(eps)),
                                   self.scheduler.timesteps[step_index],
                                   torch.from_numpy(np.ascontiguousarray(x)), **kwargs)
@@ -252,37 +271,107 @@ def _step_params(scheduler) -> set:
     return set(inspect.signature(scheduler.step).parameters)
 
 
+def _unusable(class_name: str, err: Exception, steps: Optional[int] = None) -> UserError:
+    text = " ".join(str(err).split())[:200]
+    with_steps = f" with --steps {steps}" if steps is not None else ""
+    return UserError(f"--sampler {DIFFUSERS_PREFIX}{class_name}: diffusers cannot run it on the "
+                     f"IDDPM schedule{with_steps} ({text}); use another scheduler, e.g. "
+                     f"{DIFFUSERS_PREFIX}{EXAMPLE}")
+
+
+def _required(params) -> list[str]:
+    import inspect
+    return [name for name, p in params.items()
+            if name != "self" and p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
 def diffusers_scheduler_class(class_name: str):
-    """The diffusers scheduler class `class_name`, or a ValueError saying what is wrong."""
+    """The diffusers scheduler class `class_name`, or a UserError saying what is wrong. A class
+    is refused unless diffusers can build it from DIFFUSERS_CONFIG alone, it takes the IDDPM
+    betas (`beta_schedule`) and epsilon prediction (`prediction_type`), it samples (noise ->
+    image, not an inversion), and its interface is the one driven here: set_timesteps(n),
+    scale_model_input(x, t), step(model_output, timestep, sample) and init_noise_sigma."""
+    import inspect
+    flag = f"--sampler {DIFFUSERS_PREFIX}{class_name}"
+    if not class_name.isidentifier() or not class_name.endswith("Scheduler"):
+        raise UserError(f"{flag}: not a diffusers scheduler class (e.g. "
+                        f"{DIFFUSERS_PREFIX}{EXAMPLE})")
     try:
         import diffusers
     except ImportError:
-        raise ValueError(f"--sampler {DIFFUSERS_PREFIX}{class_name} needs diffusers (and "
-                         f"torch): pip install diffusers") from None
-    cls = getattr(diffusers, class_name, None)
-    if cls is None or not class_name.endswith("Scheduler") or not hasattr(cls, "step"):
-        raise ValueError(f"--sampler {DIFFUSERS_PREFIX}{class_name}: not a diffusers scheduler "
-                         f"class (e.g. {DIFFUSERS_PREFIX}UniPCMultistepScheduler)")
+        raise UserError(f"{flag} needs diffusers (and torch): pip install diffusers") from None
+    try:
+        cls = getattr(diffusers, class_name, None)
+    except (ImportError, RuntimeError) as err:     # diffusers' lazy import of the module failed
+        raise UserError(f"{flag}: diffusers cannot import it ({str(err).strip()[:160]})") from None
+    if type(cls).__name__ == "DummyObject":        # diffusers' stand-in for a missing dependency
+        try:
+            cls()
+            why = "this diffusers version holds only a placeholder for it"
+        except ImportError as err:
+            why = " ".join(str(err).replace("`", "").split())[:200]
+        raise UserError(f"{flag}: not usable here ({why}); install what it needs or use e.g. "
+                        f"{DIFFUSERS_PREFIX}{EXAMPLE}")
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise UserError(f"{flag}: not a diffusers scheduler class (e.g. "
+                        f"{DIFFUSERS_PREFIX}{EXAMPLE})")
+    init = inspect.signature(cls.__init__).parameters
+    needs = [n for n in _required(init) if n not in DIFFUSERS_CONFIG]
+    if needs:
+        raise UserError(f"{flag}: its constructor needs {', '.join(needs)}, which a diffusion "
+                        f"model's sampler does not have (a scheduler for another kind of model); "
+                        f"use e.g. {DIFFUSERS_PREFIX}{EXAMPLE}")
+    if "beta_schedule" not in init or "prediction_type" not in init:
+        raise UserError(f"{flag}: it does not take the IDDPM beta schedule and epsilon "
+                        f"prediction this model was trained with (a flow-matching or other "
+                        f"schedule), so its images would be wrong; use e.g. "
+                        f"{DIFFUSERS_PREFIX}{EXAMPLE}")
+    if "Inverse" in class_name:
+        raise UserError(f"{flag}: an inversion scheduler (image -> noise), not a sampler; use "
+                        f"{DIFFUSERS_PREFIX}{class_name.replace('Inverse', '')}")
+    missing = [m for m in ("set_timesteps", "scale_model_input", "step") if not hasattr(cls, m)]
+    what = f"it has no {', '.join(missing)}" if missing else ""
+    if not missing:
+        step_needs = [n for n in _required(inspect.signature(cls.step).parameters)
+                      if n not in ("model_output", "timestep", "sample")]
+        what = f"its step() also needs {', '.join(step_needs)}" if step_needs else ""
+    if what:
+        raise UserError(f"{flag}: {what}, so it cannot be driven like a sampler here; use e.g. "
+                        f"{DIFFUSERS_PREFIX}{EXAMPLE}")
     return cls
 
 
-def check_sampler(name: str) -> None:
+def check_sampler(name: str, steps: Optional[int] = None, eta: float = 0.0) -> None:
+    """UserError unless `name` is a sampler that can run `steps` steps with `eta` (a diffusers
+    scheduler is built and its timesteps set once, cached, to find out before any work)."""
     if name in SAMPLERS:
         return
     if name.startswith(DIFFUSERS_PREFIX):
-        diffusers_scheduler_class(name[len(DIFFUSERS_PREFIX):])
+        _check_diffusers(name[len(DIFFUSERS_PREFIX):], steps, float(eta))
         return
-    raise ValueError(f"--sampler {name!r}: choose one of {', '.join(SAMPLERS)} or "
-                     f"{DIFFUSERS_PREFIX}<a diffusers scheduler class>")
+    raise UserError(f"--sampler {name!r}: choose one of {', '.join(SAMPLERS)} or "
+                    f"{DIFFUSERS_PREFIX}<a diffusers scheduler class>")
+
+
+@functools.lru_cache(maxsize=64)
+def _check_diffusers(class_name: str, steps: Optional[int], eta: float) -> None:
+    scheduler = DiffusersScheduler(class_name, eta)
+    if steps is not None:
+        scheduler.set_timesteps(steps)
+        if not len(scheduler.timesteps):
+            raise UserError(f"--sampler {DIFFUSERS_PREFIX}{class_name} gives no timesteps for "
+                            f"--steps {steps}; use more steps or another scheduler")
+        scheduler.init_noise_sigma   # noqa: B018 - diffusers' interface: fail before any work
 
 
 def make_scheduler(name: str, eta: float = 0.0, clip_denoised: bool = False):
+    if name not in SAMPLERS and not name.startswith(DIFFUSERS_PREFIX):
+        check_sampler(name)                      # the one message for an unknown sampler
     if name.startswith(DIFFUSERS_PREFIX):
         return DiffusersScheduler(name[len(DIFFUSERS_PREFIX):], eta)
     if name == "ddpm":
         return DDPMScheduler(clip_denoised)
     if name == "ddim":
         return DDIMScheduler(eta, clip_denoised)
-    if name == "dpm-solver":
-        return DPMSolverScheduler(clip_denoised)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    return DPMSolverScheduler(clip_denoised)

@@ -5,7 +5,9 @@ A stand-in refuses every name the real bindings of its release lack, and checks 
 profile against the inputs, I/O shapes and addresses before execution); its parser maps
 TernaryMatMul nodes as DESIGN section 5 says 10.15+ / 11.x does, and its engine runs the ONNX file
 in ONNX Runtime. So these tests show our calls exist in both releases and are made consistently;
-they say nothing about what TensorRT builds or computes.
+they say nothing about what TensorRT builds or computes. The plugin library is the real one, built
+once per session against each release's headers (tests/conftest.py); the stand-in's load_library
+takes nothing else (tests/trt_standin/library.py).
 """
 import json
 import os
@@ -48,11 +50,25 @@ def _use(monkeypatch, version, **kwargs):
     return module
 
 
+@pytest.fixture(scope="module")
+def plugins(trt_plugin_build):
+    """{release: the real plugin library built against that release's headers} (the session's
+    build, tests/conftest.py): the stand-in's load_library takes nothing else."""
+    return {version: trt_plugin_build(version).library for version in VERSIONS}
+
+
 @pytest.fixture
-def plugin(tmp_path):
-    path = tmp_path / "libterdit_trt_plugin.so"
-    path.write_bytes(b"plugin bytes")
-    return path
+def plugin(request, plugins):
+    """The real plugin library of the test's stand-in release: the `trt` fixture's, else the
+    `version` parameter's, else 11.1."""
+    if "trt" in request.fixturenames:
+        return plugins[_release(request.getfixturevalue("trt"))]
+    params = getattr(request.node, "callspec", None)
+    return plugins[params.params.get("version", "11.1") if params else "11.1"]
+
+
+def _release(trt):
+    return ".".join(trt.__version__.split(".")[:2])
 
 
 def _environment(trt):
@@ -76,9 +92,9 @@ def test_build_engine_profile_and_record(trt, plugin, tmp_path):
     assert record["act_quant"] == ["fp8"] and record["precision"] == "fp32"
 
 
-def test_build_engine_weakly_typed_bf16_on_10(gpu, monkeypatch, plugin, tmp_path):
+def test_build_engine_weakly_typed_bf16_on_10(gpu, monkeypatch, plugins, tmp_path):
     trt = _use(monkeypatch, "10.16")
-    plan = trt_build.build_engine(ternary_onnx(tmp_path / "m.onnx"), plugin,
+    plan = trt_build.build_engine(ternary_onnx(tmp_path / "m.onnx"), plugins["10.16"],
                                   tmp_path / "model.plan", precision="bf16")
     header = json.loads(plan.read_bytes().split(b"\n")[1])
     assert header["flags"] == ["BF16"] and trt.BuilderFlag.BF16.name == "BF16"
@@ -144,14 +160,19 @@ def test_build_engine_parser_errors_are_one_line(trt, plugin, tmp_path):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_build_engine_refuses_a_library_without_the_creator(version, gpu, monkeypatch, plugin,
-                                                           tmp_path):
+                                                           cuda_kernels_any_arch, tmp_path):
     onnx_path = ternary_onnx(tmp_path / "m.onnx")
-    _use(monkeypatch, version, library_creators=())
+    _use(monkeypatch, version, library_creators=())          # a plugin library of other creators
     with pytest.raises(trt_record.UserError, match="no creator TernaryMatMul version 1"):
         trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan")
-    _use(monkeypatch, version, library_loads=False)
-    with pytest.raises(trt_record.UserError, match="could not load the plugin library"):
-        trt_build.build_engine(onnx_path, plugin, tmp_path / "model.plan")
+    # not plugin libraries: a shared library without getCreators, a file that is no library
+    not_elf = tmp_path / "libterdit_trt_plugin.so"
+    not_elf.write_bytes(b"plugin bytes")
+    for library in (cuda_kernels_any_arch.library, not_elf):
+        _use(monkeypatch, version)
+        with pytest.raises(trt_record.UserError, match="could not load the plugin library"):
+            trt_build.build_engine(onnx_path, library, tmp_path / "model.plan")
+    assert not (tmp_path / "model.plan").exists()
 
 
 # ---- the CLI ---------------------------------------------------------------------------------
@@ -168,7 +189,6 @@ def export_dir(tmp_path_factory):
     save_checkpoint(random_model(TerDiTConfig.from_name("TerDiT-tiny")), root / "ck")
     export(root / "ck", root / "onnx", ExportOptions(cfg="official", validate=False),
            log=lambda *_: None)
-    (root / "lib.so").write_bytes(b"plugin")
     return root
 
 
@@ -177,16 +197,16 @@ def _cli(argv, capsys):
     return code, capsys.readouterr()
 
 
-def test_cli_builds_from_an_export_directory(trt, export_dir, tmp_path, capsys):
+def test_cli_builds_from_an_export_directory(trt, export_dir, plugin, tmp_path, capsys):
     out = tmp_path / "model.plan"
-    code, io = _cli([export_dir / "onnx", "--plugin", export_dir / "lib.so", "-o", out], capsys)
+    code, io = _cli([export_dir / "onnx", "--plugin", plugin, "-o", out], capsys)
     assert code == 0, io.err
     assert f"wrote {out}" in io.out and trt_record.sidecar_path(out).is_file()
 
 
 @pytest.mark.parametrize("case, pattern", [
     ("no-tensorrt", "TensorRT's Python package is not installed"),
-    ("missing-plugin", r"plugin library .*none.so not found; build it with CMake"),
+    ("missing-plugin", r"--plugin .*none.so: file not found; build it with CMake"),
     ("not-an-export", r"nothing: no model.onnx here; pass an export directory"),
     ("inlined", r"mapped 0 of 2 TernaryMatMul nodes.*--allow-inlined-ternary"),
 ])
@@ -222,13 +242,12 @@ def _inputs(batch, seed=0):
             g.integers(0, 1000, batch).astype(np.float32), g.integers(0, 10, batch))
 
 
-def test_backend_forward_with_cfg_scale(trt, export_dir):
+def test_backend_forward_with_cfg_scale(trt, export_dir, plugin):
     """A --cfg official export through build-engine and the backend's forward, cfg_scale 0-d."""
     from runtime.backends.ort_backend import OrtBackend
     plan = export_dir / "onnx" / f"model-{trt.__version__}.plan"    # beside its manifest
-    trt_build.build_engine(export_dir / "onnx" / "model.onnx", export_dir / "lib.so", plan,
-                           max_batch=4)
-    backend = trt_backend.TensorRTBackend(plan, export_dir / "lib.so", transfer=HostTransfer())
+    trt_build.build_engine(export_dir / "onnx" / "model.onnx", plugin, plan, max_batch=4)
+    backend = trt_backend.TensorRTBackend(plan, plugin, transfer=HostTransfer())
     assert backend.input_names == ["x", "t", "y", "cfg_scale"]
     ort_backend = OrtBackend(export_dir / "onnx")
     for batch, scale in ((1, 4.0), (3, np.float64(1.5))):
@@ -246,28 +265,30 @@ def test_backend_forward_with_cfg_scale(trt, export_dir):
     assert not backend._context.set_input_shape("cfg_scale", (1,))
 
 
-def test_backend_refuses_a_plan_of_the_other_release(gpu, monkeypatch, export_dir):
+def test_backend_refuses_a_plan_of_the_other_release(gpu, monkeypatch, export_dir, plugins):
     plan = export_dir / "onnx" / "other-release.plan"
     _use(monkeypatch, "10.16")
-    trt_build.build_engine(export_dir / "onnx" / "model.onnx", export_dir / "lib.so", plan)
+    trt_build.build_engine(export_dir / "onnx" / "model.onnx", plugins["10.16"], plan)
     _use(monkeypatch, "11.1")
-    with pytest.raises(trt_record.EngineMismatchError, match="field 'tensorrt_version'"):
-        trt_backend.TensorRTBackend(plan, export_dir / "lib.so", transfer=HostTransfer())
+    with pytest.raises(trt_record.EngineMismatchError) as info:
+        trt_backend.TensorRTBackend(plan, plugins["10.16"], transfer=HostTransfer())
+    assert "field 'tensorrt_version'" in str(info.value)
+    assert "plugin.sha256" not in str(info.value) and "plan_sha256" not in str(info.value)
 
 
-def test_backend_without_tensorrt_fails_with_install_hint(monkeypatch, export_dir):
+def test_backend_without_tensorrt_fails_with_install_hint(monkeypatch, export_dir, plugin):
     (export_dir / "onnx" / "model.plan").write_bytes(b"plan")
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(trt_record.TensorRTUnavailable, match="pip install tensorrt-cu12"):
-        trt_backend.TensorRTBackend(export_dir / "onnx", export_dir / "lib.so")
+        trt_backend.TensorRTBackend(export_dir / "onnx", plugin)
 
 
-def test_backend_needs_cuda_by_default(trt, export_dir):
+def test_backend_needs_cuda_by_default(trt, export_dir, plugin):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present; this checks the message on CPU-only machines")
     (export_dir / "onnx" / "model.plan").write_bytes(b"plan")
     with pytest.raises(trt_record.TensorRTUnavailable, match="needs a CUDA GPU"):
-        trt_backend.TensorRTBackend(export_dir / "onnx", export_dir / "lib.so")
+        trt_backend.TensorRTBackend(export_dir / "onnx", plugin)
 
 
 def test_importing_the_modules_does_not_import_tensorrt_or_torch():

@@ -73,11 +73,11 @@ def test_arguments_are_checked_before_tensorrt_is_needed(no_tensorrt, artifacts,
         trt_build.build_engine(onnx_path, plugin_path, plan, precision="int8")
     with pytest.raises(ValueError, match="min <= opt <= max"):
         trt_build.build_engine(onnx_path, plugin_path, plan, min_batch=8, opt_batch=4)
-    with pytest.raises(ValueError, match="max_batch=0 must be a positive integer"):
+    with pytest.raises(ValueError, match="--max-batch 0: must be from 1 to 65536"):
         trt_build.build_engine(onnx_path, plugin_path, plan, max_batch=0)
-    with pytest.raises(ValueError, match="workspace_gib=0"):
+    with pytest.raises(ValueError, match="--workspace-gib 0: must be a number of GiB above 0"):
         trt_build.build_engine(onnx_path, plugin_path, plan, workspace_gib=0)
-    with pytest.raises(ValueError, match="plugin library .*missing.so not found"):
+    with pytest.raises(ValueError, match="--plugin .*missing.so: file not found"):
         trt_build.build_engine(onnx_path, tmp_path / "missing.so", plan)
 
 
@@ -94,9 +94,9 @@ def test_resolve_batch_range_defaults_and_consistency():
     assert trt_build.resolve_batch_range(2, 8, 64) == trt_build.BatchRange(2, 8, 64)
     with pytest.raises(ValueError, match="min <= opt <= max"):
         trt_build.resolve_batch_range(1, 32, 16)
-    with pytest.raises(ValueError, match="opt_batch=-1"):
+    with pytest.raises(ValueError, match="--opt-batch -1: must be from 1"):
         trt_build.resolve_batch_range(None, -1, None)
-    with pytest.raises(ValueError, match="min_batch=True"):
+    with pytest.raises(ValueError, match="--min-batch True: must be from 1"):
         trt_build.resolve_batch_range(True, None, None)
 
 

@@ -1,12 +1,10 @@
 """The stand-in `tensorrt` modules refuse what the real bindings of their release lack.
 
-The surface tables (tests/trt_standin/surface.py) are checked against the binding sources of
-github NVIDIA/TensorRT (python/src at tags v10.16 and v11.1) when a git checkout of it is given
-in TERDIT_TENSORRT_GIT (or lies in third_party/TensorRT); without one that check skips.
+The surface tables (tests/trt_standin/surface.py) and every name the stand-ins answer are checked
+against the binding sources of github NVIDIA/TensorRT (python/src at tags v10.16 and v11.1) in
+../shared/tensorrt-python-src beside the clone (CI has them; elsewhere those checks skip).
 """
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,13 @@ from tests.trt_standin.surface import SOURCE_CLASSES, SURFACE, V10, VERSIONS, Gu
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_11_1_refuses_apis_the_real_11_1_bindings_lack():
+@pytest.fixture
+def plugin_libraries(trt_plugin_build):
+    """{release: the real plugin library built against its headers} (tests/conftest.py)."""
+    return {version: trt_plugin_build(version).library for version in VERSIONS}
+
+
+def test_11_1_refuses_apis_the_real_11_1_bindings_lack(plugin_libraries):
     trt10, trt11 = make_tensorrt("10.16"), make_tensorrt("11.1")
     for flag in ("FP16", "BF16", "INT8", "FP8"):
         assert getattr(trt10.BuilderFlag, flag).name == flag
@@ -29,8 +33,8 @@ def test_11_1_refuses_apis_the_real_11_1_bindings_lack():
                                              "TensorRT 10.16"):
         getattr(trt11.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
     # an API the stand-in implements (for 10.16) is still refused by the 11.1 stand-in
-    for trt in (trt10, trt11):
-        assert trt.get_plugin_registry().load_library(__file__) is not None
+    for version, trt in (("10.16", trt10), ("11.1", trt11)):
+        assert trt.get_plugin_registry().load_library(str(plugin_libraries[version])) is not None
     creator = trt10.get_plugin_registry().get_plugin_creator("TernaryMatMul", "1", "")
     assert creator.name == "TernaryMatMul"
     with pytest.raises(AttributeError, match="IPluginRegistry.get_plugin_creator does not "
@@ -42,6 +46,27 @@ def test_11_1_refuses_apis_the_real_11_1_bindings_lack():
         getattr(builder, "platform_has_fast_fp16")
     with pytest.raises(AttributeError, match="cannot be set"):
         builder.max_threads = 2
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_load_library_takes_only_a_plugin_library(version, plugin_libraries,
+                                                  cuda_kernels_any_arch):
+    """As TensorRT's loadLibrary: a file that dlopen refuses, a shared library without the
+    plugin entry points and a library whose creators are registered already give None; the
+    real plugin library registers the creator its getCreators exports."""
+    registry = make_tensorrt(version).get_plugin_registry()
+    assert registry.load_library(__file__) is None
+    assert "cannot dlopen" in registry._errors[-1]
+    assert registry.load_library(str(cuda_kernels_any_arch.library)) is None
+    assert "does not export getCreators, setLoggerFinder" in registry._errors[-1]
+    assert registry.get_creator("TernaryMatMul", "1", "") is None
+    assert registry.load_library(str(plugin_libraries[version])) == 1
+    creator = registry.get_creator("TernaryMatMul", "1", "")
+    assert (creator.name, creator.plugin_version, creator.plugin_namespace) == (
+        "TernaryMatMul", "1", "")
+    assert list(registry._creators) == [("TernaryMatMul", "1", "")]
+    assert registry.load_library(str(plugin_libraries[version])) is None
+    assert "already registered" in registry._errors[-1]
 
 
 def test_every_name_missing_from_a_release_is_refused():
@@ -79,35 +104,32 @@ def test_surface_names_are_per_release():
         names("10.6", "Builder")
 
 
-# ---- the tables against the binding sources ----------------------------------------------------
+# ---- the tables and the stand-in against the binding sources -----------------------------------
 
+SOURCE_DIR = ROOT.parent / "shared" / "tensorrt-python-src"
 SOURCES = ["python/src/infer/pyCore.cpp", "python/src/infer/pyGraph.cpp",
            "python/src/infer/pyFoundationalTypes.cpp", "python/src/infer/pyPlugin.cpp",
            "python/src/parsers/pyOnnx.cpp"]
 PACKAGE_INIT = "python/packaging/bindings_wheel/tensorrt/__init__.py"
 DECLARATION = re.compile(r'py::(?:class_|enum_)<[^;{]*?>\s*(?:\w+\s*)?\(\s*\w+\s*,\s*"(\w+)"', re.S)
-MEMBER = re.compile(r'\.\s*(?:def\w*|value)\s*\(\s*"(\w+)"', re.S)
+MEMBER = re.compile(r'(?<!\bm)\.\s*(?:def\w*|value)\s*\(\s*"(\w+)"', re.S)  # not m.def
 FUNCTION = re.compile(r'\bm\.def\(\s*"(\w+)"', re.S)
 
 
-def _tensorrt_git():
-    env = os.environ.get("TERDIT_TENSORRT_GIT")
-    path = Path(env) if env else ROOT / "third_party" / "TensorRT"
-    probe = subprocess.run(["git", "-C", str(path), "rev-parse", "--verify", "v11.1^{commit}"],
-                           capture_output=True, text=True) if path.exists() else None
-    if probe is None or probe.returncode != 0:
-        pytest.skip(f"no git checkout of github NVIDIA/TensorRT with tag v11.1 at {path} (set "
-                    "TERDIT_TENSORRT_GIT); the surface tables are not re-read from the sources")
-    return path
-
-
-def _binding_surface(git: Path, tag: str) -> dict[str, set]:
+def _binding_surface(version: str) -> dict[str, set]:
     """{class or enum: names its py::class_ / py::enum_ declares} plus '<module>' functions,
-    read from the binding sources at `tag` (a member belongs to the declaration before it)."""
+    read from TensorRT `version`'s binding sources in ../shared (a member belongs to the
+    declaration before it); a skip when they are absent."""
+    root = SOURCE_DIR / version
+    paths = [root / source for source in [*SOURCES, PACKAGE_INIT]]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        pytest.skip(f"TensorRT {version} binding sources not found ({missing[0]}; CI keeps them in "
+                    "../shared/tensorrt-python-src beside the clone): the stand-in's names are "
+                    "not checked against the real bindings")
     surface: dict[str, set] = {"<module>": set()}
-    for source in SOURCES:
-        text = subprocess.run(["git", "-C", str(git), "show", f"{tag}:{source}"],
-                              capture_output=True, text=True, check=True).stdout
+    for path in paths[:-1]:
+        text = path.read_text()
         events = sorted([(m.start(), "class", m.group(1)) for m in DECLARATION.finditer(text)]
                         + [(m.start(), "member", m.group(1)) for m in MEMBER.finditer(text)])
         current = None
@@ -118,23 +140,45 @@ def _binding_surface(git: Path, tag: str) -> dict[str, set]:
             elif current:
                 surface[current].add(name)
         surface["<module>"] |= set(FUNCTION.findall(text))
-    init = subprocess.run(["git", "-C", str(git), "show", f"{tag}:{PACKAGE_INIT}"],
-                          capture_output=True, text=True, check=True).stdout
-    if re.search(r"^__version__\s*=", init, re.M):
+    if re.search(r"^__version__\s*=", paths[-1].read_text(), re.M):
         surface["<module>"].add("__version__")
     return surface
 
 
+def _declared(source: dict[str, set], cls: str) -> set:
+    """The names the sources declare for the stand-in class `cls` (SOURCE_CLASSES: where)."""
+    if cls == "tensorrt":
+        return source["<module>"] | (set(source) - {"<module>"})
+    return set().union(*(source.get(c, set()) for c in SOURCE_CLASSES.get(cls, (cls,))))
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_surface_tables_match_the_binding_sources(version):
-    source = _binding_surface(_tensorrt_git(), f"v{version}")
+    """Each table entry says per release whether the name exists; the sources agree."""
+    source = _binding_surface(version)
     wrong = []
     for cls, table in SURFACE.items():
-        if cls == "tensorrt":
-            real = source["<module>"] | set(source)
-        else:
-            real = set().union(*(source.get(c, set()) for c in SOURCE_CLASSES.get(cls, (cls,))))
-            assert real, f"{cls} is not declared in the sources of v{version}"
+        real = _declared(source, cls)
+        assert real, f"{cls} is not declared in the TensorRT {version} binding sources"
         wrong += [f"{cls}.{name}: table says {version in where}, sources {name in real}"
                   for name, where in table.items() if (version in where) != (name in real)]
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_stand_in_names_exist_in_the_binding_sources(version):
+    """Every name the `version` stand-in answers (module attributes, classes, enum values,
+    methods and properties) is declared by the real bindings of that release."""
+    source = _binding_surface(version)
+    trt = make_tensorrt(version)
+    module = {n for n in vars(trt) if not n.startswith("_") or n == "__version__"}
+    assert module - _declared(source, "tensorrt") == set()
+    invented = {}
+    for name, cls in trt._standin_classes.items():
+        assert name in source, f"class {name} is not declared in the TensorRT {version} bindings"
+        defined = {n for klass in cls.__mro__ if klass not in (Guarded, object, bytes)
+                   for n in vars(klass) if not n.startswith("_")}
+        answered = defined & cls._surface          # the guard refuses the rest
+        if answered - _declared(source, name):
+            invented[name] = sorted(answered - _declared(source, name))
+    assert not invented, f"not in the TensorRT {version} binding sources: {invented}"

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from terdit_common.limits import check_threads
 from terdit_common.manifest import MODEL_FILE
 from terdit_common.ort import KERNEL_CHOICES, ort_session
 
@@ -29,8 +30,7 @@ class OrtBackend:
     def __init__(self, export_dir: str | os.PathLike, threads: Optional[int] = None,
                  providers: Optional[list[str]] = None, kernels: str = "auto") -> None:
         export_dir = Path(export_dir)
-        if threads is not None and threads < 0:
-            raise BackendError(f"--threads {threads}: must be >= 0 (0: ONNX Runtime's default)")
+        threads = check_threads(threads)
         if kernels not in KERNEL_CHOICES:
             raise BackendError(f"--kernels {kernels!r}: choose one of {', '.join(KERNEL_CHOICES)}")
         manifest, self.info = open_export(export_dir)
@@ -45,7 +45,13 @@ class OrtBackend:
             print(f"TernaryMatMul: {self.kernels}", file=sys.stderr, flush=True)
             _said.add(self.kernels)
         stored = self.session.get_modelmeta().custom_metadata_map.get("terdit.config")
-        if stored is not None and json.loads(stored) != self.info.config:
+        if stored is not None:
+            try:
+                stored = json.loads(stored)
+            except ValueError:
+                raise BackendError(f"{model_file}: its metadata 'terdit.config' is not valid "
+                                   f"JSON; re-export the model") from None
+        if stored is not None and stored != self.info.config:
             raise BackendError(f"{export_dir / 'manifest.json'}: field 'config' disagrees with "
                                f"the config stored in {model_file}; re-export the model")
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 from terdit_common.files import sha256_file
+from terdit_common.limits import check_threads
 from terdit_common.manifest import is_export_dir
-from terdit_common.op import ACT_QUANT
 from terdit_common.sampling import ModelInfo
 
-from . import BackendError, open_export
+from . import BackendError, open_export, resolve_act_quant
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -23,7 +23,22 @@ class TorchBackend:
 
     def __init__(self, path: str | os.PathLike, device: Optional[str] = None,
                  dtype: Optional[str] = None, compile: bool = True, cuda_graphs: bool = True,
-                 w2a8: bool = False, act_quant: Optional[str] = None) -> None:
+                 w2a8: bool = False, act_quant: Optional[str] = None,
+                 threads: Optional[int] = None) -> None:
+        threads = check_threads(threads)
+        if dtype is not None and dtype not in DTYPES:
+            raise BackendError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        for flag, value in (("--no-compile", compile), ("--no-cuda-graphs", cuda_graphs)):
+            if value not in (True, False):
+                raise BackendError(f"{flag}: compile / cuda_graphs must be True or False, got "
+                                   f"{value!r}")
+        if device is not None and not isinstance(device, str):
+            raise BackendError(f"--device {device!r}: pass a torch device name such as 'cpu' or "
+                               f"'cuda:0'")
+        # the activation mode of the ternary products: "none", "int8" (terdit.int8) or "fp8"
+        # (--w2a8, terdit.accel's W1.58A8)
+        self.act_quant = resolve_act_quant(w2a8, act_quant) or "none"
+        w2a8 = self.act_quant == "fp8"
         try:
             import torch
 
@@ -32,17 +47,8 @@ class TorchBackend:
         except ImportError as err:
             raise BackendError(f"the torch backend needs torch and terdit ({err}); install "
                                f"torch or use --backend ort") from None
-        if dtype is not None and dtype not in DTYPES:
-            raise BackendError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-        # the activation mode of the ternary products: "none", "int8" (terdit.int8) or "fp8"
-        # (--w2a8, terdit.accel's W1.58A8)
-        if act_quant is not None and act_quant not in ACT_QUANT:
-            raise BackendError(f"--act-quant {act_quant!r}: choose one of {', '.join(ACT_QUANT)}")
-        if w2a8 and act_quant not in (None, "fp8"):
-            raise BackendError(f"--w2a8 selects act_quant=fp8 but --act-quant is {act_quant}; "
-                               f"give one of them")
-        self.act_quant = "fp8" if w2a8 else (act_quant or "none")
-        w2a8 = self.act_quant == "fp8"
+        if threads:
+            torch.set_num_threads(threads)
         path = Path(path)
         export_info = None
         if is_export_dir(path):
@@ -51,11 +57,17 @@ class TorchBackend:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as err:
             raise BackendError(f"--device {device!r}: {err}") from None
+        if self.device.type not in ("cpu", "cuda"):
+            raise BackendError(f"--device {device}: the torch backend runs on cpu or cuda[:N]")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendError(f"--device {device}: torch sees no CUDA device; use --device cpu")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise BackendError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                               f"device(s), numbered from 0")
         loaded = load_checkpoint(path, packed=True)
+        self.dtype = dtype or ("bf16" if self.device.type == "cuda" else "fp32")
         tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            dtype or ("bf16" if self.device.type == "cuda" else "fp32")]
+            self.dtype]
         self.model = inference_model(loaded.model, self.device, tdtype)
         self.kernels = "reference"
         run = self.model

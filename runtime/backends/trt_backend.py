@@ -10,6 +10,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from terdit_common.inputs import input_file
+from terdit_common.manifest import PLAN_FILE
+
 from ..trt_build import load_plugin_library
 from ..trt_record import (EngineEnvironment, _import_torch_cuda, check_sidecar,
                           import_tensorrt)
@@ -84,22 +87,25 @@ class TensorRTBackend:
                  device: int = 0, transfer: Optional[Any] = None):
         path = Path(path)
         export_dir = path if path.is_dir() else path.parent
-        plan_path = path if path.is_file() else export_dir / "model.plan"
-        if not plan_path.is_file():
+        plan_path = path if path.is_file() else export_dir / PLAN_FILE
+        if not plan_path.exists():
             raise BackendError(f"{plan_path}: no TensorRT plan; build one with `python -m "
                                f"runtime build-engine {export_dir} --plugin LIB -o {plan_path}`")
+        input_file(plan_path, "--model", f"pass a plan built by `python -m runtime build-engine "
+                                         f"{export_dir} --plugin LIB`")
         plugin = plugin or os.environ.get("TERDIT_TRT_PLUGIN")
         if not plugin:
             raise BackendError("--backend trt needs the plugin library: pass --plugin PATH or "
                                "set TERDIT_TRT_PLUGIN")
-        plugin_path = Path(plugin)
-        if not plugin_path.is_file():
-            raise BackendError(f"--plugin {plugin_path}: file not found; build the plugin with "
-                               f"CMake (plugins/ternaryMatMulPlugin/README.md)")
+        plugin_path = input_file(plugin, "--plugin", "build the plugin with CMake "
+                                 "(plugins/ternaryMatMulPlugin/README.md)")
         _, self.info = open_export(export_dir)
         trt = import_tensorrt()
         self._transfer = transfer if transfer is not None else TorchCudaTransfer(device)
-        self.record = check_sidecar(plan_path, plugin_path, EngineEnvironment.detect(device))
+        # the plan must be built from this export's model.onnx (a plan copied from another
+        # export would run other weights under this export's name)
+        self.record = check_sidecar(plan_path, plugin_path, EngineEnvironment.detect(device),
+                                    onnx_sha256=self.info.sha256)
         self._logger = trt.Logger(trt.Logger.WARNING)
         load_plugin_library(trt, plugin_path)
         with self._transfer.device():

@@ -4,10 +4,11 @@ without TensorRT (all of ours: DESIGN section 5).
 What it proves: our calls exist with these names in the real bindings of that release (every
 other name raises AttributeError, surface.py), they are made in an order and with arguments that
 the stand-in's checks accept (profile vs. input shapes, I/O shapes and addresses before execution,
-a 0-d input set as 0-d), and the ONNX parser's node -> plugin mapping as DESIGN section 5 describes
-it for 10.15+ / 11.x. What it does not prove: anything TensorRT itself does (building, tactic
-selection, the plugin's kernels, numerics); the stand-in engine runs the ONNX file in ONNX
-Runtime.
+a 0-d input set as 0-d), the ONNX parser's node -> plugin mapping as DESIGN section 5 describes
+it for 10.15+ / 11.x, and that the plugin library is one TensorRT can load: load_library dlopens
+it and registers the creators its getCreators exports (library.py). What it does not prove:
+anything TensorRT itself does (building, tactic selection, the plugin's kernels, numerics); the
+stand-in engine runs the ONNX file in ONNX Runtime.
 
     trt = make_tensorrt("11.1")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -15,8 +16,6 @@ Runtime.
 from __future__ import annotations
 
 import types
-
-from terdit_common.op import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 from . import engine, network
 from .engine import HostTransfer
@@ -38,11 +37,11 @@ def stand_in_classes() -> dict[str, type]:
     return {**classes, **_ENUM_BASES}
 
 
-def make_tensorrt(version: str, *, library_loads: bool = True,
-                  library_creators=((PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE),)):
-    """A fresh `tensorrt` stand-in for `version` ("10.16" or "11.1"). A loaded plugin library
-    registers `library_creators` ((name, version, namespace) each); `library_loads` False makes
-    IPluginRegistry.load_library fail as for a library that cannot be dlopen'ed."""
+def make_tensorrt(version: str, *, library_creators=None):
+    """A fresh `tensorrt` stand-in for `version` ("10.16" or "11.1"). IPluginRegistry.load_library
+    takes a real plugin library only (one that exports getCreators and setLoggerFinder) and
+    registers the creators it exports; `library_creators` ((name, version, namespace) each), when
+    given, is registered instead (a library with other creators)."""
     trt = types.ModuleType("tensorrt", f"stand-in for the TensorRT {version} Python bindings")
     classes = {}
     for name, base in stand_in_classes().items():
@@ -56,5 +55,5 @@ def make_tensorrt(version: str, *, library_loads: bool = True,
     registry = classes["IPluginRegistry"]()
     trt.get_plugin_registry = lambda: registry
     trt._standin_classes = classes
-    trt._library_loads, trt._library_creators = library_loads, tuple(library_creators)
+    trt._library_creators = None if library_creators is None else tuple(library_creators)
     return trt

@@ -10,10 +10,10 @@ stand-in runtime (engine.py) executes with ONNX Runtime.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import onnx
 
+from .library import NotAPluginLibrary, read_creators
 from .surface import EnumValue, Guarded
 
 PLAN_MAGIC = b"TERDIT-TENSORRT-STANDIN-PLAN\n"
@@ -70,19 +70,31 @@ class IPluginCreatorV3One(StandIn):
 
 
 class IPluginRegistry(StandIn):
-    """load_library "loads" a library: an existing file registers the module's `_library_creators`
-    (TernaryMatMul version 1 by default); `_library_loads` False makes every load fail."""
+    """load_library dlopens the file and registers the creators its getCreators exports
+    (library.py), as TensorRT's loadLibrary does; it returns None, keeping the reason in
+    `_errors`, for a file that is no plugin library and for one whose creators are registered
+    already. The module's `_library_creators`, when not None, is registered instead of what the
+    library exports (a library built from other sources)."""
 
     def _init(self) -> None:
         self._creators: dict[tuple, IPluginCreatorV3One] = {}
         self._libraries: list[str] = []
+        self._errors: list[str] = []
 
     def load_library(self, plugin_path):
-        if not self._trt._library_loads or not Path(plugin_path).is_file():
+        try:
+            keys = read_creators(plugin_path)
+        except NotAPluginLibrary as e:
+            self._errors.append(str(e))
+            return None
+        if self._trt._library_creators is not None:
+            keys = list(self._trt._library_creators)
+        if any(tuple(key) in self._creators for key in keys):
+            self._errors.append(f"{plugin_path}: a creator of it is already registered")
             return None
         self._libraries.append(str(plugin_path))
-        for key in self._trt._library_creators:
-            self._creators[key] = self._new("IPluginCreatorV3One", *key)
+        for key in keys:
+            self._creators[tuple(key)] = self._new("IPluginCreatorV3One", *key)
         return len(self._libraries)
 
     def get_creator(self, type, version, plugin_namespace=""):     # noqa: A002 (binding's names)

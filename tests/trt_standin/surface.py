@@ -17,8 +17,8 @@ Read (not copied) from github NVIDIA/TensorRT at tags v10.16 and v11.1:
 Each table lists the names our code or the stand-in touches, plus the names that differ between
 the two releases for these classes (so the tables say what changed). A name absent from a
 version's table is refused by that version's stand-in, whether or not the stand-in implements it.
-tests/test_trt_standin.py checks every entry against those sources when a TensorRT git checkout
-is available (env TERDIT_TENSORRT_GIT).
+tests/test_trt_standin.py checks every entry, and every name the stand-ins answer, against those
+sources in ../shared/tensorrt-python-src beside the clone (CI has them; elsewhere it skips).
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from terdit import TerDiTConfig, pack_model_
-from terdit import w2a8
 from terdit.accel import AcceleratedTerDiT, Fp8Linear, W2A8Linear, output_error
 from terdit.fused import FusedTerDiT
 from tests.helpers import random_model
@@ -50,21 +49,64 @@ def test_cublaslt_comparison_mode_runs_the_whole_model():
     assert output_error(fast(x, t, y), ref) < 0.1
 
 
-def test_w2a8_linear_is_the_emulated_definition_on_the_2bit_codes():
+def _e4m3(v: torch.Tensor) -> torch.Tensor:
+    """float64 values rounded to float8 e4m3fn by the format's definition (3 mantissa bits,
+    exponent bias 7, subnormal step 2^-9, largest finite 448): nearest, ties to even."""
+    a = v.abs()
+    exponent = torch.floor(torch.log2(a.clamp_min(2.0 ** -9))).clamp_min(-6)  # subnormals: 2^-6's
+    step = torch.exp2(exponent - 3)
+    return torch.sign(v) * (torch.round(a / step) * step).clamp_max(448.0)  # round: half to even
+
+
+def _w1_58a8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """W1.58A8 from its definition, in float64: per token s = max(amax |x|, 1e-12) / 448,
+    y = (e4m3(x / s) * s) @ (T * scale)^T + bias, T read from the k16 layout (weight k in word
+    k // 16 at bits 2 (k % 16), stored as T + 1)."""
+    k = x.shape[-1]
+    t = ((codes.long().unsqueeze(-1) >> (2 * torch.arange(16))) & 3) - 1   # (N, K / 16, 16)
+    w = t.reshape(codes.shape[0], -1)[:, :k].double() * scale.double()[:, None]
+    xd = x.double()
+    s = xd.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
+    y = (_e4m3(xd / s) * s) @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def _row_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max over tokens of max |a - b| / max |b| within the token."""
+    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
+    return float(((a - b).abs().amax(-1) / b.abs().amax(-1).clamp_min(1e-300)).max())
+
+
+def test_e4m3_definition_on_hand_computed_values():
+    v = torch.tensor([448.0, 464.0, 1.0625, 1.1875, 0.0, 2.0 ** -9, 3 * 2.0 ** -10, 2.0 ** -11,
+                      -17.0, 0.3], dtype=torch.float64)
+    # 464: 448 + 16, beyond the top: 448; 1.0625 ties 1 | 1.125: even 1; 1.1875 ties 1.125 |
+    # 1.25: even 1.25; 3 * 2^-10 ties 2^-9 | 2^-8: even 2^-8; 2^-11 ties to 0; 17 ties 16 | 18:
+    # 16; 0.3: the step at 2^-2 is 2^-5, 0.3 / 2^-5 = 9.6 -> 10 * 2^-5
+    expect = [448.0, 448.0, 1.0, 1.25, 0.0, 2.0 ** -9, 2.0 ** -8, 0.0, -16.0, 0.3125]
+    assert _e4m3(v).tolist() == expect
+    assert torch.equal(_e4m3(v), v.float().to(torch.float8_e4m3fn).double())
+
+
+def test_w2a8_linear_is_the_w1_58a8_definition_on_the_2bit_codes():
     layer = _fused().layers[0].qkv
     lin = W2A8Linear(layer)
     assert lin.codes.data_ptr() == layer.codes.data_ptr()  # no weight copy
     assert not any(b.dtype == torch.float8_e4m3fn for b in lin.buffers())
-    x = torch.randn(2, 5, layer.in_features)
-    xq, s = w2a8.quantize_rows_e4m3_ref(x)
-    expect = w2a8.ternary_linear_e4m3_ref(xq, s, layer.codes, layer.scale, layer.bias, x.dtype)
-    assert torch.equal(lin(x), expect)
+    x = torch.randn(2, 5, layer.in_features) * torch.logspace(-3, 3, 5).reshape(1, 5, 1)
+    expect = _w1_58a8(x, layer.codes, layer.scale, layer.bias)
+    # same quantized x; fp32 sums of K exact products against float64 ones
+    assert _row_error(lin(x), expect) < 1e-6
     assert output_error(lin(x), layer(x)) < 0.1  # e4m3 keeps ~3 significant bits per token value
     w13 = _fused().layers[0].w13
     xs = torch.randn(3, w13.in_features)
-    assert output_error(W2A8Linear(w13).swiglu(xs), w13.swiglu(xs)) < 0.1
-    # The cuBLASLt comparison layer uses the same quantization (same result up to fp32 sums).
-    assert output_error(Fp8Linear(layer)(x), expect) < 1e-2
+    a = _w1_58a8(xs, w13.codes, w13.scale, None)
+    h = a.shape[-1] // 2
+    assert _row_error(W2A8Linear(w13).swiglu(xs), torch.nn.functional.silu(a[:, :h]) * a[:, h:]) \
+        < 1e-6
+    # The cuBLASLt comparison layer uses the same quantization (same result up to fp32 sums
+    # and its bf16 output).
+    assert _row_error(Fp8Linear(layer)(x), expect) < 1e-2
 
 
 def test_w2a8_mode_runs_the_whole_model_and_fp8_is_its_deprecated_name():

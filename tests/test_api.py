@@ -2,6 +2,7 @@
 the documentation's promises (README example, --help text)."""
 import argparse
 import importlib.util
+import os
 import re
 import shutil
 from pathlib import Path
@@ -79,29 +80,55 @@ def test_pipeline_accepts_a_path():
         Pipeline("/nonexistent/export")
 
 
+TRT_PLUGIN = Path(os.environ.get("TERDIT_TRT_PLUGIN") or ROOT / "build" / "libterdit_trt_plugin.so")
+
+
+def _trt_missing() -> str | None:
+    """Why the trt backend cannot run here, or None when TensorRT, CUDA and the plugin are all
+    present."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as err:
+        return f"TensorRT's Python package cannot be imported ({err}); pip install tensorrt-cu12"
+    if not torch.cuda.is_available():
+        return "no CUDA device for TensorRT"
+    if not TRT_PLUGIN.is_file():
+        return (f"no plugin library at {TRT_PLUGIN}: build it with CMake "
+                f"(plugins/ternaryMatMulPlugin/README.md) or set TERDIT_TRT_PLUGIN")
+    return None
+
+
+TRT_MISSING = _trt_missing()
 BACKEND_PARAMS = [
     pytest.param("ort", id="ort"),
     pytest.param("torch", id="torch"),
-    pytest.param("trt", id="trt", marks=pytest.mark.skip(
-        reason="TensorRT cannot be installed here (no libnvinfer, no GPU); see "
-               "plugins/ternaryMatMulPlugin/README.md")),
+    pytest.param("trt", id="trt", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        TRT_MISSING is not None, reason=str(TRT_MISSING))]),
 ]
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_a_moved_export_runs_on_its_own(exported, tmp_path, backend):
     """An export directory copied elsewhere, with its source checkpoint gone, samples the same
-    images on every backend (the torch backend reads the export's model.safetensors)."""
+    images on every backend (the torch backend reads the export's model.safetensors, trt the
+    plan built into it)."""
     src = tmp_path / "a"
     shutil.copytree(exported / "onnx", src)
-    before = Pipeline(open_backend(src, backend)).sample([0, 1], [1, 2], SampleOptions(steps=3))
+    kwargs = {}
+    if backend == "trt":
+        from runtime.trt_build import build_engine
+        build_engine(src / "model.onnx", TRT_PLUGIN, src / "model.plan")
+        kwargs["plugin"] = TRT_PLUGIN
+    before = Pipeline(open_backend(src, backend, **kwargs)).sample([0, 1], [1, 2],
+                                                                   SampleOptions(steps=3))
     moved = tmp_path / "elsewhere" / "b"
     moved.parent.mkdir()
     shutil.move(str(src), moved)
     ck_backup = tmp_path / "ck_backup"
     shutil.move(str(exported / "ck"), ck_backup)            # the source checkpoint is gone
     try:
-        after = Pipeline(open_backend(moved, backend)).sample([0, 1], [1, 2], SampleOptions(steps=3))
+        after = Pipeline(open_backend(moved, backend, **kwargs)).sample([0, 1], [1, 2],
+                                                                        SampleOptions(steps=3))
     finally:
         shutil.move(str(ck_backup), exported / "ck")
     assert np.array_equal(before, after)

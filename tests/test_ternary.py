@@ -71,15 +71,31 @@ def test_rejects_invalid_codes():
         hqq_to_k16(torch.full((1, 4), 0xFF, dtype=torch.uint8))
 
 
-def test_ternarize_rule():
-    # gamma = mean|W| = 1.0 here; W / (gamma + eps) rounds half to even, then clamps
-    w = torch.tensor([0.5, -0.5, 1.5, -2.5, 0.49, 1.0, 0.0, 0.0])
-    gamma = w.abs().mean()
-    expect = torch.clamp(torch.round(w / (gamma + 1e-6)), -1, 1)
-    assert torch.equal(ternarize(w), expect)
-    w2 = torch.tensor([1.0, 3.0])  # gamma 2: 0.5 -> 0 (half-even), 1.5 -> 2 -> clamp 1
-    assert ternarize(w2).tolist() == [0.0, 1.0]
+def test_ternarize_rule_on_hand_computed_values():
+    # gamma = mean |W| = 8 / 8 = 1 exactly; W / gamma rounds to nearest, ties to even, then clamps
+    w = torch.tensor([0.5, -0.5, 1.5, -2.5, 0.25, 1.0, -0.75, 1.0])
+    expect = [0.0, 0.0, 1.0, -1.0, 0.0, 1.0, -1.0, 1.0]
+    assert ternarize(w).tolist() == expect
+    assert ternarize(w, eps=0.0).tolist() == expect          # 0.5 and -0.5 are exact ties here
+    # gamma 2: 0.5 -> 0 (tie to even; half-up would give 1), 1.5 -> 2 -> clamp 1
+    assert ternarize(torch.tensor([1.0, 3.0, -1.0, -3.0]), eps=0.0).tolist() == [0, 1, 0, -1]
+    # gamma 0.5 + eps: 0.5 / (0.5 + 1e-6) is just below 1, 0.25 / (0.5 + 1e-6) just below 0.5
+    assert ternarize(torch.tensor([0.5, 0.25, -0.75, 0.5])).tolist() == [1.0, 0.0, -1.0, 1.0]
     assert ternarize(torch.zeros(4)).tolist() == [0.0] * 4  # eps keeps 0/0 away
+
+
+def test_ternarize_is_the_absmean_rule_of_the_paper():
+    """T = RoundClip(W / (mean |W| + eps), -1, 1) over the whole tensor, written here in float64
+    as thresholds: |W / (gamma + eps)| > 1/2 gives sign(W), else 0."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 53, generator=g) * torch.rand(37, 1, generator=g)  # rows of any size
+    q = w.double() / (w.double().abs().mean() + 1e-6)
+    expect = torch.where(q.abs() > 0.5, torch.sign(q), torch.zeros_like(q))
+    clear = (q.abs() - 0.5).abs() > 1e-5           # float32 and float64 agree off the 1/2 boundary
+    got = ternarize(w)
+    assert got.dtype == w.dtype and clear.float().mean() > 0.99
+    assert torch.equal(got.double()[clear], expect[clear])
+    assert set(got.unique().tolist()) == {-1.0, 0.0, 1.0}
 
 
 def test_ste_gradient_is_identity_and_alpha_learns():

@@ -115,8 +115,15 @@ def test_dequantize_rows_e4m3():
                        contract.dequantize_rows_e4m3(x.bfloat16().float()))
 
 
+# max over rows of |ONNX - definition| / the row's largest output: the same quantized X, only
+# the fp32 rounding order differs (the function scales X before the product, the definition
+# after); ~1e-6 at worst here, 2e-6 is ~34 units of 2^-24 (README quotes this bound)
+ROW_BOUND = 2e-6
+
+
 @pytest.mark.parametrize("m", [1, 2, 7, 33, 1000])
-@pytest.mark.parametrize("k, n", [(16, 16), (64, 48), (256, 128)])
+@pytest.mark.parametrize("k, n", [(16, 16), (64, 48), (256, 128), (1536, 64), (48, 1536),
+                                  (1536, 1536)])
 def test_fp8_node_matches_the_torch_emulation(m, k, n):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     w = pack_k16(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
@@ -127,9 +134,8 @@ def test_fp8_node_matches_the_torch_emulation(m, k, n):
     ref = _oracle(x, w, scale, bias, "fp8").numpy()
     y = _ort(model, feeds)
     oprun = ReferenceEvaluator(model, new_ops=contract.reference_ops()).run(None, feeds)[0]
-    # same quantized X; only the fp32 summation order differs (ONNX multiplies scale into W)
-    assert _row_err(y, ref) < 1e-5
-    assert _row_err(oprun, ref) < 1e-5
+    assert _row_err(y, ref) < ROW_BOUND
+    assert _row_err(oprun, ref) < ROW_BOUND
     weight_only = _oracle(x, w, scale, bias, "none").numpy()
     assert _row_err(weight_only, ref) > 1e-3                          # the mode matters
     # float16 activations: quantized from the fp16 values, result rounded to fp16 once

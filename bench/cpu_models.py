@@ -15,7 +15,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.contract import register_schema, ternary_matmul_function
-from terdit.ternary import PackedTernaryLinear, unpack_k16
+from terdit.ternary import PackedTernaryLinear
+from terdit.formats import unpack_k16
 from terdit_common.op import DOMAIN, GRAPH_OPSET, OP_TYPE, node_attributes
 
 NBITS_BLOCK = 32            # MatMulNBits block size (K of every shape here is a multiple)
@@ -32,7 +33,7 @@ def random_gemm(k: int, n: int, seed: int = 0):
     """Ternary T [N, K] with ~1/3 zeros packed k16, scale ~ 1/sqrt(K) per channel, zero bias."""
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
-    from terdit.ternary import pack_k16
+    from terdit.formats import pack_k16
     w = pack_k16(t)
     scale = (1.0 + 0.1 * torch.rand(n, generator=g)) / k ** 0.5
     return w, scale.float(), torch.zeros(n)
@@ -299,16 +300,16 @@ def replace_ternary_nodes(src: Path, dst: Path, kind: str) -> Path:
 # ---- torch ---------------------------------------------------------------------------------------
 
 def load_torch_kernels() -> str:
-    """Load terdit.cpu_kernels (registers the CPU ternary_matmul ops); a description, or Skip."""
+    """Load terdit.kernels.cpu (registers the CPU ternary_matmul ops); a description, or Skip."""
     try:
-        import terdit.cpu_kernels as ck
+        import terdit.kernels.cpu as ck
     except ImportError as err:
-        raise Skip(f"terdit.cpu_kernels is not available ({err})") from None
+        raise Skip(f"terdit.kernels.cpu is not available ({err})") from None
     try:
         out = ck.load()
     except Exception as err:  # noqa: BLE001 - a missing compiler, a failed build
-        raise Skip(f"terdit.cpu_kernels.load() failed: {type(err).__name__}: {err}") from None
-    return str(out) if out is not None else "terdit.cpu_kernels"
+        raise Skip(f"terdit.kernels.cpu.load() failed: {type(err).__name__}: {err}") from None
+    return str(out) if out is not None else "terdit.kernels.cpu"
 
 
 def dense_torch_model(packed_model, dtype=torch.bfloat16):

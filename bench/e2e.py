@@ -6,7 +6,7 @@ For TerDiT-600M and 4.2B shapes (random weights in the official layout), 256x256
 1 and 8 images with classifier-free guidance (batch 2 and 16), it times in one run:
   ours            fused TernaryMatMul kernels + compiled blocks + CUDA graph (bf16, weight-only)
   ours-w2a8       the same with W1.58A8 token GEMMs: per-token e4m3 activations x the 2-bit
-                  codes on FP8 tensor cores (terdit.accel w2a8=True; weights stay 2-bit)
+                  codes on FP8 tensor cores (terdit.kernels.accel w2a8=True; weights stay 2-bit)
   ours-fp8-e4m3w  comparison: the same quantization, cuBLASLt FP8 on an e4m3 weight copy
                   (w2a8_gemm="cublaslt", fast accumulation; one byte per weight)
   bf16-eager      dense bf16 DiT, eager PyTorch
@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from terdit import TerDiTConfig  # noqa: E402
-from terdit.accel import AcceleratedTerDiT  # noqa: E402
+from terdit.kernels.accel import AcceleratedTerDiT  # noqa: E402
 from terdit.fused import FusedTerDiT  # noqa: E402
-from e2e_models import (DRY, CompiledGraphed, dense_model, device,  # noqa: E402
-                        module_bytes, official_model, random_packed, sync)
+from e2e_models import (DRY, CompiledGraphed, dense_model, device, module_bytes, official_model,
+                        random_packed, sync)
 
 MODELS = {"600M": "TerDiT-600M", "4.2B": "TerDiT-4.2B"}
 def model_config(label: str) -> TerDiTConfig:
@@ -85,11 +85,12 @@ def time_forward(fn, args, quick: bool) -> float:
 
 def ddim_sample(fn, cfg, images: int, steps: int = 50, seed: int = 0):
     """(seconds, final latents) of a DDIM run through the runtime pipeline."""
-    from runtime import Pipeline, SampleOptions
-    from runtime.backends import ModelInfo
+    from runtime import SampleOptions, TerDiTPipeline
+    from terdit_common.sampling import ModelInfo
 
     class Adapter:
         name = "bench"
+        settings: dict = {}
         info = ModelInfo(cfg.to_dict(), "bench", "")
 
         @torch.no_grad()
@@ -99,7 +100,7 @@ def ddim_sample(fn, cfg, images: int, steps: int = 50, seed: int = 0):
                      torch.from_numpy(y).to(dev))
             return out.float().cpu().numpy()
 
-    pipe = Pipeline(Adapter())
+    pipe = TerDiTPipeline(Adapter())
     opts = SampleOptions(steps=steps, sampler="ddim", cfg_scale=4.0, seed=seed, batch_size=images)
     labels = [(17 * i) % cfg.num_classes for i in range(images)]
     pipe.sample(list(range(images)), labels, SampleOptions(steps=2, sampler="ddim", batch_size=images))

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from terdit import TerDiT, TerDiTConfig
-from terdit.ternary import TernaryLinear, codes_to_k16, k16_to_hqq
+from terdit.ternary import TernaryLinear
+from terdit.formats import codes_to_k16, k16_to_hqq
 
 # --dry-run: the whole script on the CPU with tiny models (no kernels, compile or graphs), to
 # check it end to end where no GPU is at hand; its numbers mean nothing.

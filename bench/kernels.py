@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from terdit import kernels  # noqa: E402
-from terdit.ternary import codes_to_hqq, codes_to_k16  # noqa: E402
+from terdit.kernels import cuda as kernels  # noqa: E402
+from terdit.formats import codes_to_hqq, codes_to_k16  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 DEVICE = "cuda"
@@ -284,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rep-ms", type=float, default=None,
                         help="do_bench rep time per measurement in ms (default 40; --quick 10)")
     parser.add_argument("--lib", type=Path, default=None,
-                        help="libterdit_kernels.so to load (default: terdit.kernels search order)")
+                        help="libterdit_kernels.so to load (default: terdit.kernels.cuda search order)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
                         help="where the JSON and markdown results go")
     parser.add_argument("--official", action="store_true",

@@ -1,6 +1,6 @@
 """Accuracy of W1.58A8 (per-token 8-bit activations x 2-bit ternary weights) against the weight-only
-path, for both activation formats: `--act-quant fp8` (e4m3, the GPU mode; terdit.w2a8) and
-`--act-quant int8` (the CPU mode; terdit.int8). Runs anywhere: on CPU the fp8 ops run their exact
+path, for both activation formats: `--act-quant fp8` (e4m3, the GPU mode; terdit.kernels.w2a8) and
+`--act-quant int8` (the CPU mode; terdit.kernels.int8). Runs anywhere: on CPU the fp8 ops run their exact
 emulation (the same quantization and fp32 sums as the CUDA kernels) and the int8 ops the terdit
 CPU kernels (bit-equal to the definition), on a GPU the fp8 kernels themselves.
 
@@ -34,9 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from terdit import int8, kernels, ternary, w2a8  # noqa: E402
+from terdit.kernels import cuda as kernels  # noqa: E402
+from terdit.kernels import int8  # noqa: E402
+from terdit.kernels import w2a8  # noqa: E402
+from terdit import ternary
 from terdit.fused import FusedTerDiT  # noqa: E402
-from terdit.ternary import pack_k16, ternary_linear_ref  # noqa: E402
+from terdit.formats import pack_k16  # noqa: E402
+from terdit.ternary import ternary_linear_ref
 
 MODELS = {"600M": (1536, 4096), "4.2B": (3072, 8192)}  # dim, FFN hidden
 
@@ -93,8 +97,8 @@ def demo_errors(device: str, num_samples: int, fid: bool, act_quant: str = "fp8"
     the first 1000 Fashion-MNIST test images). int8 quantizes every TernaryMatMul input, adaLN
     included, as an `--act-quant int8` export does; fp8 the token GEMMs, as the GPU mode does."""
     from terdit import evaluate as ev
-    from terdit.accel import to_w2a8_
-    from terdit.sampling import TorchForward, inference_model, model_info
+    from terdit.kernels.accel import to_w2a8_
+    from terdit.inference import TorchForward, inference_model, model_info
     from terdit_common.images import to_uint8
     from terdit_common.sampling import SampleOptions, sample_latents
     model, metadata = ev._load_model(str(ROOT / "terdit" / "demo"))
@@ -143,7 +147,7 @@ def demo_errors(device: str, num_samples: int, fid: bool, act_quant: str = "fp8"
 def model_errors(images: int = 1) -> list[dict]:
     sys.path.insert(0, str(ROOT / "bench"))
     import e2e  # the timed benchmark's model builders and DDIM driver
-    from terdit.accel import AcceleratedTerDiT
+    from terdit.kernels.accel import AcceleratedTerDiT
     rows = []
     for label in ("600M", "4.2B"):
         cfg = e2e.model_config(label)
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
         if args.device != "cpu":
             print("--act-quant int8 runs on the CPU kernels: use --device cpu", file=sys.stderr)
             return 2
-        from terdit import cpu_kernels
+        from terdit.kernels import cpu as cpu_kernels
         print(f"TernaryMatMul: {cpu_kernels.load()}", flush=True)
     t0 = time.time()
     rows = layer_errors(args.device, act_quant=args.act_quant)

@@ -5,13 +5,19 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from terdit_common.cli import RESTART, run_cli
-from terdit_common.op import ACT_QUANT
+from terdit_common.cli import RESTART, add_act_quant_args, run_cli
+from terdit_common.op import DTYPES
 
 from .export import export
-from .options import CFG_CHOICES, DTYPES, ExportError, ExportOptions
+from .options import CFG_CHOICES, ExportError, ExportOptions
 
 DEFAULTS = ExportOptions()
+ACT_QUANT_HELP = (
+    "activation quantization of every TernaryMatMul node: 'none' (weight-only), 'int8' (W1.58A8 "
+    "with int8 activations, s = amax / 127 per token; CPU kernels, ONNX Runtime and PyTorch "
+    "only, TensorRT refuses it) or 'fp8' (W1.58A8 with float8 e4m3 activations: the plugin "
+    "quantizes them, the portable function emulates it with QuantizeLinear / DequantizeLinear); "
+    "validated against PyTorch in the same mode (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "consolidated*.pth), a TerDiT Deploy directory (config.json + "
                    "model.safetensors), or a .pt/.pth file")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULTS.dtype,
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
                    help="compute dtype inside the graph; graph I/O stays float32 (default: %(default)s)")
     p.add_argument("--cfg", choices=CFG_CHOICES, default=DEFAULTS.cfg,
                    help="fold classifier-free guidance into the graph: inputs x/t/y for B images "
@@ -46,19 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-function", dest="function", action="store_false", default=True,
                    help="omit the portable local function (TensorRT older than 10.7 would inline "
                         "it instead of using the plugin); such files need the plugin to run")
-    act = p.add_mutually_exclusive_group()
-    act.add_argument("--act-quant", dest="act_quant", choices=ACT_QUANT, default=DEFAULTS.act_quant,
-                     help="activation quantization of every TernaryMatMul node: 'none' "
-                          "(weight-only), 'int8' (W1.58A8 with int8 activations, s = amax / 127 "
-                          "per token; CPU kernels, ONNX Runtime and PyTorch only, TensorRT "
-                          "refuses it) or 'fp8' (W1.58A8 with float8 e4m3 activations, as "
-                          "--w2a8); validated against PyTorch in the same mode "
-                          "(default: %(default)s)")
-    act.add_argument("--w2a8", dest="act_quant", action="store_const", const="fp8",
-                     help="the same as --act-quant fp8: every TernaryMatMul node gets "
-                          "act_quant=\"fp8\" (activations quantized per token to float8 e4m3 "
-                          "in the plugin; the portable function emulates it with "
-                          "QuantizeLinear / DequantizeLinear)")
+    add_act_quant_args(p, DEFAULTS.act_quant, ACT_QUANT_HELP)
     p.add_argument("--no-validate", dest="validate", action="store_false", default=True,
                    help="skip the checker and the ONNX-vs-PyTorch comparison")
     p.add_argument("--validate-batches", type=int, nargs="+", default=None, metavar="B",

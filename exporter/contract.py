@@ -1,4 +1,4 @@
-"""The terdit::TernaryMatMul op contract (version 1) on the ONNX side.
+"""The terdit::TernaryMatMul op contract (version 1, docs/design.md section 4) on the ONNX side.
 
 The written contract is plugins/ternaryMatMulPlugin/TernaryMatMul_PluginConfig.yaml; the
 exporter's nodes and the TensorRT plugin creator are both tested against it. This module holds:
@@ -15,20 +15,16 @@ import torch
 from onnx import FunctionProto, TensorProto, helper
 from onnx.defs import OpSchema
 
-from terdit.int8 import (INT8_MAX, INT8_MIN_AMAX, quantize_rows_int8_ref,
-                         ternary_linear_int8_ref)
-from terdit.w2a8 import E4M3_MAX, E4M3_MIN_AMAX, quantize_rows_e4m3_ref
-from terdit.ternary import unpack_k16
-from terdit_common.op import (ACT_QUANT, ACT_QUANT_DEFAULT, ATTRIBUTES, CONTRACT_VERSION, DOMAIN,
+from terdit.kernels.int8 import (INT8_MAX, INT8_MIN_AMAX, quantize_rows_int8_ref,
+                                 ternary_linear_int8_ref)
+from terdit.kernels.w2a8 import E4M3_MAX, E4M3_MIN_AMAX, quantize_rows_e4m3_ref
+from terdit.formats import unpack_k16
+from terdit_common.op import (ACT_QUANT, ACT_QUANT_DEFAULT, DOMAIN,
                               GRAPH_OPSET, OP_TYPE, OP_VERSION, OPTIONAL_ATTRIBUTES,
-                              PLUGIN_NAMESPACE, PLUGIN_VERSION, REQUIRED_ATTRIBUTES,
-                              node_attributes)
+                              REQUIRED_ATTRIBUTES)
 
-__all__ = ["ACT_QUANT", "ACT_QUANT_DEFAULT", "ATTRIBUTES", "CONTRACT_VERSION", "DOMAIN",
-           "GRAPH_OPSET", "OP_TYPE", "OP_VERSION", "OPTIONAL_ATTRIBUTES", "PLUGIN_NAMESPACE",
-           "PLUGIN_VERSION", "REQUIRED_ATTRIBUTES", "node_attributes", "node_act_quant",
-           "dequantize_rows_e4m3",
-           "register_schema", "ternary_matmul_function", "reference_ops", "decode_k16_numpy"]
+__all__ = ["node_act_quant", "dequantize_rows_e4m3", "register_schema", "ternary_matmul_function",
+           "reference_ops", "decode_k16_numpy"]
 
 ACTIVATION_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
 
@@ -94,10 +90,10 @@ def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto
     fp32 (Gemm on the unscaled T), cast back to X's type. Every node the exporter writes carries
     a bias (zeros when the layer has none): the function needs it.
 
-    act_quant="int8" quantizes the fp32 rows of X first (terdit.int8): per row ReduceMax |X| ->
+    act_quant="int8" quantizes the fp32 rows of X first (terdit.kernels.int8): per row ReduceMax |X| ->
     s = max(amax, 1e-12) / 127 -> QuantizeLinear to int8 (per-axis on the rows, round half to
     even, |X / s| <= 127 by construction) -> Cast to float; then Y = ((xq @ T^T) * s[m]) *
-    scale[n] + bias[n], each a separate fp32 op, as terdit.int8.ternary_linear_int8_ref.
+    scale[n] + bias[n], each a separate fp32 op, as terdit.kernels.int8.ternary_linear_int8_ref.
 
     act_quant="fp8" (W1.58A8) quantizes the fp32 rows of X as the plugin does: per row
     ReduceMax |X| -> s = max(amax, 1e-12) / 448 -> QuantizeLinear to float8e4m3fn (per-axis on
@@ -220,7 +216,7 @@ def ternary_matmul_function(act_quant: str = ACT_QUANT_DEFAULT) -> FunctionProto
 
 def dequantize_rows_e4m3(x: torch.Tensor) -> torch.Tensor:
     """What an act_quant="fp8" function's DequantizeLinear yields for X (fp32 [..., K]): the
-    per-token e4m3 values of terdit.w2a8.quantize_rows_e4m3_ref times their row scale."""
+    per-token e4m3 values of terdit.kernels.w2a8.quantize_rows_e4m3_ref times their row scale."""
     xq, s = quantize_rows_e4m3_ref(x)
     return xq.float() * s.unsqueeze(-1)
 

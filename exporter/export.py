@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from terdit import load_checkpoint, save_checkpoint
+from terdit.inference import TORCH_DTYPES
 from terdit_common import op
 from terdit_common.errors import UserError
 from terdit_common.files import (atomic_directory, atomic_write_json, check_disjoint,
@@ -27,9 +28,9 @@ from terdit_common.manifest import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, 
 from terdit_common.sampling import ModelInfo
 
 from .graph import act_quant_emulation, build_graph, finalize, lower, save_model
-from .options import DTYPES, ExportError, ExportOptions
+from .options import ExportError, ExportOptions
 from .validate import reference_outputs, validate
-from .vae import export_vae, vae_source
+from .vae_export import export_vae, vae_source
 
 # Protobuf cannot serialise 2 GiB; above this the weights go to an external data file.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -141,7 +142,7 @@ def _export(checkpoint: str | Path, outdir: Path, options: ExportOptions,
     if options.validate:
         with act_quant_emulation(options.act_quant):
             ref32 = reference_outputs(graph.float(), cfg, options)
-    graph = graph.to(DTYPES[options.dtype])
+    graph = graph.to(TORCH_DTYPES[options.dtype])
     if options.validate and options.dtype != "fp32":
         with act_quant_emulation(options.act_quant):
             ref_lowp = reference_outputs(graph, cfg, options)
@@ -200,9 +201,9 @@ def _validate(path: Path, ref32, ref_lowp, options: ExportOptions, large: bool,
     if options.tolerance is None:
         options = dataclasses.replace(options, tolerance=ACT_QUANT_TOLERANCE[options.act_quant])
     result = validate(path, ref32, ref_lowp, options, large, log, huge)
-    how = ("running terdit::ternary_matmul_int8 (terdit.int8.set_act_quant_)"
+    how = ("running terdit::ternary_matmul_int8 (terdit.kernels.int8.set_act_quant_)"
            if options.act_quant == "int8" else
-           "emulated (terdit.w2a8.quantize_rows_e4m3_ref on the input of every TernaryMatMul)")
+           "emulated (terdit.kernels.w2a8.quantize_rows_e4m3_ref on the input of every TernaryMatMul)")
     result["reference"] = (f"PyTorch fp32 (terdit, same graph) with act_quant={options.act_quant} "
                            f"{how}")
     return result

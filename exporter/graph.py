@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from terdit import TerDiT
 from terdit.fused import FusedTerDiT
-from terdit.int8 import set_act_quant_
+from terdit.kernels.int8 import set_act_quant_
 from terdit.ternary import TERNARY_LAYERS, swiglu_ref, ternary_linear_ref
+from terdit_common import op
 from terdit_common.guidance import guide
 from terdit_common.manifest import DATA_FILE
 from terdit_common.op import node_attributes, size_violation
@@ -55,30 +56,30 @@ class DiffusionGraph(nn.Module):
 def _translation_table(act_quant: str) -> dict:
     """terdit's registered ops -> TernaryMatMul nodes. The weight-only ops get `act_quant` (an
     fp8 export lowers the weight-only model); the int8 ops, which a model runs after
-    terdit.int8.set_act_quant_(model, "int8"), always get act_quant="int8"."""
+    terdit.kernels.int8.set_act_quant_(model, "int8"), always get act_quant="int8"."""
     import onnxscript
     from onnxscript import ir
-    from onnxscript import opset20 as op
+    from onnxscript import opset20 as onnx_op
 
-    import terdit.int8  # noqa: F401  (registers terdit::ternary_matmul_int8*)
+    import terdit.kernels.int8  # noqa: F401  (registers terdit::ternary_matmul_int8*)
 
     contract.register_schema()
-    terdit_ops = onnxscript.values.Opset(contract.DOMAIN, contract.OP_VERSION)
+    terdit_ops = onnxscript.values.Opset(op.DOMAIN, op.OP_VERSION)
 
     def node(mode):
         def ternary_matmul(x, w, scale, bias=None):
             k, n = int(x.shape[-1]), int(w.shape[0])
             if bias is None:
                 # Every node carries a bias (zeros here): the portable function adds it.
-                bias = op.Constant(value=ir.tensor(np.zeros(n, np.float32)))
+                bias = onnx_op.Constant(value=ir.tensor(np.zeros(n, np.float32)))
             return terdit_ops.TernaryMatMul(x, w, scale, bias, **node_attributes(k, n, mode))
 
         def ternary_matmul_swiglu(x, w, scale):
             n = int(w.shape[0])
             a = ternary_matmul(x, w, scale)
-            h1 = op.Slice(a, [0], [n // 2], [-1])
-            h3 = op.Slice(a, [n // 2], [n], [-1])
-            return op.Mul(op.Mul(h1, op.Sigmoid(h1)), h3)
+            h1 = onnx_op.Slice(a, [0], [n // 2], [-1])
+            h3 = onnx_op.Slice(a, [n // 2], [n], [-1])
+            return onnx_op.Mul(onnx_op.Mul(h1, onnx_op.Sigmoid(h1)), h3)
 
         return ternary_matmul, ternary_matmul_swiglu
 
@@ -116,7 +117,7 @@ def example_inputs(cfg, batch: int, cfg_mode: Optional[str], seed: int = 0) -> d
     return inputs
 
 
-def lower(graph: DiffusionGraph, cfg, act_quant: str = contract.ACT_QUANT_DEFAULT) -> Any:
+def lower(graph: DiffusionGraph, cfg, act_quant: str = op.ACT_QUANT_DEFAULT) -> Any:
     """torch.onnx.export (dynamo) -> onnx_ir Model; every TernaryMatMul node gets `act_quant`."""
     contract.register_schema()
     inputs = example_inputs(cfg, 2, graph.cfg_mode)
@@ -126,9 +127,9 @@ def lower(graph: DiffusionGraph, cfg, act_quant: str = contract.ACT_QUANT_DEFAUL
     if graph.cfg_mode is not None:
         dynamic["cfg_scale"] = None
         names.append("cfg_scale")
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet_export():
         program = torch.onnx.export(
-            graph, tuple(inputs.values()), dynamo=True, opset_version=contract.GRAPH_OPSET,
+            graph, tuple(inputs.values()), dynamo=True, opset_version=op.GRAPH_OPSET,
             input_names=names, output_names=["out"], dynamic_shapes=dynamic,
             custom_translation_table=_translation_table(act_quant), optimize=True, verify=False,
             verbose=False)
@@ -137,7 +138,7 @@ def lower(graph: DiffusionGraph, cfg, act_quant: str = contract.ACT_QUANT_DEFAUL
 
 class ActQuantEmulation(torch.overrides.TorchFunctionMode):
     """PyTorch runs the model as an act_quant="fp8" file computes: the input of every terdit
-    ternary op quantized per token (terdit.w2a8.quantize_rows_e4m3_ref), the product in fp32
+    ternary op quantized per token (terdit.kernels.w2a8.quantize_rows_e4m3_ref), the product in fp32
     (ternary_linear_ref / swiglu_ref) and cast back to the input's dtype, as the ONNX function
     does. The reference of a --w2a8 export's validation."""
 
@@ -160,7 +161,7 @@ def act_quant_emulation(act_quant: str):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_export():
     """torch.onnx prints progress lines and library warnings; keep them unless export fails."""
     buf = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
@@ -180,19 +181,19 @@ def _quiet():
 
 
 def finalize(model_ir, with_function: bool, metadata: dict,
-             act_quant: str = contract.ACT_QUANT_DEFAULT) -> None:
+             act_quant: str = op.ACT_QUANT_DEFAULT) -> None:
     """Name the batch dim, import the terdit domain, append the portable function (the body of
     `act_quant`, which every TernaryMatMul node must carry: contract.ternary_matmul_function)."""
     from onnxscript import ir
 
     for node in model_ir.graph:
-        if node.op_type == contract.OP_TYPE and node.domain == contract.DOMAIN:
+        if node.op_type == op.OP_TYPE and node.domain == op.DOMAIN:
             attr = node.attributes.get("act_quant")
-            mode = attr.value if attr is not None else contract.ACT_QUANT_DEFAULT
+            mode = attr.value if attr is not None else op.ACT_QUANT_DEFAULT
             if mode != act_quant:
                 raise ExportError(f"internal error: node {node.name!r} has act_quant={mode!r} "
                                   f"in an act_quant={act_quant!r} export; please report this")
-    model_ir.opset_imports[contract.DOMAIN] = contract.OP_VERSION
+    model_ir.opset_imports[op.DOMAIN] = op.OP_VERSION
     for value in list(model_ir.graph.inputs) + list(model_ir.graph.outputs):
         if value.name == "cfg_scale":
             continue

@@ -5,14 +5,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from terdit_common.errors import UserError
+from terdit_common.guidance import CFG_MODES
 from terdit_common.limits import MAX_SEED, MAX_VALIDATE_BATCH, MAX_VALIDATE_BATCHES, check_count
-from terdit_common.op import ACT_QUANT, ACT_QUANT_DEFAULT
+from terdit_common.op import ACT_QUANT, ACT_QUANT_DEFAULT, DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CFG_CHOICES = ("none", "official", "standard")
+CFG_CHOICES = ("none",) + CFG_MODES             # --cfg: folded guidance, by the guidance modes
 
 
 class ExportError(UserError):

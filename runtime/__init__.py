@@ -4,9 +4,11 @@
     pipe = TerDiTPipeline.from_pretrained("out/demo/onnx")
     images = pipe(["Trouser", "Bag"], num_inference_steps=50, guidance_scale=3.0).images
 
-Importing it needs no torch (only the torch backend and TensorRT's do). Bad arguments raise
-`UserError` (a ValueError; BackendError and SamplingError are its subclasses) with the text the
-CLI prints.
+The pipeline (runtime.pipeline) is the one front door; the backends follow one protocol
+(runtime.backends.protocol); runtime.writer writes runs; runtime.tensorrt holds what only
+TensorRT needs (the backend, engine builds and their records). Importing it needs no torch (only
+the torch backend and TensorRT's do). Bad arguments raise `UserError` (a ValueError;
+BackendError and SamplingError are its subclasses) with the text the CLI prints.
 """
 from terdit_common.errors import UserError
 from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, image_rng,
@@ -14,11 +16,10 @@ from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, ima
 from terdit_common.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler,
                                       make_scheduler)
 
-from .api import TerDiTPipeline, TerDiTPipelineOutput
 from .backends import BACKENDS, BackendError, open_backend
-from .pipeline import Pipeline
+from .pipeline import TerDiTPipeline, TerDiTPipelineOutput
 
-__all__ = ["TerDiTPipeline", "TerDiTPipelineOutput", "Pipeline", "SampleOptions", "UserError",
+__all__ = ["TerDiTPipeline", "TerDiTPipelineOutput", "SampleOptions", "UserError",
            "SamplingError", "ModelInfo", "BACKENDS", "BackendError", "open_backend", "image_rng",
            "imagenet_to_model_label", "DDIMScheduler", "DDPMScheduler", "DPMSolverScheduler",
            "make_scheduler"]

@@ -3,24 +3,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-from terdit_common.cli import (RESTART, RESUMABLE, add_sampling_args, env_int, run_cli,
+from terdit_common.cli import (RESTART, RESUMABLE, add_act_quant_args, add_sampling_args, run_cli,
                                sample_options)
 from terdit_common.errors import UserError
 from terdit_common.inputs import input_file, read_npy
 from terdit_common.limits import MAX_IMAGES, MAX_THREADS, check_count, check_threads
-from terdit_common.manifest import export_dir_of
-from terdit_common.op import ACT_QUANT
+from terdit_common.op import DTYPES
 from terdit_common.ort import KERNEL_CHOICES
-from terdit_common.sampling import imagenet_to_model_label
 
-from .backends import BACKENDS, default_backend, open_backend
-from .pipeline import Pipeline
-from .vae import open_vae
+from .backends import BACKENDS
+from .pipeline import TerDiTPipeline
+from .tensorrt.cli import add_build_engine_subparser
 
 LATENTS_FIX = "pass a float .npy of shape (N, C, H, W), one latent per image"
+ACT_QUANT_HELP = (
+    "activation quantization of the ternary products. torch backend: 'none' (default), 'int8' "
+    "(W1.58A8 with int8 activations, terdit.kernels.int8) or 'fp8' (W1.58A8 with e4m3 "
+    "activations; an exact emulation on the CPU). ort / trt: the export's own mode (python -m "
+    "exporter --act-quant); another value is refused")
 
 
 def add_sample_parser(sub) -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
                      help="torch backend device, cpu or cuda[:N] (default: cuda if present, else "
                           "cpu; ort and trt refuse it: choose their GPU with "
                           "CUDA_VISIBLE_DEVICES)")
-    io_.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    io_.add_argument("--dtype", choices=DTYPES, default=None,
                      help="torch backend compute dtype (default: bf16 on CUDA, fp32 on CPU; ort "
                           "and trt run the dtype of the export / engine and refuse it)")
     io_.add_argument("--threads", type=int, default=None,
@@ -80,16 +82,7 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
                           "kernels (plugins/cpu, built with the system C++ compiler on first use) "
                           "when they load, else the file's portable ONNX function; 'native' "
                           "requires the kernels; 'function' never uses them (default: auto)")
-    io_.add_argument("--w2a8", "--fp8", dest="w2a8", action="store_true",
-                     help="torch backend: W1.58A8, FP8 (e4m3) activations on the token GEMMs "
-                          "with the weights kept 2-bit; an exact emulation on the CPU (--fp8 is "
-                          "a deprecated alias). It is --act-quant fp8: ort / trt accept it only "
-                          "for an export made with --act-quant fp8")
-    io_.add_argument("--act-quant", choices=ACT_QUANT, default=None,
-                     help="activation quantization of the ternary products. torch backend: "
-                          "'none' (default), 'int8' (W1.58A8 with int8 activations, "
-                          "terdit.int8) or 'fp8' (as --w2a8). ort / trt: the export's own mode "
-                          "(python -m exporter --act-quant); another value is refused")
+    add_act_quant_args(io_, None, ACT_QUANT_HELP)
     io_.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                      help="torch backend on CUDA: do not torch.compile the blocks")
     io_.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -101,7 +94,6 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .build_engine import add_build_engine_subparser
     parser = argparse.ArgumentParser(prog="python -m runtime",
                                      description="TerDiT Deploy runtime: batch sampling and "
                                                  "TensorRT engine builds.")
@@ -131,74 +123,24 @@ def check_sample_args(args) -> None:
         input_file(args.latents, "--latents", LATENTS_FIX)
 
 
-def labels_from_args(args, info) -> list[int]:
-    """The label of every image: --classes cycled over --num (or --uncond)."""
-    if args.uncond:
-        return [info.null_class] * (args.num or 1)
-    classes = args.classes
-    if classes is None:
-        classes = list(range(info.num_classes))
-    elif args.imagenet_ids:
-        classes = [imagenet_to_model_label(c) for c in classes]
-    for c in classes:
-        if not 0 <= c < info.num_classes:
-            raise UserError(f"--classes {c}: outside [0, {info.num_classes}) for this model "
-                            f"(the null label {info.null_class} is not a user label; use "
-                            f"--uncond)")
-    n = args.num if args.num is not None else len(classes)
-    return [classes[i % len(classes)] for i in range(n)]
-
-
-def _distributed():
-    """(rank, world size, barrier) under torchrun; a single process needs no torch.distributed."""
-    world = env_int("WORLD_SIZE", 1)
-    if world <= 1:
-        return 0, 1, None
-    import torch
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(env_int("LOCAL_RANK", 0))
-    return dist.get_rank(), dist.get_world_size(), dist.barrier
-
-
 def sample_main(args) -> int:
     check_sample_args(args)
     options = sample_options(args, **({"cfg_scale": 1.0} if args.uncond else {}))
-    rank, world, barrier = _distributed()
-    device = args.device
-    if device is None and world > 1 and (args.backend or default_backend(args.model)) == "torch":
-        import torch
-        if torch.cuda.is_available():
-            device = f"cuda:{env_int('LOCAL_RANK', 0)}"
-    backend = open_backend(args.model, args.backend, plugin=args.plugin, device=device,
-                           dtype=args.dtype, threads=args.threads, kernels=args.kernels,
-                           compile=args.compile, cuda_graphs=args.cuda_graphs, w2a8=args.w2a8,
-                           act_quant=args.act_quant)
-    labels = labels_from_args(args, backend.info)
-    model_path = Path(args.model)
-    vae = open_vae(args.vae, export_dir_of(model_path), backend.info)
+    pipe = TerDiTPipeline.from_pretrained(
+        args.model, args.backend, device=args.device, vae=args.vae, plugin=args.plugin,
+        dtype=args.dtype, threads=args.threads, kernels=args.kernels, compile=args.compile,
+        cuda_graphs=args.cuda_graphs, act_quant=args.act_quant)
+    labels = pipe.labels_for(args.classes, args.num, args.imagenet_ids, args.uncond)
     initial = None
     if args.latents:
-        info = backend.info
+        info = pipe.info
         initial = read_npy(args.latents, "--latents", LATENTS_FIX,
                            (len(labels), info.in_channels, info.input_size, info.input_size))
-    extra = {"imagenet_ids": bool(args.imagenet_ids)}
-    # what changes the images beyond the model file, so that a resumed run must use the same:
-    # torch's activation mode and compute dtype (ort / trt: fixed in the hashed file)
-    act_quant = getattr(backend, "act_quant", "none")
-    if act_quant != "none":
-        extra["act_quant"] = act_quant
-    if getattr(backend, "dtype", None):
-        extra["dtype"] = backend.dtype
-    record = Pipeline(backend, vae).run(
-        args.out, labels, options, initial_latents=initial, save_latents=args.save_latents,
-        overwrite=args.overwrite, rank=rank, world_size=world, barrier=barrier,
-        progress=args.progress, extra_settings=extra)
-    if rank == 0:
-        timing = record.get("timing", {})
+    record = pipe.run(args.out, labels, options, initial_latents=initial,
+                      save_latents=args.save_latents, overwrite=args.overwrite,
+                      progress=args.progress, notes={"imagenet_ids": bool(args.imagenet_ids)})
+    if "timing" in record:                           # rank 0
+        timing = record["timing"]
         new, old = timing.get("images_generated_rank0", 0), timing.get("images_resumed_rank0", 0)
         rate = timing.get("images_per_second_rank0")
         what = "image(s)" if record["outputs"]["images"] else "latent(s) (no VAE: no images)"

@@ -2,7 +2,7 @@
 # The project's GPU run: ONE device call, tests + both benches inside a total time budget.
 #
 # Here (no GPU needed; nvcc 13, about 3 minutes on 2 cores):
-#   .venv/bin/python -c "from terdit import kernels; kernels.build_library('build/kernels')"
+#   .venv/bin/python -c "from terdit.kernels import build; build.build_library('build/kernels')"
 # Then one call of the device tool:
 #   run(command="bash scripts/gpu_check.sh", carry=["build/kernels"], timeout_s=540)
 #
@@ -38,7 +38,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 lib=build/kernels/libterdit_kernels.so
 if ! python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$lib" >>"$log" 2>&1; then
     echo "carried $lib does not load here: building it" | tee -a "$log"
-    python3 -c "from terdit import kernels; kernels.build_library('/tmp/tk', jobs=16)" 2>&1 | tail -20 | tee -a "$log"
+    python3 -c "from terdit.kernels import build; build.build_library('/tmp/tk', jobs=16)" 2>&1 | tail -20 | tee -a "$log"
     lib=/tmp/tk/libterdit_kernels.so
 fi
 export TERDIT_KERNELS_LIB=$(realpath "$lib")
@@ -47,8 +47,8 @@ pytest_args="-q -rs --tb=short -p no:cacheprovider -p no:logging -m gpu --timeou
 stage "smoke: every path once (a hang or a wrong result shows here in seconds)"
 timeout 90 python3 - <<'PY' 2>&1 | tee -a "$log"
 import torch
-from terdit import kernels
-from terdit.ternary import pack_k16
+from terdit.kernels import cuda as kernels
+from terdit.formats import pack_k16
 kernels.load()
 g = torch.Generator(device="cuda").manual_seed(0)
 for path, w2a8, m, n, k in [("skinny", False, 7, 256, 512), ("tc", False, 300, 256, 512),

@@ -21,8 +21,7 @@ from terdit_common.manifest import (CONFIG_FILE, MANIFEST_FILE, REEXPORT, WEIGHT
                                     is_export_dir, read_manifest, verify_files)
 
 from .config import TerDiTConfig
-from .loading import (CheckpointError, LoadedCheckpoint, check_keys,
-                      check_tensor_like,
+from .loading import (CheckpointError, LoadedCheckpoint, check_keys, check_tensor_like,
                       codes_in_features, empty_model, finish_model, model_from_state_dict,
                       safe_torch_load, to_packed)
 from .model import TerDiT

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from terdit_common import schedule
-from terdit_common.schedule import space_timesteps
+from terdit_common import noise_schedule as schedule
+from terdit_common.noise_schedule import space_timesteps
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 SAMPLERS = ("ddpm", "ddim")
@@ -328,51 +328,3 @@ class GaussianDiffusion:
                 out = self.ddim_sample(model, img, t, clip_denoised, eta, generator)
             img = out["sample"]
         return img
-
-
-# ---- model plumbing ------------------------------------------------------------------------------
-
-def cfg_model_fn(model, y: Tensor, cfg_scale: float, mode: Optional[str] = None) -> ModelFn:
-    """A ModelFn for a [cond; uncond] batch (2N samples, as the official sample.py builds it):
-    y holds the 2N labels; `TerDiT.forward_with_cfg` guides with `cfg_scale` in `mode`
-    ("official" = eps channels 0..2, "standard" = all eps channels)."""
-    mode = mode or model.cfg.default_cfg_mode
-
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        return model.forward_with_cfg(x, t, y, cfg_scale, mode).float()
-    return fn
-
-
-def plain_model_fn(model, y: Tensor) -> ModelFn:
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, t, y).float()
-    return fn
-
-
-@torch.no_grad()
-def sample_images(model, labels: Tensor, *, steps: Union[int, str] = 50, sampler: str = "ddim",
-                  cfg_scale: float = 1.0, cfg_mode: Optional[str] = None, eta: float = 0.0,
-                  clip_denoised: bool = False, generator: Optional[torch.Generator] = None,
-                  noise: Optional[Tensor] = None, progress: bool = False) -> Tensor:
-    """Generate one sample per label with a TerDiT: (N, C, H, W) in the model's data space.
-
-    steps: respacing ("250", "ddim50", or an int: DDIM uses the "ddimN" stride, DDPM the "N"
-    rule). cfg_scale != 1 runs the official doubled [cond; uncond] batch."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    labels = labels.to(device)
-    n = labels.shape[0]
-    if isinstance(steps, int):
-        steps = f"ddim{steps}" if sampler == "ddim" else str(steps)
-    diffusion = GaussianDiffusion.create(steps, learn_sigma=cfg.learn_sigma)
-    shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
-    if noise is None:
-        noise = torch.randn(shape, generator=generator, device=device)
-    if cfg_scale != 1.0:
-        null = torch.full_like(labels, cfg.null_class)
-        fn = cfg_model_fn(model, torch.cat([labels, null]), cfg_scale, cfg_mode)
-        out = diffusion.sample_loop(fn, torch.cat([noise, noise]), sampler, clip_denoised, eta,
-                                    generator, progress)
-        return out[:n]
-    return diffusion.sample_loop(plain_model_fn(model, labels), noise, sampler, clip_denoised,
-                                 eta, generator, progress)

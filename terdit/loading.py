@@ -22,8 +22,9 @@ from terdit_common.inputs import input_file
 from terdit_common.limits import MAX_WEIGHTS_BYTES
 
 from .config import TerDiTConfig
+from .formats import check_k16
 from .model import TerDiT
-from .ternary import TERNARY_LAYERS, check_k16
+from .ternary import TERNARY_LAYERS
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The largest checkpoint file read (the official 7B release in fp32 with its EMA is ~56 GB); a

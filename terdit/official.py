@@ -20,10 +20,10 @@ from torch import Tensor
 from terdit_common.files import atomic_directory
 
 from .config import OFFICIAL_NAMES, TerDiTConfig
+from .formats import codes_to_hqq, hqq_to_k16, k16_to_codes, pack_k16, ternarize
 from .loading import (CheckpointError, LoadedCheckpoint, check_float, check_keys, empty_model,
                       finish_model, safe_torch_load, ternary_prefixes, to_packed)
 from .model import TerDiT
-from .ternary import codes_to_hqq, hqq_to_k16, k16_to_codes, pack_k16, ternarize
 
 OFFICIAL_ARGS_FILE = "model_args.pth"
 OFFICIAL_RE = re.compile(r"^consolidated(_ema)?(_ternary)?\.(\d{2})-of-(\d{2})\.pth$")

@@ -10,10 +10,11 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from .errors import UserError
 from .guidance import CFG_MODES
+from .op import ACT_QUANT
 from .sampling import SampleOptions
 from .schedulers import SAMPLERS
 
@@ -52,6 +53,19 @@ def add_sampling_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
                    help=f"image i's noise depends on (seed, i) only (default: {DEFAULTS.seed})")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per forward (default: {DEFAULTS.batch_size})")
+
+
+def add_act_quant_args(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                       default: Optional[str], help_text: str) -> None:
+    """--act-quant MODE (terdit_common.op.ACT_QUANT) and --w2a8, its spelling of fp8; one of
+    them at most."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--act-quant", dest="act_quant", choices=ACT_QUANT, default=default,
+                       help=help_text)
+    group.add_argument("--w2a8", dest="act_quant", action="store_const", const="fp8",
+                       help="the same as --act-quant fp8: W1.58A8, every ternary product on "
+                            "activations quantized per token to float8 e4m3, the weights kept "
+                            "2-bit")
 
 
 def given_sampling_flags(args: argparse.Namespace) -> list[str]:
@@ -162,6 +176,7 @@ def _error(text: str) -> int:
     return EXIT_USAGE
 
 
-__all__ = ["DEFAULTS", "EXIT_INTERRUPTED", "RESTART", "RESUMABLE", "add_sampling_args",
+__all__ = ["DEFAULTS", "EXIT_INTERRUPTED", "RESTART", "RESUMABLE", "add_act_quant_args",
+           "add_sampling_args",
            "env_int", "given_sampling_flags", "is_out_of_memory", "run_cli", "sample_options",
            "sigterm_as_interrupt", "UserError"]

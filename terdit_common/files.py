@@ -1,4 +1,6 @@
-"""Files that are never half-written, content hashes, and one writer per output directory.
+"""Output files (docs/design.md section 9).
+
+Files that are never half-written, content hashes, and one writer per output directory.
 
 - `atomic_write(path, writer)`: the writer fills `.NAME.RANDOM.tmp` beside `path`, which is then
   renamed over it, so a reader sees the old file or the new one, never a torn one.

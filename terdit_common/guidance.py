@@ -1,5 +1,5 @@
-"""Classifier-free guidance over a [cond; uncond] batch (DESIGN section 2), for numpy arrays and
-torch tensors alike."""
+"""Classifier-free guidance over a [cond; uncond] batch (docs/design.md sections 2 and 6), for
+numpy arrays and torch tensors alike."""
 from __future__ import annotations
 
 import sys

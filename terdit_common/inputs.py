@@ -1,5 +1,6 @@
-"""Reading what a user gives us: every input is checked before it is read, and every failure is
-one UserError (or the caller's subclass) naming the flag and the file, the rule and the fix.
+"""Reading what a user gives us (docs/design.md section 9): every input is checked before it is
+read, and every failure is one UserError (or the caller's subclass) naming the flag and the
+file, the rule and the fix.
 
 - `input_file`: a regular file (a symbolic link to one is fine) of a bounded size. A missing
   path, a directory, a FIFO or a device (reading one would block or never end) and an oversized

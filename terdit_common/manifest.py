@@ -25,7 +25,9 @@ from typing import Any, Optional
 from .errors import UserError
 from .files import sha256_file
 from .inputs import input_file, read_json_file
-from .limits import MAX_WEIGHTS_BYTES, is_int, short
+from .guidance import CFG_MODES
+from .limits import MAX_WEIGHTS_BYTES, check_model_config, is_int, short
+from .sampling import ModelInfo
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "terdit-onnx"
@@ -157,3 +159,32 @@ def verify_files(export_dir: str | os.PathLike, manifest: dict,
                             f"changed or corrupted: re-export the model")
         hashes[name] = digest
     return hashes
+
+
+def open_export(export_dir: str | os.PathLike) -> tuple[dict, ModelInfo]:
+    """The checked manifest of an export directory (every listed file hashed and compared) and
+    the ModelInfo it describes (sha256 = model.onnx's): what every backend opens an export
+    with."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    hashes = verify_files(export_dir, manifest)
+    graph = manifest.get("graph", {})
+    folded = graph.get("cfg") if graph.get("cfg") in CFG_MODES else None
+    metadata = manifest.get("metadata")
+    if metadata is None:                                   # exports before self-contained dirs
+        metadata = manifest.get("source", {}).get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise UserError(f"{export_dir / MANIFEST_FILE}: field 'metadata' is "
+                           f"{type(metadata).__name__}, expected an object; re-export the model")
+    info = ModelInfo(manifest["config"], str(export_dir / MODEL_FILE), hashes[MODEL_FILE],
+                     folded, metadata)
+    _check_config(export_dir, info)
+    return manifest, info
+
+
+def _check_config(where: Path, info: ModelInfo) -> None:
+    try:
+        check_model_config(info.config)
+    except ValueError as err:
+        raise UserError(f"{where / MANIFEST_FILE}: field 'config': {err}; re-export the "
+                           f"model") from None

@@ -1,6 +1,6 @@
-"""terdit::TernaryMatMul: the op's identity and size rule, shared by the PyTorch reference, the
-exporter, the TensorRT plugin's Python side and the runtime (the written contract is
-plugins/ternaryMatMulPlugin/TernaryMatMul_PluginConfig.yaml)."""
+"""terdit::TernaryMatMul (docs/design.md sections 4 and 7): the op's identity and size rule,
+shared by the PyTorch reference, the exporter, the TensorRT plugin's Python side and the runtime
+(the written contract is plugins/ternaryMatMulPlugin/TernaryMatMul_PluginConfig.yaml)."""
 from __future__ import annotations
 
 DOMAIN = "terdit"
@@ -21,13 +21,17 @@ ATTRIBUTES = REQUIRED_ATTRIBUTES + OPTIONAL_ATTRIBUTES
 #   PyTorch only, the TensorRT plugin refuses it): each row m of X quantized with the fp32 scale
 #   s[m] = max(amax_k |X[m, k]|, 1e-12) / 127 to xq = clamp(round_half_even(X / s[m]), -127,
 #   127) (true fp32 division), acc = xq @ T^T exact (integer sums), then Y = (acc * s[m]) *
-#   scale[n] + bias[n] as separate fp32 ops in that order; defined by terdit.int8's
+#   scale[n] + bias[n] as separate fp32 ops in that order; defined by terdit.kernels.int8's
 #   quantize_rows_int8_ref and ternary_linear_int8_ref.
 # - "fp8" (W1.58A8: each row m of X quantized to float8 e4m3 with s[m] = max(amax_k |X[m, k]|,
 #   1e-12) / 448, fp32 accumulation, Y = acc * s[m] * scale[n] + bias[n]; defined by
-#   terdit.w2a8's quantize_rows_e4m3_ref and ternary_linear_e4m3_ref).
+#   terdit.kernels.w2a8's quantize_rows_e4m3_ref and ternary_linear_e4m3_ref).
 ACT_QUANT = ("none", "int8", "fp8")
 ACT_QUANT_DEFAULT = "none"
+# The activation dtypes (X and Y) by the names every command line uses: --dtype of the exporter
+# and the torch backend, build-engine's precisions. Index order = the ONNX / kernel type codes'
+# order: float32, float16, bfloat16.
+DTYPES = ("fp32", "fp16", "bf16")
 # Kernels tile K and N by 16 (k16 words hold 16 weights).
 SIZE_MULTIPLE = 16
 WEIGHT_LAYOUT = "k16"

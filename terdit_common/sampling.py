@@ -19,7 +19,7 @@ import numpy as np
 from .errors import UserError
 from .guidance import CFG_MODES, default_cfg_mode, guide
 from .limits import MAX_BATCH, MAX_SEED, is_int
-from .schedule import NUM_TRAIN_STEPS, space_timesteps
+from .noise_schedule import NUM_TRAIN_STEPS, space_timesteps
 from .schedulers import DIFFUSERS_PREFIX, ETA_SAMPLERS, SAMPLERS, check_sampler, make_scheduler
 
 

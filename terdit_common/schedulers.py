@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import UserError
-from .schedule import NUM_TRAIN_STEPS, linear_betas, space_timesteps
+from .noise_schedule import NUM_TRAIN_STEPS, linear_betas, space_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 ETA_SAMPLERS = ("ddim",)                 # the built-in samplers that take --eta

@@ -21,8 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from terdit import kernels
-from terdit.ternary import pack_k16, ternary_linear_ref
+from terdit.kernels import cuda as kernels
+from terdit.formats import pack_k16
+from terdit.ternary import ternary_linear_ref
 
 DRY_RUN = os.environ.get("TERDIT_KERNEL_TEST_DRY_RUN") == "1"
 DEVICE = "cpu" if DRY_RUN else "cuda"

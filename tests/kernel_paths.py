@@ -1,5 +1,5 @@
-"""Which kernel family launchTernaryMatmul runs for a call, as plugins/kernels/ternaryMatmul.h
-states the rules (KernelPath), for the tests that check the family that really ran
+"""Which kernel family launchTernaryMatmul runs for a call (docs/design.md section 8), as
+plugins/kernels/ternaryMatmul.h states the rules (KernelPath), for the tests that check the family that really ran
 (terdit::lastKernelPath): the emulated kernels (tests/kernel_emu/drive.py). Needs only torch."""
 from __future__ import annotations
 

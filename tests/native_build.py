@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from terdit import kernels
+from terdit.kernels import build as kernel_build
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -44,8 +44,8 @@ def skip_without_cmake() -> None:
 
 
 def nvcc() -> str:
-    """nvcc (terdit.kernel_build.find_nvcc's search), or a skip."""
-    found = kernels.find_nvcc()
+    """nvcc (terdit.kernels.build.find_nvcc's search), or a skip."""
+    found = kernel_build.find_nvcc()
     if found is None:
         pytest.skip("nvcc not found (CUDA toolkit absent): cannot compile the kernels")
     return found
@@ -71,16 +71,16 @@ class KernelBuild:
 
     @property
     def library(self) -> Path:
-        return self.directory / kernels.LIB_NAME
+        return self.directory / kernel_build.LIB_NAME
 
 
-def build_kernels(directory: Path, gencode: tuple[str, ...] = kernels.DEFAULT_GENCODE
+def build_kernels(directory: Path, gencode: tuple[str, ...] = kernel_build.DEFAULT_GENCODE
                   ) -> KernelBuild:
     """Configures plugins/kernels with `gencode` (the tc kernel's extra sm_89 cubin only with
     the default list) and builds libterdit_kernels.so, which links the static library."""
     skip_without_cmake()
     build = KernelBuild(Path(directory), tuple(gencode))
-    extra = [] if build.gencode == kernels.DEFAULT_GENCODE else [
+    extra = [] if build.gencode == kernel_build.DEFAULT_GENCODE else [
         f"-DTERDIT_CUDA_GENCODE={';'.join(build.gencode)}", "-DTERDIT_CUDA_GENCODE_FP8_MMA="]
     run(["cmake", "-S", ROOT / "plugins" / "kernels", "-B", build.directory,
          f"-DCMAKE_CUDA_COMPILER={nvcc()}", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", *extra],

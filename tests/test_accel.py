@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from terdit import TerDiTConfig, pack_model_
-from terdit.accel import AcceleratedTerDiT, Fp8Linear, W2A8Linear, output_error
+from terdit.kernels.accel import AcceleratedTerDiT, Fp8Linear, W2A8Linear, output_error
 from terdit.fused import FusedTerDiT
 from tests.helpers import random_model
 
@@ -109,7 +109,7 @@ def test_w2a8_linear_is_the_w1_58a8_definition_on_the_2bit_codes():
     assert _row_error(Fp8Linear(layer)(x), expect) < 1e-2
 
 
-def test_w2a8_mode_runs_the_whole_model_and_fp8_is_its_deprecated_name():
+def test_w2a8_mode_runs_the_whole_model():
     x, t, y = _inputs()
     with torch.no_grad():
         ref = _fused()(x, t, y)
@@ -118,9 +118,8 @@ def test_w2a8_mode_runs_the_whole_model_and_fp8_is_its_deprecated_name():
                for b in fast.model.layers)
     out = fast(x, t, y)
     assert 0 < output_error(out, ref) < 0.1
-    with pytest.warns(DeprecationWarning, match="w2a8=True"):
-        old = AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, fp8=True)
-    assert old.w2a8 and torch.equal(old(x, t, y), out)
+    with pytest.raises(TypeError, match="fp8"):          # the old alias is gone
+        AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, fp8=True)
     with pytest.raises(ValueError, match="w2a8_gemm"):
         AcceleratedTerDiT(_fused(), compile=False, cuda_graphs=False, w2a8=True, w2a8_gemm="int8")
 

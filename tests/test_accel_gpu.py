@@ -1,4 +1,4 @@
-"""The fast CUDA backend (terdit.accel) against the reference model, on every preset's shapes.
+"""The fast CUDA backend (terdit.kernels.accel) against the reference model, on every preset's shapes.
 
 Error measure: max |out - ref_fp32| / max |ref_fp32|. Bound: twice the error of the plain
 PyTorch bf16 model (reference op, eager, unfused) on the same inputs, plus 1e-3, the kernel
@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from terdit import TerDiT, TerDiTConfig  # noqa: E402
-from terdit.ternary import codes_to_k16  # noqa: E402
+from terdit.formats import codes_to_k16  # noqa: E402
 
 PRESETS = ["TerDiT-600M", "TerDiT-4.2B", "TerDiT-7B"]
 
@@ -46,7 +46,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    from terdit import kernels as k
+    from terdit.kernels import cuda as k
     k.load()
 
 
@@ -54,7 +54,7 @@ def kernels():
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graph"])
 def test_fast_backend_matches_reference(name, graphs, monkeypatch):
     from terdit import ternary
-    from terdit.accel import AcceleratedTerDiT
+    from terdit.kernels.accel import AcceleratedTerDiT
     from terdit.fused import FusedTerDiT
     model = _packed(name)
     x, t, y = _inputs(model.cfg, 4)
@@ -75,7 +75,7 @@ def test_fast_backend_matches_reference(name, graphs, monkeypatch):
 
 
 def test_cuda_graph_replays_track_new_inputs():
-    from terdit.accel import AcceleratedTerDiT
+    from terdit.kernels.accel import AcceleratedTerDiT
     from terdit.fused import FusedTerDiT
     model = _packed("TerDiT-600M")
     fast = AcceleratedTerDiT(FusedTerDiT(model).to(torch.bfloat16), compile=False, cuda_graphs=True)
@@ -87,7 +87,7 @@ def test_cuda_graph_replays_track_new_inputs():
 
 @pytest.mark.parametrize("gemm", ["ternary", "cublaslt"])
 def test_w2a8_mode_error_is_small(gemm):
-    from terdit.accel import AcceleratedTerDiT
+    from terdit.kernels.accel import AcceleratedTerDiT
     from terdit.fused import FusedTerDiT
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need sm_89+")

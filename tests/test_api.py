@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from exporter import ExportOptions, export
-from runtime import Pipeline, SampleOptions, TerDiTPipeline, open_backend
+from runtime import SampleOptions, TerDiTPipeline, open_backend
 from runtime.__main__ import main as runtime_main
 from terdit import load_checkpoint, save_checkpoint
 from terdit_common.images import load_npz
@@ -66,7 +66,7 @@ def test_from_pretrained_on_a_checkpoint_and_output_types(exported):
     assert out.images.shape == (2, 8, 8, 1) and out.images.dtype == np.float32
     assert 0.0 <= out.images.min() and out.images.max() <= 1.0 and out.labels == [2, 0]
     lat = pipe([2, 0], num_inference_steps=3, guidance_scale=2.0, seed=3, output_type="latent")
-    low = Pipeline(open_backend(exported / "ck")).sample([0, 1], [2, 0], SampleOptions(
+    low = TerDiTPipeline(open_backend(exported / "ck")).sample([0, 1], [2, 0], SampleOptions(
         steps=3, cfg_scale=2.0, seed=3))
     assert np.array_equal(lat.images, low)
     with pytest.raises(ValueError, match="not one of this model's classes"):
@@ -77,7 +77,7 @@ def test_from_pretrained_on_a_checkpoint_and_output_types(exported):
 
 def test_pipeline_accepts_a_path():
     with pytest.raises(Exception, match="no such file"):
-        Pipeline("/nonexistent/export")
+        TerDiTPipeline.from_pretrained("/nonexistent/export")
 
 
 TRT_PLUGIN = Path(os.environ.get("TERDIT_TRT_PLUGIN") or ROOT / "build" / "libterdit_trt_plugin.so")
@@ -116,10 +116,10 @@ def test_a_moved_export_runs_on_its_own(exported, tmp_path, backend):
     shutil.copytree(exported / "onnx", src)
     kwargs = {}
     if backend == "trt":
-        from runtime.trt_build import build_engine
+        from runtime.tensorrt.build import build_engine
         build_engine(src / "model.onnx", TRT_PLUGIN, src / "model.plan")
         kwargs["plugin"] = TRT_PLUGIN
-    before = Pipeline(open_backend(src, backend, **kwargs)).sample([0, 1], [1, 2],
+    before = TerDiTPipeline(open_backend(src, backend, **kwargs)).sample([0, 1], [1, 2],
                                                                    SampleOptions(steps=3))
     moved = tmp_path / "elsewhere" / "b"
     moved.parent.mkdir()
@@ -127,7 +127,7 @@ def test_a_moved_export_runs_on_its_own(exported, tmp_path, backend):
     ck_backup = tmp_path / "ck_backup"
     shutil.move(str(exported / "ck"), ck_backup)            # the source checkpoint is gone
     try:
-        after = Pipeline(open_backend(moved, backend, **kwargs)).sample([0, 1], [1, 2],
+        after = TerDiTPipeline(open_backend(moved, backend, **kwargs)).sample([0, 1], [1, 2],
                                                                         SampleOptions(steps=3))
     finally:
         shutil.move(str(ck_backup), exported / "ck")
@@ -147,7 +147,7 @@ def test_official_512px_model_loads_exports_and_samples(tmp_path):
     manifest = export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(validate_batches=(1,)),
                       **QUIET)
     assert manifest["validation"]["passed"] and manifest["config"]["input_size"] == 64
-    lat = Pipeline(open_backend(tmp_path / "onnx")).sample([0], [7], SampleOptions(steps=2))
+    lat = TerDiTPipeline(open_backend(tmp_path / "onnx")).sample([0], [7], SampleOptions(steps=2))
     assert lat.shape == (1, 4, 64, 64) and np.isfinite(lat).all()
 
 
@@ -185,7 +185,7 @@ def test_readme_lists_every_preset():
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
 def test_diffusers_scheduler_matches_the_builtin_ddim(exported):
-    pipe = Pipeline(open_backend(exported / "onnx"))
+    pipe = TerDiTPipeline(open_backend(exported / "onnx"))
     ours = pipe.sample([0, 1], [1, 2], SampleOptions(steps=10, cfg_scale=2.0, clip_denoised=False))
     theirs = pipe.sample([0, 1], [1, 2], SampleOptions(steps=10, cfg_scale=2.0,
                                                        sampler="diffusers:DDIMScheduler"))

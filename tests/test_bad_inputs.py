@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from exporter import ExportOptions, export
-from tests.helpers import pixel_checkpoint
+from tests.helpers import all_of, case_dir, pixel_checkpoint, run_cli_case, tree_state
 
 QUIET = dict(log=lambda *_: None)
 
@@ -120,13 +120,6 @@ def _checkpoints(tmp, base):
 def _latents(tmp, base):
     np.save(tmp / "lat.npy", np.zeros((4, 4, 8, 8), np.float32))
     np.save(tmp / "lat.labels.npy", np.arange(4))
-
-
-def _both(*fns):
-    def setup(tmp, base):
-        for fn in fns:
-            fn(tmp, base)
-    return setup
 
 
 def _readonly(monkeypatch):
@@ -313,9 +306,9 @@ CASES = [
     ("tr-grad-clip", TRAIN + ["--grad-clip", "0"], "--grad-clip 0", _latents, None),
     ("tr-sample-cfg-inf", TRAIN + ["--sample-cfg-scale", "inf"], "--sample-cfg-scale inf", _latents, None),
     ("tr-config-missing", TRAIN + ["--model-config", "{T}/none.json"], "--model-config .*none.json: file not found", _latents, None),
-    ("tr-config-bad", TRAIN + ["--model-config", "{T}/m.json"], "m.json: not valid JSON", _both(_latents, _file("m.json", b"{")), None),
-    ("tr-config-field", TRAIN + ["--model-config", "{T}/m.json"], "m.json: unknown config field", _both(_latents, _file("m.json", b'{"wings": 2}')), None),
-    ("tr-config-layers", TRAIN + ["--model-config", "{T}/m.json"], "n_layers=1000000", _both(_latents, _file("m.json", b'{"n_layers": 1000000}')), None),
+    ("tr-config-bad", TRAIN + ["--model-config", "{T}/m.json"], "m.json: not valid JSON", all_of(_latents, _file("m.json", b"{")), None),
+    ("tr-config-field", TRAIN + ["--model-config", "{T}/m.json"], "m.json: unknown config field", all_of(_latents, _file("m.json", b'{"wings": 2}')), None),
+    ("tr-config-layers", TRAIN + ["--model-config", "{T}/m.json"], "n_layers=1000000", all_of(_latents, _file("m.json", b'{"n_layers": 1000000}')), None),
     ("tr-folder-no-path", ["train", "--data", "folder", "--out", "{T}/run"], "needs a path", None, None),
     ("tr-folder-missing", ["train", "--data", "folder", "--data-path", "{T}/none", "--out", "{T}/run"], "does not exist", None, None),
     ("tr-latents-missing", TRAIN, "lat.npy does not exist", None, None),
@@ -325,9 +318,9 @@ CASES = [
     ("tr-init-ternary", TRAIN + ["--init-from", "{B}/ck"], "does not match|ternary", _latents, None),
     ("tr-resume-none", TRAIN + ["--resume", "latest"], "start without --resume", _latents, None),
     ("tr-resume-dir", TRAIN + ["--resume", "{T}/nodir"], "--resume .*nodir.*missing", _latents, None),
-    ("tr-out-file", TRAIN[:-4] + ["--out", "{T}/f"], "not a directory|exists", _both(_latents, _file("f", b"x")), None),
-    ("tr-has-checkpoints", TRAIN, "already holds checkpoints", _both(_latents, _checkpoints), None),
-    ("tr-resume-changed", TRAIN + ["--resume", "latest", "--lr", "0.1"], "--lr 0.0005 -> 0.1", _both(_latents, _checkpoints), None),
+    ("tr-out-file", TRAIN[:-4] + ["--out", "{T}/f"], "not a directory|exists", all_of(_latents, _file("f", b"x")), None),
+    ("tr-has-checkpoints", TRAIN, "already holds checkpoints", all_of(_latents, _checkpoints), None),
+    ("tr-resume-changed", TRAIN + ["--resume", "latest", "--lr", "0.1"], "--lr 0.0005 -> 0.1", all_of(_latents, _checkpoints), None),
     # terdit.evaluate
     ("ev-samples-missing", EVAL + ["--samples", "{T}/none.npz"], "not one of|file not found", None, None),
     ("ev-npz-truncated", EVAL + ["--samples", "{T}/cut.npz"], "cut.npz: not a readable .npz", lambda t, b: (t / "cut.npz").write_bytes((b / "good.npz").read_bytes()[:200]), None),
@@ -350,23 +343,6 @@ CASES = [
 ]
 
 
-def _main(tool):
-    if tool == "exporter":
-        from exporter.__main__ import main
-    elif tool == "runtime":
-        from runtime.__main__ import main
-    elif tool == "train":
-        from terdit.train import main
-    else:
-        from terdit.evaluate import main
-    return main
-
-
-def _snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1)
-            for p in root.rglob("*")}
-
-
 def _truncate_onnx(tmp, base, monkeypatch):
     shutil.copytree(base / "onnx", tmp / "onnx")
     path = tmp / "onnx" / "model.onnx"
@@ -377,24 +353,15 @@ def _truncate_onnx(tmp, base, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_cleanly(case, base, tmp_path, capsys, monkeypatch):
     name, argv, pattern, setup, patch = case
-    work = tmp_path / "w"
-    work.mkdir()
-    if setup:
-        setup(work, base)
+    work = case_dir(tmp_path, base, setup)
     if patch == "truncate_onnx":
         _truncate_onnx(work, base, monkeypatch)
     elif patch == "no_tensorrt":
         monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
     elif patch:
         patch(monkeypatch)
-    capsys.readouterr()
-    before = _snapshot(work)
-    args = [a.replace("{T}", str(work)).replace("{B}", str(base)) for a in argv[1:]]
-    try:
-        code = _main(argv[0])(args)
-    except SystemExit as exit_:                      # argparse's own usage errors
-        code = exit_.code
-    err = capsys.readouterr().err.strip()
+    before = tree_state(work)
+    code, err = run_cli_case(argv, work, base, capsys)
     assert code == 2, (name, err)
     assert "Traceback" not in err, err
     last = err.splitlines()[-1]
@@ -403,7 +370,7 @@ def test_bad_input_fails_cleanly(case, base, tmp_path, capsys, monkeypatch):
         assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
     import re
     assert re.search(pattern, err), (name, err)
-    after = _snapshot(work)
+    after = tree_state(work)
     added = sorted(set(after) - set(before))
     # nothing half-written: no temporaries; a new output holds at most its lock file
     assert not [a for a in added if Path(a).name.endswith((".tmp", ".partial", ".old"))], added

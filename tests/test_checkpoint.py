@@ -6,12 +6,13 @@ import pickle
 import pytest
 import torch
 
-from terdit import (CheckpointError, TerDiTConfig, load_checkpoint, save_checkpoint,
-                    save_official, save_torch)
-from terdit.ternary import pack_model_, ternarize
+from terdit import (CheckpointError, TerDiTConfig, load_checkpoint, save_checkpoint, save_official,
+                    save_torch)
+from terdit.ternary import pack_model_
+from terdit.formats import ternarize
 from tests.helpers import random_model
-from tests.official_layout import (official_forward, official_forward_with_cfg,
-                                   random_official_state, write_official_dir)
+from tests.official_layout import (official_forward, official_forward_with_cfg, random_official_state,
+                              write_official_dir)
 
 TINY_OFFICIAL = "DiT_Llama_600M_patch2"
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from terdit.int8 import quantize_rows_int8_ref, ternary_linear_int8_ref
-from terdit.ternary import pack_k16, ternary_linear_ref
-from terdit.w2a8 import quantize_rows_e4m3_ref
+from terdit.kernels.int8 import quantize_rows_int8_ref, ternary_linear_int8_ref
+from terdit.formats import pack_k16
+from terdit.ternary import ternary_linear_ref
+from terdit.kernels.w2a8 import quantize_rows_e4m3_ref
 from terdit_common import cpukernels
 
 try:
@@ -151,7 +152,7 @@ def test_unsupported_isa_and_act_quant_are_refused():
 # ---- the torch ops ------------------------------------------------------------------------------
 
 def test_torch_ops_run_the_kernels_on_cpu():
-    from terdit import cpu_kernels
+    from terdit.kernels import cpu as cpu_kernels
     assert cpu_kernels.load().startswith("terdit CPU kernels")
     x, w, scale, b = case(2 * 16, 64, 96, seed=5)
     x = x.reshape(2, 16, 64)
@@ -172,7 +173,7 @@ def test_torch_ops_run_the_kernels_on_cpu():
 
 
 def test_torch_compile_keeps_the_op():
-    from terdit import cpu_kernels
+    from terdit.kernels import cpu as cpu_kernels
     cpu_kernels.load()
     x, w, scale, b = case(8, 32, 32, seed=6)
 

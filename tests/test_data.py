@@ -8,17 +8,9 @@ import torch
 
 from terdit import TerDiTConfig
 from terdit_common.images import to_uint8
-from terdit.data import (
-    FASHION_MNIST_DIR,
-    DatasetNotFoundError,
-    batch_indices,
-    load_dataset,
-    load_fashion_mnist,
-    load_image_folder,
-    load_latents,
-    load_mnist_5k,
-    read_idx,
-)
+from terdit.train.data import (FASHION_MNIST_DIR, DatasetNotFoundError, batch_indices, load_dataset,
+                               load_fashion_mnist, load_image_folder, load_latents, load_mnist_5k,
+                               read_idx)
 
 
 def write_idx(path, array):

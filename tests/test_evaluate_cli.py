@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from terdit.classifier import load_classifier
-from terdit.data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, load_fashion_mnist
+from terdit.evaluate.classifier import load_classifier
+from terdit.train.data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, load_fashion_mnist
 from terdit.evaluate import main
 
 
@@ -153,7 +153,7 @@ def features(images: np.ndarray) -> np.ndarray:
 
 
 def _frechet(a, b):
-    """FID from features, computed apart from terdit.fid: the eigenvalues of S1 S2 directly."""
+    """FID from features, computed apart from terdit.evaluate.fid: the eigenvalues of S1 S2 directly."""
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
@@ -162,7 +162,7 @@ def _frechet(a, b):
 
 @needs_fmnist
 def test_metrics_ref_fashion_mnist_test_is_the_padded_test_split(tmp_path, capsys, monkeypatch):
-    from terdit import evaluate
+    from terdit.evaluate import cli as evaluate
     monkeypatch.setattr(evaluate, "InceptionFeatures", StandInFeatures)
     FED.clear()
     test_images, test_labels = _fmnist("test", 40)

@@ -11,6 +11,8 @@ import onnx
 import pytest
 import torch
 
+from terdit_common import op
+
 from exporter import ExportError, ExportOptions, export
 from exporter import contract
 from exporter.__main__ import main as cli_main
@@ -62,7 +64,7 @@ def _guided(model, x, t, y, mode: str, scale: float = 4.0):
 
 
 def _nodes(path: Path):
-    return [n for n in onnx.load(str(path)).graph.node if n.op_type == contract.OP_TYPE]
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == op.OP_TYPE]
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
@@ -98,7 +100,7 @@ def test_export_grid_validates(one_layer_ckpt, tmp_path, dtype, cfg, fuse):
     assert len(nodes) == manifest["graph"]["ternary_matmul_nodes"] == (4 * layers + 1 if fuse else 8 * layers)
     for n in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert set(attrs) == set(contract.REQUIRED_ATTRIBUTES)
+        assert set(attrs) == set(op.REQUIRED_ATTRIBUTES)
         assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b""
         assert n.domain == "terdit" and len(n.input) == 4
     m = onnx.load(str(out / "model.onnx"))
@@ -116,7 +118,7 @@ def test_node_shapes_and_weights_match_the_model(tiny_ckpt, tmp_path):
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
     model = load_checkpoint(tiny_ckpt, packed=True).model
     wq = model.layers[1].attention.wq
-    node = next(n for n in m.graph.node if n.op_type == contract.OP_TYPE and "layers.1.attention.wq" in n.input[1])
+    node = next(n for n in m.graph.node if n.op_type == op.OP_TYPE and "layers.1.attention.wq" in n.input[1])
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert (attrs["K"], attrs["N"]) == (64, 64)
     w = inits[node.input[1]]
@@ -174,7 +176,7 @@ def test_official_directory_exports_directly(tmp_path, monkeypatch):
     assert manifest["graph"]["ternary_matmul_nodes"] == 4 * 2 + 1
     assert manifest["config"]["dim"] == 64 and manifest["config"]["input_size"] == 4
     path = str(tmp_path / "o" / "model.onnx")
-    assert sum(n.op_type == contract.OP_TYPE for n in onnx.load(path).graph.node) == 9
+    assert sum(n.op_type == op.OP_TYPE for n in onnx.load(path).graph.node) == 9
     import onnxruntime as ort
     g = torch.Generator().manual_seed(7)
     x, t, y = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([10.0, 900.0]), torch.tensor([3, 9])
@@ -311,20 +313,20 @@ def test_nodes_follow_the_written_contract(one_layer_ckpt, tmp_path, act_quant):
     yaml = pytest.importorskip("yaml")
     doc = yaml.safe_load((ROOT / "plugins" / "ternaryMatMulPlugin" /
                           "TernaryMatMul_PluginConfig.yaml").read_text())
-    spec = doc["versions"][contract.PLUGIN_VERSION]
-    assert doc["name"] == contract.OP_TYPE and doc["onnx_domain"] == contract.DOMAIN
-    assert spec["plugin_namespace"] == contract.PLUGIN_NAMESPACE
-    assert list(spec["attributes"]) == list(contract.ATTRIBUTES)
-    assert list(spec["attributes_required"]) == list(contract.REQUIRED_ATTRIBUTES)
-    assert set(contract.OPTIONAL_ATTRIBUTES) == set(spec["attributes"]) - set(
+    spec = doc["versions"][op.PLUGIN_VERSION]
+    assert doc["name"] == op.OP_TYPE and doc["onnx_domain"] == op.DOMAIN
+    assert spec["plugin_namespace"] == op.PLUGIN_NAMESPACE
+    assert list(spec["attributes"]) == list(op.ATTRIBUTES)
+    assert list(spec["attributes_required"]) == list(op.REQUIRED_ATTRIBUTES)
+    assert set(op.OPTIONAL_ATTRIBUTES) == set(spec["attributes"]) - set(
         spec["attributes_required"])
     options = spec["attribute_options"]["act_quant"]
-    assert tuple(options["values"]) == contract.ACT_QUANT
-    assert options["default"] == contract.ACT_QUANT_DEFAULT
+    assert tuple(options["values"]) == op.ACT_QUANT
+    assert options["default"] == op.ACT_QUANT_DEFAULT
     contract.register_schema()
-    schema = onnx.defs.get_schema(contract.OP_TYPE, contract.OP_VERSION, contract.DOMAIN)
-    assert {a: schema.attributes[a].required for a in contract.ATTRIBUTES} == {
-        a: a in contract.REQUIRED_ATTRIBUTES for a in contract.ATTRIBUTES}
+    schema = onnx.defs.get_schema(op.OP_TYPE, op.OP_VERSION, op.DOMAIN)
+    assert {a: schema.attributes[a].required for a in op.ATTRIBUTES} == {
+        a: a in op.REQUIRED_ATTRIBUTES for a in op.ATTRIBUTES}
     export(one_layer_ckpt, tmp_path / "o",
            ExportOptions(dtype="fp16", validate=False, act_quant=act_quant), **QUIET)
     m = onnx.load(str(tmp_path / "o" / "model.onnx"))

@@ -1,5 +1,5 @@
 """TernaryMatMul act_quant="int8" (W1.58A8 with int8 activations): the definition in
-terdit.int8 against a case computed by hand, the registered ops and the layer against the
+terdit.kernels.int8 against a case computed by hand, the registered ops and the layer against the
 definition, the portable ONNX function (ONNX Runtime and onnx.reference) bit for bit against it,
 the fold-proof decode, `python -m exporter --act-quant int8`, and the runtime's act_quant rules."""
 import json
@@ -14,14 +14,16 @@ from onnx.reference import ReferenceEvaluator
 
 from exporter import ExportOptions, contract, export
 from exporter.__main__ import build_parser
-from runtime import Pipeline, SampleOptions, open_backend
+from runtime import SampleOptions, TerDiTPipeline, open_backend
 from runtime.__main__ import main as runtime_main
 from runtime.backends import BackendError
 from terdit import PackedTernaryLinear, TerDiTConfig, set_act_quant_
 from terdit.fused import FusedTerDiT
-from terdit.int8 import (INT8_MAX, quantize_rows_int8_ref, ternary_linear_int8_ref,
-                         ternary_matmul_int8, ternary_matmul_int8_swiglu)
-from terdit.ternary import pack_k16, ternary_linear_ref, unpack_k16
+from terdit.kernels.int8 import (INT8_MAX, quantize_rows_int8_ref, ternary_linear_int8_ref,
+                                 ternary_matmul_int8, ternary_matmul_int8_swiglu)
+from terdit.formats import pack_k16, unpack_k16
+from terdit.ternary import ternary_linear_ref
+from terdit_common import op
 from terdit_common.errors import UserError
 from tests.helpers import pixel_checkpoint, random_model
 from tests.test_w2a8_onnx import _model, _ort
@@ -150,7 +152,7 @@ def test_layer_mode_and_set_act_quant():
     xin = torch.randn(3, lin.in_features)
     assert torch.equal(lin(xin), ternary_matmul_int8(xin, lin.codes, lin.scale, lin.bias))
     assert "act_quant" not in "".join(fused.state_dict())
-    for bad, match in (("fp8", "terdit.accel"), ("int4", "act_quant='int4' is not one of none, int8")):
+    for bad, match in (("fp8", "terdit.kernels.accel"), ("int4", "act_quant='int4' is not one of none, int8")):
         with pytest.raises(ValueError, match=match):
             set_act_quant_(fused, bad)
     set_act_quant_(fused, "none")
@@ -171,7 +173,7 @@ def _quantize_graph():
                                                                          ["M", "K"])],
                               [helper.make_tensor_value_info("x2_q", TensorProto.INT8, ["M", "K"]),
                                helper.make_tensor_value_info("s_row", TensorProto.FLOAT, ["M"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", contract.GRAPH_OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", op.GRAPH_OPSET)])
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -272,7 +274,7 @@ def test_int8_export_validates_and_records_the_mode(int8_export):
     assert v["passed"] and "ternary_matmul_int8" in v["reference"]
     assert all(c["rel_err"] <= c["bound"] for c in v["checks"])
     m = onnx.load(str(root / "onnx" / "model.onnx"))
-    nodes = [n for n in m.graph.node if n.op_type == contract.OP_TYPE]
+    nodes = [n for n in m.graph.node if n.op_type == op.OP_TYPE]
     assert nodes and all(contract.node_act_quant(n) == "int8" for n in nodes)
     (fn,) = m.functions
     ops = [n.op_type for n in fn.node]
@@ -290,15 +292,14 @@ def test_export_cli_act_quant_flags(capsys):
 
 def test_torch_int8_samples_like_the_ort_int8_export(int8_export):
     root, _ = int8_export
-    onnx_int8 = Pipeline(open_backend(root / "onnx", "ort")).sample([0, 1, 2], [1, 2, 4], FAST)
-    same = Pipeline(open_backend(root / "onnx", "ort", act_quant="int8")).sample([0, 1, 2],
+    onnx_int8 = TerDiTPipeline(open_backend(root / "onnx", "ort")).sample([0, 1, 2], [1, 2, 4], FAST)
+    same = TerDiTPipeline(open_backend(root / "onnx", "ort", act_quant="int8")).sample([0, 1, 2],
                                                                                  [1, 2, 4], FAST)
     assert np.array_equal(onnx_int8, same)
-    from runtime import TerDiTPipeline
     pipe = TerDiTPipeline.from_pretrained(root / "onnx", backend="torch", act_quant="int8")
-    assert pipe.pipeline.backend.act_quant == "int8"
-    torch_int8 = pipe.pipeline.sample([0, 1, 2], [1, 2, 4], FAST)
-    torch_none = Pipeline(open_backend(root / "onnx", "torch")).sample([0, 1, 2], [1, 2, 4], FAST)
+    assert pipe.backend.act_quant == "int8"
+    torch_int8 = pipe.sample([0, 1, 2], [1, 2, 4], FAST)
+    torch_none = TerDiTPipeline(open_backend(root / "onnx", "torch")).sample([0, 1, 2], [1, 2, 4], FAST)
     scale = np.abs(torch_int8).max()
     close = np.abs(torch_int8 - onnx_int8).max() / scale
     apart = np.abs(torch_none - onnx_int8).max() / scale
@@ -310,7 +311,7 @@ def test_ort_refuses_another_mode(int8_export, capsys, tmp_path):
     with pytest.raises(BackendError, match="exported with act_quant=int8"):
         open_backend(root / "onnx", "ort", act_quant="none")
     from runtime import TerDiTPipeline
-    with pytest.raises(BackendError, match="--act-quant fp8: --backend ort"):
+    with pytest.raises(BackendError, match=r"--act-quant fp8 \(--w2a8\): --backend ort"):
         TerDiTPipeline.from_pretrained(root / "onnx", backend="ort", act_quant="fp8")
     with pytest.raises(BackendError, match="--w2a8 selects act_quant=fp8"):
         open_backend(root / "onnx", "torch", w2a8=True, act_quant="int8")
@@ -332,7 +333,7 @@ def test_cli_torch_int8_records_the_mode(int8_export, tmp_path):
 
 
 def test_trt_build_refuses_int8_before_tensorrt(tmp_path):
-    from runtime.trt_build import build_engine
+    from runtime.tensorrt.build import build_engine
     from tests.trt_standin.files import ternary_onnx
     onnx_path = ternary_onnx(tmp_path / "m.onnx", act_quant="int8")
     plugin = tmp_path / "libplugin.so"

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from terdit import kernels, w2a8
-from terdit.ternary import pack_k16
+from terdit.kernels import build as kernel_build
+from terdit.kernels import cuda as kernels
+from terdit.kernels import w2a8
+from terdit.formats import pack_k16
 
 GLIBC = {"libc.so.6", "ld-linux-x86-64.so.2", "libm.so.6", "libdl.so.2", "libpthread.so.0",
          "librt.so.1"}
@@ -46,7 +48,7 @@ def _cuda_tool(name):
     """A CUDA binary utility on PATH, beside nvcc, or (cuobjdump) from its pip package; else a
     skip."""
     found = shutil.which(name)
-    nvcc = kernels.find_nvcc()
+    nvcc = kernel_build.find_nvcc()
     if found is None and nvcc is not None and (Path(nvcc).parent / name).is_file():
         found = str(Path(nvcc).parent / name)
     if found is None and name == "cuobjdump":
@@ -67,10 +69,10 @@ def test_library_holds_sm80_sm89_sm90a_sass_and_compute90_ptx(built_lib):
     # sm_89 SASS only for the tensor-core translation unit (its e4m3 mma.sync needs sm_89).
     assert set(re.findall(r"\.(sm_\w+)\.cubin", elf)) == {"sm_80", "sm_89", "sm_90a"}
     assert len(re.findall(r"\.sm_89\.cubin", elf)) == sum(len(extra) for extra in
-                                                         kernels.EXTRA_GENCODE.values())
+                                                         kernel_build.EXTRA_GENCODE.values())
     # One PTX per translation unit with device code, all generic compute_90 (not sm_90a).
     assert set(re.findall(r"\.(sm_\w+)\.ptx", ptx)) == {"sm_90"}
-    assert len(re.findall(r"\.ptx", ptx)) == len(list(kernels.KERNEL_SOURCE_DIR.glob("*.cu")))
+    assert len(re.findall(r"\.ptx", ptx)) == len(list(kernel_build.KERNEL_SOURCE_DIR.glob("*.cu")))
 
 
 def test_ptx_has_no_sm90a_instructions_and_assembles_for_a_newer_gpu(built_lib, tmp_path):
@@ -97,11 +99,11 @@ def test_ptx_has_no_sm90a_instructions_and_assembles_for_a_newer_gpu(built_lib, 
 
 
 def test_cmake_and_python_builds_use_the_same_gencode_list():
-    cmake = (kernels.KERNEL_SOURCE_DIR / "CMakeLists.txt").read_text()
+    cmake = (kernel_build.KERNEL_SOURCE_DIR / "CMakeLists.txt").read_text()
     match = re.search(r'set\(TERDIT_CUDA_GENCODE\s+"([^"]+)"', cmake)
     assert match, "TERDIT_CUDA_GENCODE default not found in plugins/kernels/CMakeLists.txt"
-    assert tuple(match.group(1).split(";")) == kernels.DEFAULT_GENCODE
-    assert "-gencode=arch=compute_90,code=compute_90" in kernels.DEFAULT_GENCODE
+    assert tuple(match.group(1).split(";")) == kernel_build.DEFAULT_GENCODE
+    assert "-gencode=arch=compute_90,code=compute_90" in kernel_build.DEFAULT_GENCODE
 
 
 def test_library_exports_only_the_c_abi(built_lib):
@@ -201,13 +203,13 @@ def test_force_path_rejects_unknown_names():
 
 
 def test_build_commands_give_tc_its_sm89_cubin(tmp_path):
-    if kernels.find_nvcc() is None:
+    if kernel_build.find_nvcc() is None:
         pytest.skip("nvcc not found")
-    *compiles, link = kernels.nvcc_commands(tmp_path / "lib.so", obj_dir=tmp_path)
+    *compiles, link = kernel_build.nvcc_commands(tmp_path / "lib.so", obj_dir=tmp_path)
     by_source = {next(a for a in c if a.endswith((".cu", ".cpp"))).rsplit("/", 1)[-1]: c
                  for c in compiles}
-    assert set(by_source) == {p.name for p in kernels.KERNEL_SOURCE_DIR.glob("*.cu")} | {
-        kernels.C_API_SOURCE.name}
+    assert set(by_source) == {p.name for p in kernel_build.KERNEL_SOURCE_DIR.glob("*.cu")} | {
+        kernel_build.C_API_SOURCE.name}
     sm89 = "-gencode=arch=compute_89,code=sm_89"
     assert sm89 in by_source["ternaryTensorCore.cu"]
     assert all(sm89 not in c for name, c in by_source.items() if name != "ternaryTensorCore.cu")
@@ -215,13 +217,13 @@ def test_build_commands_give_tc_its_sm89_cubin(tmp_path):
 
 
 def test_python_build_compiles_each_source_as_the_cmake_build_does(cuda_kernels, tmp_path):
-    """terdit.kernel_build (kernels.load(build=True) where CMake is not at hand) is not run here
+    """terdit.kernels.build (kernels.load(build=True) where CMake is not at hand) is not run here
     (a second compile of every source); its nvcc commands give each kernel source the -gencode
     flags and the -O3 / C++17 / hidden-visibility options of the CMake build the tests above
     check."""
     cmake = {Path(e["file"]).name: shlex.split(e["command"])
              for e in json.loads((cuda_kernels.directory / "compile_commands.json").read_text())}
-    *compiles, _ = kernels.nvcc_commands(tmp_path / "lib.so", obj_dir=tmp_path)
+    *compiles, _ = kernel_build.nvcc_commands(tmp_path / "lib.so", obj_dir=tmp_path)
     python = {next(a for a in c if a.endswith(".cu")).rsplit("/", 1)[-1]: c
               for c in compiles if any(a.endswith(".cu") for a in c)}
     assert set(python) == {name for name in cmake if name.endswith(".cu")}
@@ -235,9 +237,9 @@ def test_python_build_compiles_each_source_as_the_cmake_build_does(cuda_kernels,
 
 
 def test_import_makes_no_cuda_call():
-    code = ("import torch, terdit.kernels as k; "
+    code = ("import torch, terdit.kernels.cuda as k; "
             "assert not torch.cuda.is_initialized(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=kernels.REPO_ROOT)
+                         cwd=kernel_build.REPO_ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

@@ -7,8 +7,8 @@ import zlib
 import pytest
 import torch
 
-from terdit import kernels
-from terdit.ternary import pack_k16
+from terdit.kernels import cuda as kernels
+from terdit.formats import pack_k16
 from tests.kernel_gpu_common import *  # noqa: F401,F403 - the shared helpers and constants
 from tests.kernel_gpu_common import GPU_MARKS
 

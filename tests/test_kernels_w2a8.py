@@ -1,4 +1,4 @@
-"""CPU checks of the W1.58A8 definition in terdit.w2a8: the per-token e4m3 quantization, the
+"""CPU checks of the W1.58A8 definition in terdit.kernels.w2a8: the per-token e4m3 quantization, the
 product ops (terdit::ternary_matmul_e4m3[_swiglu], terdit::quantize_rows_e4m3) and their fake
 implementations under torch.compile. The CUDA kernels are tested against these definitions (on
 the CPU emulator in tests/test_kernels_emulated.py, on a GPU in tests/test_kernels_gpu.py)."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from terdit import w2a8
-from terdit.ternary import pack_k16
+from terdit.kernels import w2a8
+from terdit.formats import pack_k16
 
 
 def e4m3_values() -> torch.Tensor:

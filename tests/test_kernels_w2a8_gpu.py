@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from terdit import kernels, w2a8
+from terdit.kernels import cuda as kernels
+from terdit.kernels import w2a8
 from tests.kernel_gpu_common import *  # noqa: F401,F403 - the shared helpers and constants
 from tests.kernel_gpu_common import GPU_MARKS
 

@@ -1,4 +1,4 @@
-"""The TensorRT plugin against every TensorRT header release the project supports (DESIGN section 5).
+"""The TensorRT plugin against every TensorRT header release the project supports (docs/design.md section 5).
 
 The public headers of TensorRT 10.0.1, 10.7.0, 10.16 and 11.1 live in ../shared/tensorrt-headers
 beside the repository (CI has them there; a user's clone may not, and then each version skips with

@@ -4,14 +4,11 @@ exporter, `runtime sample`, the trainer and `terdit.evaluate`, in process. Each 
 with its exit code (2: bad input), one `error:` line naming the file or flag, no traceback, no
 temporary left, and every file of the user's (symbolic-link targets included) byte-identical.
 One test kills a real export process (SIGKILL, then SIGTERM) and runs the same command again."""
-import hashlib
 import importlib
 import json
 import os
-import re
 import shutil
 import signal
-import stat
 import struct
 import subprocess
 import sys
@@ -24,7 +21,8 @@ import pytest
 
 from exporter import ExportOptions, export
 from terdit_common.manifest import MANIFEST_FORMAT, files_record, seal
-from tests.helpers import pixel_checkpoint
+from tests.helpers import (all_of, assert_one_error_line, case_dir, pixel_checkpoint,
+                           run_cli_case, tree_state)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -74,13 +72,6 @@ def _copy(*names):
         for name in names:
             shutil.copytree(base / name, tmp / name, symlinks=True) if (base / name).is_dir() \
                 else shutil.copy2(base / name, tmp / name)
-    return setup
-
-
-def _all(*fns):
-    def setup(tmp, base):
-        for fn in fns:
-            fn(tmp, base)
     return setup
 
 
@@ -207,134 +198,86 @@ CASES = [
     ("ex-out-is-input", ["exporter", "{T}/onnx", "-o", "{T}/onnx", "--overwrite"], r"-o .*onnx: is the input CHECKPOINT", _copy("onnx")),
     ("ex-out-inside-input", ["exporter", "{T}/ck", "-o", "{T}/ck/sub"], "lies inside the input CHECKPOINT", _copy("ck")),
     ("ex-out-contains-input", ["exporter", "{T}/w/ck", "-o", "{T}/w", "--overwrite"], "contains the input CHECKPOINT", lambda t, b: shutil.copytree(b / "ck", t / "w" / "ck")),
-    ("ex-overwrite-foreign-file", EX + ["--overwrite"], r"-o .*/o: holds notes.txt, which this tool did not write", _all(lambda t, b: shutil.copytree(b / "onnx", t / "o"), _write("o/notes.txt", b"mine"))),
+    ("ex-overwrite-foreign-file", EX + ["--overwrite"], r"-o .*/o: holds notes.txt, which this tool did not write", all_of(lambda t, b: shutil.copytree(b / "onnx", t / "o"), _write("o/notes.txt", b"mine"))),
     ("ex-overwrite-checkpoint", ["exporter", "{T}/ck", "-o", "{T}/fpck", "--overwrite", "--no-validate"], "fpck: is not an export directory", _copy("ck", "fpck")),
-    ("ex-out-symlink", EX + ["--overwrite"], r"-o .*/o: is a symbolic link", _all(_copy("ck"), lambda t, b: shutil.copytree(b / "onnx", t / "real"), _link("o", "real"))),
-    ("ex-lock-symlink", EX, r"\.o\.lock: is a symbolic link", _all(_copy("ck"), _link(".o.lock", "precious.txt"))),
-    ("rs-lock-symlink", SAMPLE, r"\.terdit\.lock: is a symbolic link", _all(_copy("onnx"), _mkdir("out"), _link("out/.terdit.lock", "precious.txt"))),
+    ("ex-out-symlink", EX + ["--overwrite"], r"-o .*/o: is a symbolic link", all_of(_copy("ck"), lambda t, b: shutil.copytree(b / "onnx", t / "real"), _link("o", "real"))),
+    ("ex-lock-symlink", EX, r"\.o\.lock: is a symbolic link", all_of(_copy("ck"), _link(".o.lock", "precious.txt"))),
+    ("rs-lock-symlink", SAMPLE, r"\.terdit\.lock: is a symbolic link", all_of(_copy("onnx"), _mkdir("out"), _link("out/.terdit.lock", "precious.txt"))),
     ("rs-out-is-model", SAMPLE[:5] + ["{T}/onnx", "--overwrite", "--backend", "torch"], "--out .*onnx: is the input --model", _copy("onnx")),
     ("rs-out-inside-model", SAMPLE[:5] + ["{T}/onnx/s", "--backend", "torch"], "lies inside the input --model", _copy("onnx")),
-    ("rs-user-image", SAMPLE, r"out/images: holds 000000.png, which this tool did not write", _all(_copy("onnx"), lambda t, b: shutil.copytree(b / "samples" / "images", t / "out" / "images"))),
-    ("rs-user-image-overwrite", SAMPLE + ["--overwrite"], "holds 000000.png, which this tool did not write", _all(_copy("onnx"), lambda t, b: shutil.copytree(b / "samples" / "images", t / "out" / "images"))),
-    ("rs-user-grid-overwrite", SAMPLE + ["--overwrite"], "holds grid.png but no samples.json", _all(_copy("onnx"), _write("out/grid.png", b"my grid"))),
-    ("rs-foreign-samples-json", SAMPLE + ["--overwrite"], "samples.json is not a TerDiT Deploy sample record", _all(_copy("onnx"), _write("out/samples.json", b'{"mine": 1}'), _write("out/images/000000.png", b"x"))),
-    ("rs-images-symlink", SAMPLE, "out: images is not a directory this tool made", _all(_copy("onnx"), _mkdir("mine"), _mkdir("out"), lambda t, b: os.symlink(t / "mine", t / "out" / "images"))),
-    ("tr-foreign-checkpoints", TRAIN, "holds checkpoints but no train_config.json", _all(LAT, _write("run/checkpoints/model.ckpt", b"another run"))),
-    ("tr-foreign-checkpoints-overwrite", TRAIN + ["--overwrite"], "holds checkpoints but no train_config.json", _all(LAT, _write("run/checkpoints/model.ckpt", b"another run"))),
-    ("tr-foreign-ckpt-in-run-overwrite", TRAIN + ["--overwrite"], r"run/checkpoints: holds model.ckpt, which this tool did not write", _all(LAT, _copy("run"), _write("run/checkpoints/model.ckpt", b"mine"))),
-    ("tr-foreign-final", TRAIN, "holds final but no train_config.json", _all(LAT, _write("run/final/weights.bin", b"mine"))),
-    ("tr-final-foreign-file", RESUME, r"run/final: holds notes.txt", _all(LAT, _copy("run"), _write("run/final/notes.txt", b"mine"))),
-    ("tr-lock-symlink", TRAIN, r"\.terdit\.lock: is a symbolic link", _all(LAT, _mkdir("run"), _link("run/.terdit.lock", "precious.txt"))),
-    ("tr-out-contains-data", ["train", "--model", "TerDiT-tiny", "--data", "latents", "--data-path", "{T}/run/lat.npy", "--out", "{T}/run", "--no-progress"], "contains the input --data-path", _all(_mkdir("run"), lambda t, b: shutil.copy(b / "lat.npy", t / "run"), lambda t, b: shutil.copy(b / "lat.labels.npy", t / "run"))),
-    ("tr-out-inside-init", TRAIN[:-4] + ["--out", "{T}/fpck/run", "--init-from", "{T}/fpck"], "lies inside the input --init-from", _all(LAT, _copy("fpck"))),
+    ("rs-user-image", SAMPLE, r"out/images: holds 000000.png, which this tool did not write", all_of(_copy("onnx"), lambda t, b: shutil.copytree(b / "samples" / "images", t / "out" / "images"))),
+    ("rs-user-image-overwrite", SAMPLE + ["--overwrite"], "holds 000000.png, which this tool did not write", all_of(_copy("onnx"), lambda t, b: shutil.copytree(b / "samples" / "images", t / "out" / "images"))),
+    ("rs-user-grid-overwrite", SAMPLE + ["--overwrite"], "holds grid.png but no samples.json", all_of(_copy("onnx"), _write("out/grid.png", b"my grid"))),
+    ("rs-foreign-samples-json", SAMPLE + ["--overwrite"], "samples.json is not a TerDiT Deploy sample record", all_of(_copy("onnx"), _write("out/samples.json", b'{"mine": 1}'), _write("out/images/000000.png", b"x"))),
+    ("rs-images-symlink", SAMPLE, "out: images is not a directory this tool made", all_of(_copy("onnx"), _mkdir("mine"), _mkdir("out"), lambda t, b: os.symlink(t / "mine", t / "out" / "images"))),
+    ("tr-foreign-checkpoints", TRAIN, "holds checkpoints but no train_config.json", all_of(LAT, _write("run/checkpoints/model.ckpt", b"another run"))),
+    ("tr-foreign-checkpoints-overwrite", TRAIN + ["--overwrite"], "holds checkpoints but no train_config.json", all_of(LAT, _write("run/checkpoints/model.ckpt", b"another run"))),
+    ("tr-foreign-ckpt-in-run-overwrite", TRAIN + ["--overwrite"], r"run/checkpoints: holds model.ckpt, which this tool did not write", all_of(LAT, _copy("run"), _write("run/checkpoints/model.ckpt", b"mine"))),
+    ("tr-foreign-final", TRAIN, "holds final but no train_config.json", all_of(LAT, _write("run/final/weights.bin", b"mine"))),
+    ("tr-final-foreign-file", RESUME, r"run/final: holds notes.txt", all_of(LAT, _copy("run"), _write("run/final/notes.txt", b"mine"))),
+    ("tr-lock-symlink", TRAIN, r"\.terdit\.lock: is a symbolic link", all_of(LAT, _mkdir("run"), _link("run/.terdit.lock", "precious.txt"))),
+    ("tr-out-contains-data", ["train", "--model", "TerDiT-tiny", "--data", "latents", "--data-path", "{T}/run/lat.npy", "--out", "{T}/run", "--no-progress"], "contains the input --data-path", all_of(_mkdir("run"), lambda t, b: shutil.copy(b / "lat.npy", t / "run"), lambda t, b: shutil.copy(b / "lat.labels.npy", t / "run"))),
+    ("tr-out-inside-init", TRAIN[:-4] + ["--out", "{T}/fpck/run", "--init-from", "{T}/fpck"], "lies inside the input --init-from", all_of(LAT, _copy("fpck"))),
     # 2. integrity: an export is read only through its manifest
-    ("rs-export-no-manifest", SAMPLE, "holds model.onnx but no manifest.json", _all(_copy("onnx"), _remove("onnx/manifest.json"), _flip("onnx/model.safetensors"))),
-    ("rs-export-no-manifest-ort", SAMPLE[:-2], "holds model.onnx but no manifest.json", _all(_copy("onnx"), _remove("onnx/manifest.json"))),
-    ("rs-export-manifest-dir", SAMPLE, r"manifest.json: not a regular file \(a directory\)", _all(_copy("onnx"), _remove("onnx/manifest.json"), _mkdir("onnx/manifest.json"))),
-    ("rs-manifest-fifo", SAMPLE, r"manifest.json: not a regular file \(a FIFO", _all(_copy("onnx"), _fifo("onnx/manifest.json"))),
-    ("rs-listed-file-fifo", SAMPLE, r"model.safetensors: not a regular file \(a FIFO", _all(_copy("onnx"), _fifo("onnx/model.safetensors"))),
-    ("rs-listed-size-differs", SAMPLE, r"model.onnx: content differs from manifest.json \(\d+ bytes, recorded", _all(_copy("onnx"), _write("onnx/model.onnx", b"short"))),
-    ("rs-manifest-bytes-huge", SAMPLE, "MAX_WEIGHTS_BYTES", _all(_copy("onnx"), _reseal_manifest(lambda d: d["files"]["model.onnx"].update(bytes=2 ** 60)))),
-    ("ex-export-no-manifest", EX[:1] + ["{T}/onnx", "-o", "{T}/o", "--no-validate"], "holds model.onnx but no manifest.json", _all(_copy("onnx"), _remove("onnx/manifest.json"), _flip("onnx/model.safetensors"))),
-    ("ex-export-weights-edited", EX[:1] + ["{T}/onnx", "-o", "{T}/o", "--no-validate"], "model.safetensors: content differs from manifest.json", _all(_copy("onnx"), _flip("onnx/model.safetensors"))),
-    ("ev-export-no-manifest", EVAL + ["--model", "{T}/onnx"], "holds model.onnx but no manifest.json", _all(_copy("onnx"), _remove("onnx/manifest.json"))),
-    ("ev-export-weights-edited", EVAL + ["--model", "{T}/onnx"], "model.safetensors: content differs", _all(_copy("onnx"), _flip("onnx/model.safetensors"))),
+    ("rs-export-no-manifest", SAMPLE, "holds model.onnx but no manifest.json", all_of(_copy("onnx"), _remove("onnx/manifest.json"), _flip("onnx/model.safetensors"))),
+    ("rs-export-no-manifest-ort", SAMPLE[:-2], "holds model.onnx but no manifest.json", all_of(_copy("onnx"), _remove("onnx/manifest.json"))),
+    ("rs-export-manifest-dir", SAMPLE, r"manifest.json: not a regular file \(a directory\)", all_of(_copy("onnx"), _remove("onnx/manifest.json"), _mkdir("onnx/manifest.json"))),
+    ("rs-manifest-fifo", SAMPLE, r"manifest.json: not a regular file \(a FIFO", all_of(_copy("onnx"), _fifo("onnx/manifest.json"))),
+    ("rs-listed-file-fifo", SAMPLE, r"model.safetensors: not a regular file \(a FIFO", all_of(_copy("onnx"), _fifo("onnx/model.safetensors"))),
+    ("rs-listed-size-differs", SAMPLE, r"model.onnx: content differs from manifest.json \(\d+ bytes, recorded", all_of(_copy("onnx"), _write("onnx/model.onnx", b"short"))),
+    ("rs-manifest-bytes-huge", SAMPLE, "MAX_WEIGHTS_BYTES", all_of(_copy("onnx"), _reseal_manifest(lambda d: d["files"]["model.onnx"].update(bytes=2 ** 60)))),
+    ("ex-export-no-manifest", EX[:1] + ["{T}/onnx", "-o", "{T}/o", "--no-validate"], "holds model.onnx but no manifest.json", all_of(_copy("onnx"), _remove("onnx/manifest.json"), _flip("onnx/model.safetensors"))),
+    ("ex-export-weights-edited", EX[:1] + ["{T}/onnx", "-o", "{T}/o", "--no-validate"], "model.safetensors: content differs from manifest.json", all_of(_copy("onnx"), _flip("onnx/model.safetensors"))),
+    ("ev-export-no-manifest", EVAL + ["--model", "{T}/onnx"], "holds model.onnx but no manifest.json", all_of(_copy("onnx"), _remove("onnx/manifest.json"))),
+    ("ev-export-weights-edited", EVAL + ["--model", "{T}/onnx"], "model.safetensors: content differs", all_of(_copy("onnx"), _flip("onnx/model.safetensors"))),
     # 3. resume rules; every flag acts or is refused
-    ("rs-resume-other-backend", SAMPLE[:5] + ["{T}/samples"] + SAMPLE[6:], "different run .*--backend ort -> torch", _all(_copy("onnx", "samples"), _edit_json("samples/samples.json", lambda d: d["model"].update(backend="ort")))),
+    ("rs-resume-other-backend", SAMPLE[:5] + ["{T}/samples"] + SAMPLE[6:], "different run .*--backend ort -> torch", all_of(_copy("onnx", "samples"), _edit_json("samples/samples.json", lambda d: d["model"].update(backend="ort")))),
     ("ex-ema-on-checkpoint", EX + ["--ema"], r"--ema / --no-ema \(ema=True\) choose among the files of an official", _copy("ck")),
     ("ex-from-fp-on-checkpoint", EX + ["--from-fp"], "--from-ternary / --from-fp", _copy("ck")),
     ("ex-tolerance-no-validate", EX + ["--tolerance", "0.1"], "--tolerance sets the validation, which --no-validate skips", _copy("ck")),
     ("ex-seed-no-validate", EX + ["--seed", "3"], "--seed sets the validation", _copy("ck")),
-    ("ex-vae-pixel-model", EX + ["--vae", "{T}/vae"], "pixel-space model .*drop --vae", _all(_copy("ck"), _write("vae/config.json", b"{}"))),
-    ("tr-model-and-config", TRAIN + ["--model-config", "{T}/m.json"], "--model would have no effect: --model-config", _all(LAT, _write("m.json", b"{}"))),
+    ("ex-vae-pixel-model", EX + ["--vae", "{T}/vae"], "pixel-space model .*drop --vae", all_of(_copy("ck"), _write("vae/config.json", b"{}"))),
+    ("tr-model-and-config", TRAIN + ["--model-config", "{T}/m.json"], "--model would have no effect: --model-config", all_of(LAT, _write("m.json", b"{}"))),
     ("tr-min-lr-constant", TRAIN + ["--lr-schedule", "constant", "--min-lr-ratio", "0.2"], "--min-lr-ratio would have no effect", LAT),
     ("tr-sample-steps-no-previews", TRAIN + ["--sample-steps", "5"], "--sample-steps would have no effect: .*--sample-every is 0", LAT),
     ("tr-strategy-one-process", TRAIN + ["--strategy", "fsdp"], "--strategy fsdp would have no effect", LAT),
-    ("tr-overwrite-with-resume", RESUME + ["--overwrite"], "--overwrite would have no effect", _all(LAT, _copy("run"))),
+    ("tr-overwrite-with-resume", RESUME + ["--overwrite"], "--overwrite would have no effect", all_of(LAT, _copy("run"))),
     ("tr-packed-fp", TRAIN + ["--fp", "--final-weights", "packed"], "--final-weights packed would have no effect", LAT),
     # 4. bounds before work
-    ("tr-npy-header-huge", TRAIN, r"lat.npy: its header declares shape \(1000000000, 4, 64, 64\).*MAX_ARRAY_BYTES", _all(_write("lat.npy", _npy_header((10 ** 9, 4, 64, 64))), _copy("lat.labels.npy"))),
-    ("tr-npy-truncated", TRAIN, r"lat.npy: its header declares 102400 bytes of data, the file holds 0; it is truncated", _all(_write("lat.npy", _npy_header((100, 4, 8, 8))), _copy("lat.labels.npy"))),
-    ("tr-npy-objects", TRAIN, "lat.npy: holds Python objects", _all(_write("lat.npy", _npy_header((4,), "|O")), _copy("lat.labels.npy"))),
-    ("tr-labels-count", TRAIN, r"4 latents but labels file \S*lat.labels.npy of shape \(3,\)", _all(_copy("lat.npy"), lambda t, b: np.save(t / "lat.labels.npy", np.arange(3)))),
+    ("tr-npy-header-huge", TRAIN, r"lat.npy: its header declares shape \(1000000000, 4, 64, 64\).*MAX_ARRAY_BYTES", all_of(_write("lat.npy", _npy_header((10 ** 9, 4, 64, 64))), _copy("lat.labels.npy"))),
+    ("tr-npy-truncated", TRAIN, r"lat.npy: its header declares 102400 bytes of data, the file holds 0; it is truncated", all_of(_write("lat.npy", _npy_header((100, 4, 8, 8))), _copy("lat.labels.npy"))),
+    ("tr-npy-objects", TRAIN, "lat.npy: holds Python objects", all_of(_write("lat.npy", _npy_header((4,), "|O")), _copy("lat.labels.npy"))),
+    ("tr-labels-count", TRAIN, r"4 latents but labels file \S*lat.labels.npy of shape \(3,\)", all_of(_copy("lat.npy"), lambda t, b: np.save(t / "lat.labels.npy", np.arange(3)))),
     ("tr-npz-damaged", TRAIN[:6] + ["{T}/lat.npz"] + TRAIN[7:], "lat.npz: not a readable .npz", _write("lat.npz", b"PK\x03\x04 not a zip")),
     ("tr-idx-header-huge", ["train", "--data", "fashion-mnist", "--data-path", "{T}/fm", "--out", "{T}/run", "--no-progress"], r"train-images-idx3-ubyte.gz: its header declares shape \(2000000000, 64, 64\).*MAX_ARRAY_BYTES", _fashion(_idx_header((2_000_000_000, 64, 64)))),
-    ("tr-image-too-large", ["train", "--data", "folder", "--data-path", "{T}/imgs", "--out", "{T}/run", "--no-progress"], r"big.png: 9000x9000 pixels, more than 67108864 \(limits.MAX_IMAGE_PIXELS\)", _all(_image_folder, _write("imgs/a/big.png", _png_header(9000, 9000)))),
-    ("tr-state-json-empty", RESUME, r"train_state.json: not valid JSON \(Expecting value at line 1 column 1\); the file is damaged: resume from another", _all(LAT, _copy("run"), _write(STEP + "/train_state.json", b""))),
-    ("tr-state-json-field", RESUME, "train_state.json: field 'rng' is NoneType", _all(LAT, _copy("run"), _edit_json(STEP + "/train_state.json", lambda d: d.pop("rng")))),
-    ("tr-state-tensors-damaged", RESUME, "--resume .*step_0000001: the checkpoint cannot be loaded", _all(LAT, _copy("run"), _write(STEP + "/train_state.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"))),
+    ("tr-image-too-large", ["train", "--data", "folder", "--data-path", "{T}/imgs", "--out", "{T}/run", "--no-progress"], r"big.png: 9000x9000 pixels, more than 67108864 \(limits.MAX_IMAGE_PIXELS\)", all_of(_image_folder, _write("imgs/a/big.png", _png_header(9000, 9000)))),
+    ("tr-state-json-empty", RESUME, r"train_state.json: not valid JSON \(Expecting value at line 1 column 1\); the file is damaged: resume from another", all_of(LAT, _copy("run"), _write(STEP + "/train_state.json", b""))),
+    ("tr-state-json-field", RESUME, "train_state.json: field 'rng' is NoneType", all_of(LAT, _copy("run"), _edit_json(STEP + "/train_state.json", lambda d: d.pop("rng")))),
+    ("tr-state-tensors-damaged", RESUME, "--resume .*step_0000001: the checkpoint cannot be loaded", all_of(LAT, _copy("run"), _write(STEP + "/train_state.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"))),
     # 7. messages name the thing: FIFOs are "not a regular file", damaged JSON names the file
     ("ex-checkpoint-fifo", ["exporter", "{T}/x.pt", "-o", "{T}/o"], r"x.pt: not a regular file \(a FIFO \(named pipe\)\)", _fifo("x.pt")),
-    ("ex-config-fifo", EX, r"ck/config.json: not a regular file \(a FIFO", _all(_copy("ck"), _fifo("ck/config.json"))),
-    ("ex-config-empty", EX, r"ck/config.json: not valid JSON .*restore it or save the checkpoint again", _all(_copy("ck"), _write("ck/config.json", b""))),
-    ("ex-vae-config-fifo", ["exporter", "{T}/onnx", "-o", "{T}/o", "--vae", "{T}/vae"], r"vae/config.json: not a regular file \(a FIFO", _all(_copy("onnx"), _fifo("vae/config.json"))),
+    ("ex-config-fifo", EX, r"ck/config.json: not a regular file \(a FIFO", all_of(_copy("ck"), _fifo("ck/config.json"))),
+    ("ex-config-empty", EX, r"ck/config.json: not valid JSON .*restore it or save the checkpoint again", all_of(_copy("ck"), _write("ck/config.json", b""))),
+    ("ex-vae-config-fifo", ["exporter", "{T}/onnx", "-o", "{T}/o", "--vae", "{T}/vae"], r"vae/config.json: not a regular file \(a FIFO", all_of(_copy("onnx"), _fifo("vae/config.json"))),
     ("tr-data-fifo", TRAIN, r"--data-path .*lat.npy: not a regular file \(a FIFO", _fifo("lat.npy")),
-    ("tr-labels-fifo", TRAIN, r"labels file .*lat.labels.npy: not a regular file \(a FIFO", _all(_copy("lat.npy"), _fifo("lat.labels.npy"))),
-    ("tr-model-config-fifo", TRAIN[:1] + TRAIN[3:] + ["--model-config", "{T}/m.json"], r"--model-config .*m.json: not a regular file \(a FIFO", _all(LAT, _fifo("m.json"))),
-    ("tr-model-config-empty", TRAIN[:1] + TRAIN[3:] + ["--model-config", "{T}/m.json"], r"--model-config .*m.json: not valid JSON .*fix the file", _all(LAT, _write("m.json", b""))),
-    ("tr-image-fifo", ["train", "--data", "folder", "--data-path", "{T}/imgs", "--out", "{T}/run", "--no-progress"], r"x2.png: not a regular file \(a FIFO", _all(_image_folder, _fifo("imgs/b/x2.png"))),
-    ("tr-idx-fifo", ["train", "--data", "fashion-mnist", "--data-path", "{T}/fm", "--out", "{T}/run", "--no-progress"], r"train-images-idx3-ubyte.gz: not a regular file \(a FIFO", _all(_fashion(b""), _fifo("fm/train-images-idx3-ubyte.gz"))),
+    ("tr-labels-fifo", TRAIN, r"labels file .*lat.labels.npy: not a regular file \(a FIFO", all_of(_copy("lat.npy"), _fifo("lat.labels.npy"))),
+    ("tr-model-config-fifo", TRAIN[:1] + TRAIN[3:] + ["--model-config", "{T}/m.json"], r"--model-config .*m.json: not a regular file \(a FIFO", all_of(LAT, _fifo("m.json"))),
+    ("tr-model-config-empty", TRAIN[:1] + TRAIN[3:] + ["--model-config", "{T}/m.json"], r"--model-config .*m.json: not valid JSON .*fix the file", all_of(LAT, _write("m.json", b""))),
+    ("tr-image-fifo", ["train", "--data", "folder", "--data-path", "{T}/imgs", "--out", "{T}/run", "--no-progress"], r"x2.png: not a regular file \(a FIFO", all_of(_image_folder, _fifo("imgs/b/x2.png"))),
+    ("tr-idx-fifo", ["train", "--data", "fashion-mnist", "--data-path", "{T}/fm", "--out", "{T}/run", "--no-progress"], r"train-images-idx3-ubyte.gz: not a regular file \(a FIFO", all_of(_fashion(b""), _fifo("fm/train-images-idx3-ubyte.gz"))),
     ("ev-model-fifo", EVAL + ["--model", "{T}/x.pt"], r"x.pt: not a regular file \(a FIFO", _fifo("x.pt")),
-    ("ev-data-fifo", ["evaluate", "train-classifier", "--out", "{T}/c.st", "--data-path", "{T}/fm", "--no-progress"], r"train-images-idx3-ubyte.gz: not a regular file \(a FIFO", _all(_fashion(b""), _fifo("fm/train-images-idx3-ubyte.gz"))),
+    ("ev-data-fifo", ["evaluate", "train-classifier", "--out", "{T}/c.st", "--data-path", "{T}/fm", "--no-progress"], r"train-images-idx3-ubyte.gz: not a regular file \(a FIFO", all_of(_fashion(b""), _fifo("fm/train-images-idx3-ubyte.gz"))),
 ]
-
-
-def _main(tool):
-    if tool == "exporter":
-        from exporter.__main__ import main
-    elif tool == "runtime":
-        from runtime.__main__ import main
-    elif tool == "train":
-        from terdit.train import main
-    else:
-        from terdit.evaluate import main
-    return main
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def snapshot(root: Path) -> dict:
-    """Every path under `root` (links not followed) with its kind and content; a symbolic link
-    also records its target and, when that is a regular file, the target's content."""
-    state = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        mode = p.lstat().st_mode
-        if stat.S_ISLNK(mode):
-            target = Path(os.readlink(p))
-            state[rel] = ("link", str(target), _digest(target) if target.is_file() else None)
-        elif stat.S_ISFIFO(mode):
-            state[rel] = ("fifo",)
-        elif stat.S_ISREG(mode):
-            state[rel] = ("file", _digest(p))
-        else:
-            state[rel] = ("dir",)
-    return state
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_files_we_did_not_write_are_safe(case, base, tmp_path, capsys):
     name, argv, pattern, setup = case
-    work = tmp_path / "w"
-    work.mkdir()
-    if setup:
-        setup(work, base)
-    before = snapshot(work)
-    capsys.readouterr()
-    args = [a.replace("{T}", str(work)).replace("{B}", str(base)) for a in argv[1:]]
-    try:
-        code = _main(argv[0])(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (name, err)
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
-    assert re.search(pattern, errors[0]), (name, errors[0])
-    after = snapshot(work)
+    work = case_dir(tmp_path, base, setup)
+    before = tree_state(work)
+    code, err = run_cli_case(argv, work, base, capsys)
+    assert_one_error_line(name, code, err, pattern)
+    after = tree_state(work)
     # nothing of the user's changed or removed (links and their targets included)
     assert {k: v for k, v in after.items() if k in before} == before, name
     # nothing half-written, no temporary: at most an output directory holding its lock

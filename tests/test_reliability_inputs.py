@@ -11,7 +11,6 @@ Each CLI case ends with exit code 2 and one `error:` line naming the file / flag
 no file of the user's changed (the fixture tree is hashed before and after) and nothing left
 behind; each API case raises runtime.UserError with the CLI's text. Ctrl-C / SIGTERM end with
 exit code 130 and one `interrupted:` line."""
-import hashlib
 import io
 import json
 import os
@@ -29,7 +28,8 @@ import pytest
 
 from exporter import ExportOptions, export
 from terdit import TerDiTConfig, save_checkpoint
-from tests.helpers import pixel_checkpoint, random_model
+from tests.helpers import (assert_one_error_line, case_dir, pixel_checkpoint, random_model,
+                           run_cli_case, tree_state)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
@@ -139,7 +139,7 @@ DIFF = "diffusers:"
 # (id, argv, regex the error must match, setup or None)
 CASES = [
     # 3. every flag acts or is refused for its backend / sampler
-    ("w2a8-on-ort", SAMPLE + ["--w2a8"], r"--w2a8: --backend ort runs the export's own", None),
+    ("w2a8-on-ort", SAMPLE + ["--w2a8"], r"--act-quant fp8 \(--w2a8\): --backend ort runs the export's own", None),
     ("act-quant-on-ort", SAMPLE + ["--act-quant", "int8"], r"--act-quant int8: --backend ort", None),
     ("dtype-on-ort", SAMPLE + ["--dtype", "bf16"], r"--dtype bf16: --backend ort does not use it", None),
     ("device-on-ort", SAMPLE + ["--device", "cpu"], r"--device cpu: --backend ort does not use it", None),
@@ -152,7 +152,6 @@ CASES = [
     ("dtype-on-trt", SAMPLE + ["--backend", "trt", "--dtype", "fp16"], r"--dtype fp16: --backend trt.*build-engine --fp16", None),
     ("device-on-trt", SAMPLE + ["--backend", "trt", "--device", "cuda:1"], r"--device cuda:1: --backend trt.*CUDA_VISIBLE_DEVICES", None),
     ("kernels-on-trt", SAMPLE + ["--backend", "trt", "--kernels", "auto"], r"--kernels auto: --backend trt", None),
-    ("w2a8-and-int8", SAMPLE_CK + ["--w2a8", "--act-quant", "int8"], r"--w2a8 selects act_quant=fp8 but --act-quant is int8", None),
     ("vae-on-pixel-model", SAMPLE + ["--vae", "{T}/vae"], r"--vae \S*vae: .*pixel-space model.*drop --vae", _dir("vae")),
     ("imagenet-ids-alone", SAMPLE + ["--imagenet-ids"], r"--imagenet-ids maps the ids given with --classes", None),
     ("uncond-with-cfg", SAMPLE + ["--uncond", "--cfg-scale", "3"], r"--uncond and --cfg-scale exclude each other", None),
@@ -223,50 +222,15 @@ CASES = [
 ]
 
 
-def _main(tool):
-    if tool == "runtime":
-        from runtime.__main__ import main
-    else:
-        from terdit.evaluate import main
-    return main
-
-
-def _tree(root: Path) -> dict:
-    """Every entry under `root`: sha256 of regular files, the kind of anything else (a FIFO is
-    never opened)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink() or not (p.is_file() or p.is_dir()):
-            out[str(p.relative_to(root))] = "special"
-        elif p.is_file():
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            out[str(p.relative_to(root))] = "dir"
-    return out
-
-
-def _check_clean_error(name, code, err, pattern):
-    assert code == 2, (name, code, err)
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], (name, err)
-    assert re.search(pattern, errors[0]), (name, errors[0])
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_refused_in_one_line(case, base, tmp_path, capsys):
     name, argv, pattern, setup = case
-    work = tmp_path / "w"
-    work.mkdir()
-    if setup:
-        setup(work, base)
-    before, base_before = _tree(work), _tree(base)
-    capsys.readouterr()
-    args = [a.replace("{T}", str(work)).replace("{B}", str(base)) for a in argv[1:]]
-    code = _main(argv[0])(args)
-    _check_clean_error(name, code, capsys.readouterr().err.strip(), pattern)
-    assert _tree(work) == before, "the case changed or left files"
-    assert _tree(base) == base_before, "the case changed the model or the samples"
+    work = case_dir(tmp_path, base, setup)
+    before, base_before = tree_state(work), tree_state(base)
+    code, err = run_cli_case(argv, work, base, capsys)
+    assert_one_error_line(name, code, err, pattern)
+    assert tree_state(work) == before, "the case changed or left files"
+    assert tree_state(base) == base_before, "the case changed the model or the samples"
 
 
 # ---- the Python API: one exception type, the CLI's text ---------------------------------------
@@ -298,13 +262,13 @@ API_CASES = [
 def test_api_raises_one_type(case, base):
     from runtime import UserError
     name, call, pattern = case
-    before = _tree(base)
+    before = tree_state(base)
     with pytest.raises(UserError) as info:
         call(base)
     assert isinstance(info.value, ValueError)
     assert re.search(pattern, str(info.value)), (name, str(info.value))
     assert "\n" not in str(info.value)
-    assert _tree(base) == before
+    assert tree_state(base) == before
 
 
 def test_api_text_is_the_cli_text(base, tmp_path, capsys):
@@ -330,7 +294,7 @@ def _interrupt_in(monkeypatch, how):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)                                  # the handler raises before this ends
         raise KeyboardInterrupt
-    monkeypatch.setattr(runtime.pipeline.Pipeline, "run", run)
+    monkeypatch.setattr(runtime.pipeline.TerDiTPipeline, "run", run)
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
@@ -350,7 +314,7 @@ def test_interrupt_in_process(how, base, tmp_path, capsys, monkeypatch):
 
 
 def test_evaluate_interrupt_in_process(base, capsys, monkeypatch):
-    import terdit.evaluate as evaluate
+    import terdit.evaluate.cli as evaluate
 
     def stop(*a, **k):
         raise KeyboardInterrupt

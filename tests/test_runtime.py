@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from exporter import ExportOptions, export
-from runtime import Pipeline, SampleOptions, SamplingError, imagenet_to_model_label, open_backend
+from runtime import (SampleOptions, SamplingError, TerDiTPipeline, imagenet_to_model_label,
+                     open_backend)
 from runtime.__main__ import main as cli_main
 from terdit import TerDiTConfig, save_checkpoint
 from terdit_common.guidance import guide
@@ -32,7 +33,7 @@ def pixel(tmp_path_factory):
 
 
 def _run(model, out, labels, options=FAST, backend=None, **kw):
-    return Pipeline(open_backend(model, backend)).run(out, labels, options, progress=False,
+    return TerDiTPipeline(open_backend(model, backend)).run(out, labels, options, progress=False,
                                                        log=lambda *_: None, **kw)
 
 
@@ -45,19 +46,19 @@ def test_ort_and_torch_backends_agree(pixel):
     torch_b = open_backend(pixel / "ck")
     assert ort_b.name == "ort" and torch_b.name == "torch"
     labels = [0, 3, 4]
-    a = Pipeline(ort_b).sample([0, 1, 2], labels, FAST)
-    b = Pipeline(torch_b).sample([0, 1, 2], labels, FAST)
+    a = TerDiTPipeline(ort_b).sample([0, 1, 2], labels, FAST)
+    b = TerDiTPipeline(torch_b).sample([0, 1, 2], labels, FAST)
     assert np.abs(a - b).max() / np.abs(b).max() < 1e-4
 
 
 def test_folded_cfg_graph_equals_pipeline_guidance(pixel):
-    a = Pipeline(open_backend(pixel / "onnx")).sample([5, 6], [1, 2], FAST)
+    a = TerDiTPipeline(open_backend(pixel / "onnx")).sample([5, 6], [1, 2], FAST)
     folded = open_backend(pixel / "onnx_cfg")
     assert folded.info.folded_cfg == "standard"
-    b = Pipeline(folded).sample([5, 6], [1, 2], FAST)
+    b = TerDiTPipeline(folded).sample([5, 6], [1, 2], FAST)
     assert np.abs(a - b).max() / np.abs(a).max() < 1e-4
     with pytest.raises(SamplingError, match="folded in"):
-        Pipeline(folded).sample([0], [1], SampleOptions(steps=2, cfg_mode="official"))
+        TerDiTPipeline(folded).sample([0], [1], SampleOptions(steps=2, cfg_mode="official"))
 
 
 def test_outputs_and_batch_size_independence(pixel, tmp_path):
@@ -77,14 +78,14 @@ def test_outputs_and_batch_size_independence(pixel, tmp_path):
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver"])
 def test_other_samplers_run(pixel, sampler):
-    lat = Pipeline(open_backend(pixel / "onnx")).sample([0, 1], [2, 2], SampleOptions(steps=5, sampler=sampler))
+    lat = TerDiTPipeline(open_backend(pixel / "onnx")).sample([0, 1], [2, 2], SampleOptions(steps=5, sampler=sampler))
     assert lat.shape == (2, 1, 8, 8) and np.isfinite(lat).all()
 
 
 def test_resume_after_interruption(pixel, tmp_path, monkeypatch):
     labels = [1, 2, 3, 4, 0, 1]
     _run(pixel / "onnx", tmp_path / "full", labels)
-    import runtime.run as run
+    import runtime.writer as run
     real = run.atomic_write_bytes
     calls = {"n": 0}
 
@@ -109,6 +110,7 @@ def test_resume_after_interruption(pixel, tmp_path, monkeypatch):
 
 class _FakeBackend:
     name = "fake"
+    settings: dict = {}
 
     def __init__(self, fail_above=None, nan_index=None):
         self.info = ModelInfo({"in_channels": 1, "input_size": 4, "num_classes": 3}, "fake", "0")
@@ -127,16 +129,16 @@ class _FakeBackend:
 def test_oom_halves_the_batch_without_losing_indices(tmp_path):
     opts = SampleOptions(steps=3, batch_size=8, cfg_scale=2.0)
     labels = [0, 1, 2] * 4
-    Pipeline(_FakeBackend()).run(tmp_path / "ref", labels, opts, progress=False, log=lambda *_: None)
+    TerDiTPipeline(_FakeBackend()).run(tmp_path / "ref", labels, opts, progress=False, log=lambda *_: None)
     fake = _FakeBackend(fail_above=6)  # CFG doubles the batch: 8 -> 4 images fit
-    Pipeline(fake).run(tmp_path / "oom", labels, opts, progress=False, log=lambda *_: None)
+    TerDiTPipeline(fake).run(tmp_path / "oom", labels, opts, progress=False, log=lambda *_: None)
     assert max(fake.batches) <= 6
     assert _images(tmp_path / "oom") == _images(tmp_path / "ref")
 
 
 def test_nan_latents_name_the_image(tmp_path):
     with pytest.raises(SamplingError, match=r"image 12: latents became NaN/Inf at step 1"):
-        Pipeline(_FakeBackend(nan_index=1)).sample([11, 12], [0, 1], SampleOptions(steps=2, cfg_scale=1.0))
+        TerDiTPipeline(_FakeBackend(nan_index=1)).sample([11, 12], [0, 1], SampleOptions(steps=2, cfg_scale=1.0))
 
 
 def test_noise_depends_only_on_seed_and_index():
@@ -147,7 +149,7 @@ def test_noise_depends_only_on_seed_and_index():
 
 
 def test_initial_latents_are_used(pixel):
-    pipe = Pipeline(open_backend(pixel / "onnx"))
+    pipe = TerDiTPipeline(open_backend(pixel / "onnx"))
     z = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
     a = pipe.sample([0, 1], [0, 1], FAST, initial=z)
     b = pipe.sample([5, 9], [0, 1], FAST, initial=z)  # indices no longer matter (DDIM eta 0)
@@ -182,7 +184,7 @@ def test_latent_model_without_vae_writes_latents_only(tmp_path):
     save_checkpoint(random_model(TerDiTConfig.from_name("TerDiT-tiny")), tmp_path / "ck")
     export(tmp_path / "ck", tmp_path / "onnx", ExportOptions(validate=False), **QUIET)
     notes = []
-    rec = Pipeline(open_backend(tmp_path / "onnx")).run(tmp_path / "s", [1, 2, 3], FAST,
+    rec = TerDiTPipeline(open_backend(tmp_path / "onnx")).run(tmp_path / "s", [1, 2, 3], FAST,
                                                          progress=False, log=notes.append)
     assert any("writing latents only" in n for n in notes)
     assert np.load(tmp_path / "s" / "latents.npy").shape == (3, 4, 8, 8)
@@ -272,7 +274,7 @@ def test_two_ranks_equal_one(pixel, tmp_path):
 
 
 def test_torch_backend_w2a8_mode_on_cpu(pixel):
-    exact = Pipeline(open_backend(pixel / "ck")).sample([0, 1], [1, 2], FAST)
-    fp8 = Pipeline(open_backend(pixel / "ck", "torch", w2a8=True)).sample([0, 1], [1, 2], FAST)
+    exact = TerDiTPipeline(open_backend(pixel / "ck")).sample([0, 1], [1, 2], FAST)
+    fp8 = TerDiTPipeline(open_backend(pixel / "ck", "torch", w2a8=True)).sample([0, 1], [1, 2], FAST)
     assert not np.array_equal(exact, fp8)
     assert np.abs(fp8 - exact).max() / np.abs(exact).max() < 0.2

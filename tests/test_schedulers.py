@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from terdit_common.schedule import linear_betas, space_timesteps
+from terdit_common.noise_schedule import linear_betas, space_timesteps
 from terdit_common.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler,
                                       RespacedSchedule)
 

@@ -3,9 +3,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from terdit.ternary import (ZERO_WORD, TernaryLinear, check_k16, codes_to_hqq, hqq_to_codes, hqq_to_k16, k16_to_codes, k16_to_hqq, k16_words,
-                            pack_k16, swiglu_ref, ternarize, ternary_linear_ref, ternary_matmul,
-                            ternary_matmul_swiglu, unpack_k16)
+from terdit.formats import (ZERO_WORD, check_k16, codes_to_hqq, hqq_to_codes, hqq_to_k16,
+                            k16_to_codes, k16_to_hqq, pack_k16, ternarize, unpack_k16)
+from terdit.ternary import (TernaryLinear, k16_words, swiglu_ref, ternary_linear_ref,
+                            ternary_matmul, ternary_matmul_swiglu)
 from tests.official_layout import hqq_pack, hqq_unpack
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 70))

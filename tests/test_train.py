@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from terdit import TerDiT, TerDiTConfig, load_checkpoint, ternarize
-from terdit.data import ArrayDataset
-from terdit.ternary import check_k16, unpack_k16
+from terdit.train.data import ArrayDataset
+from terdit.formats import check_k16, unpack_k16
 from terdit.train import TrainConfig, read_log, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import terdit.train as train_mod
+import terdit.train.loop as train_mod
 from terdit import TerDiTConfig, load_checkpoint
 from terdit.diffusion import GaussianDiffusion
 from terdit.train import TrainConfig, main, read_log
-from terdit.train_setup import build_model
+from terdit.train.setup import build_model
 
 LABEL = 3                                    # every training sample has this class
 CFG = TerDiTConfig.from_name("TerDiT-tiny")

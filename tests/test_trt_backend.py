@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from exporter import ExportOptions, export
-from runtime import trt_build, trt_record
 from runtime.__main__ import main as runtime_main
-from runtime.backends import trt_backend
+from runtime.tensorrt import backend as trt_backend
+from runtime.tensorrt import build as trt_build
+from runtime.tensorrt import record as trt_record
 from tests.helpers import pixel_checkpoint
 from tests.trt_standin import VERSIONS, HostTransfer, make_tensorrt
 
@@ -34,6 +35,8 @@ def exports(tmp_path_factory):
         pixel_checkpoint(root / f"ck-{name}", seed=seed, num_classes=3)
         export(root / f"ck-{name}", root / name, ExportOptions(validate=False),
                log=lambda *_: None)
+    export(root / "ck-onnx", root / "folded", ExportOptions(cfg="standard", validate=False),
+           log=lambda *_: None)
     return root
 
 
@@ -131,3 +134,26 @@ def test_a_plan_of_another_export_is_refused(engine, exports, tmp_path, capsys):
         shutil.copy(export_dir / name, other / name)
     err = _refused(other, plugin, tmp_path / "s", capsys)
     assert "field 'onnx.sha256'" in err and "plan_sha256" not in err
+
+
+def test_trt_follows_the_cfg_scale_rule(engine, exports, release, plugins, tmp_path, capsys):
+    """The one cfg_scale rule (runtime/backends/protocol.py): the plan of a folded export needs
+    cfg_scale, a plan without guidance refuses one."""
+    from runtime import BackendError, open_backend
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 1, 8, 8), dtype=np.float32)
+    t, y = np.full(2, 500.0, np.float32), np.array([0, 2], np.int64)
+    export_dir, plugin = engine
+    plain = open_backend(export_dir, "trt", plugin=plugin)
+    assert plain.forward(x, t, y).shape == (2, 2, 8, 8)
+    with pytest.raises(BackendError, match="forward takes no cfg_scale"):
+        plain.forward(x, t, y, 3.0)
+    folded_dir = tmp_path / "folded"
+    shutil.copytree(exports / "folded", folded_dir)
+    assert runtime_main(["build-engine", str(folded_dir), "--plugin", str(plugin)]) == 0
+    capsys.readouterr()
+    folded = open_backend(folded_dir, "trt", plugin=plugin)
+    guided = folded.forward(x, t, y, 3.0)
+    assert guided.shape == (2, 2, 8, 8) and not np.allclose(guided, folded.forward(x, t, y, 1.0))
+    with pytest.raises(BackendError, match="needs cfg_scale"):
+        folded.forward(x, t, y)

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from runtime import build_engine as cli
-from runtime import trt_build, trt_record
-from runtime.backends import trt_backend
+from runtime.tensorrt import backend as trt_backend
+from runtime.tensorrt import build as trt_build
+from runtime.tensorrt import cli
+from runtime.tensorrt import record as trt_record
 
 ENV = trt_record.EngineEnvironment(
     tensorrt_version="10.13.0.35", gpu_name="NVIDIA H200", compute_capability="9.0"

@@ -1,6 +1,6 @@
 """W1.58A8 through ONNX: TernaryMatMul act_quant="fp8", its portable function (QuantizeLinear /
 DequantizeLinear to float8e4m3fn), the reference OpRun and `python -m exporter --w2a8`, all
-against the PyTorch definition of the mode, terdit.w2a8.quantize_rows_e4m3_ref +
+against the PyTorch definition of the mode, terdit.kernels.w2a8.quantize_rows_e4m3_ref +
 ternary_linear_e4m3_ref (what the plugin's kernels are tested against)."""
 import json
 import subprocess
@@ -15,11 +15,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from terdit_common import op
+
 from exporter import ExportError, ExportOptions, contract, export
 from exporter.graph import build_graph, example_inputs, finalize, lower
 from terdit import TerDiTConfig, load_checkpoint, save_checkpoint
-from terdit.w2a8 import quantize_rows_e4m3_ref, ternary_linear_e4m3_ref
-from terdit.ternary import pack_k16, ternary_linear_ref
+from terdit.kernels.w2a8 import quantize_rows_e4m3_ref, ternary_linear_e4m3_ref
+from terdit.formats import pack_k16
+from terdit.ternary import ternary_linear_ref
 from tests.helpers import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +37,9 @@ def _model(k, n, modes, dtype=TensorProto.FLOAT, body=None):
     nodes, x = [], "X"
     for i, mode in enumerate(modes):
         y = "Y" if i == len(modes) - 1 else f"h{i}"
-        nodes.append(helper.make_node(contract.OP_TYPE, [x, "W", "scale", "bias"], [y],
-                                      domain=contract.DOMAIN, name=f"tmm{i}",
-                                      **contract.node_attributes(k, n, mode)))
+        nodes.append(helper.make_node(op.OP_TYPE, [x, "W", "scale", "bias"], [y],
+                                      domain=op.DOMAIN, name=f"tmm{i}",
+                                      **op.node_attributes(k, n, mode)))
         x = y
     graph = helper.make_graph(nodes, "g", [
         helper.make_tensor_value_info("X", dtype, ["M", k]),
@@ -45,8 +48,8 @@ def _model(k, n, modes, dtype=TensorProto.FLOAT, body=None):
         helper.make_tensor_value_info("bias", TensorProto.FLOAT, [n])],
         [helper.make_tensor_value_info("Y", dtype, ["M", n])])
     model = helper.make_model(graph, opset_imports=[
-        helper.make_opsetid("", contract.GRAPH_OPSET),
-        helper.make_opsetid(contract.DOMAIN, contract.OP_VERSION)],
+        helper.make_opsetid("", op.GRAPH_OPSET),
+        helper.make_opsetid(op.DOMAIN, op.OP_VERSION)],
         functions=[contract.ternary_matmul_function(body or modes[0])])
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -169,7 +172,7 @@ def test_function_and_options_refuse_unknown_modes():
     with pytest.raises(ValueError, match="act_quant='int4' is not one of none, int8, fp8"):
         ExportOptions(act_quant="int4")
     with pytest.raises(ValueError, match="act_quant='fp4'"):
-        contract.node_attributes(16, 16, "fp4")
+        op.node_attributes(16, 16, "fp4")
 
 
 # ---- the exporter ----------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def tiny_ckpt(tmp_path_factory):
 def _node_outputs(path, feeds):
     """Runs the file in ONNX Runtime with every TernaryMatMul's X and Y exposed as outputs."""
     model = onnx.load(str(path))
-    nodes = [n for n in model.graph.node if n.op_type == contract.OP_TYPE]
+    nodes = [n for n in model.graph.node if n.op_type == op.OP_TYPE]
     typed = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
     names = list(dict.fromkeys(name for n in nodes for name in (n.input[0], n.output[0])))
     del model.graph.output[:]
@@ -205,7 +208,7 @@ def test_w2a8_export(tiny_ckpt, tmp_path):
     contract.register_schema()
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
-    assert [f.name for f in model.functions] == [contract.OP_TYPE]
+    assert [f.name for f in model.functions] == [op.OP_TYPE]
     assert "act_quant=fp8" in model.functions[0].doc_string
     assert any(n.op_type == "QuantizeLinear" for n in model.functions[0].node)
 
@@ -253,5 +256,5 @@ def test_cli_w2a8_end_to_end(tiny_ckpt, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["graph"]["act_quant"] == "fp8" and manifest["validation"]["passed"]
     nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node
-             if n.op_type == contract.OP_TYPE]
+             if n.op_type == op.OP_TYPE]
     assert nodes and {contract.node_act_quant(n) for n in nodes} == {"fp8"}

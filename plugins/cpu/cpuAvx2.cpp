@@ -63,29 +63,14 @@ struct Avx2
     static void int8Tile(uint8_t const* panel, int8_t const* a, int64_t lda, int groups, int32_t* c)
     {
         static_assert(MR >= 1 && MR <= 6, "the tile has at most 6 rows");
-        TERDIT_ROW_DECLARE(0)
-        TERDIT_ROW_DECLARE(1)
-        TERDIT_ROW_DECLARE(2)
-        TERDIT_ROW_DECLARE(3)
-        TERDIT_ROW_DECLARE(4)
-        TERDIT_ROW_DECLARE(5)
+        TERDIT_TILE_ROWS(TERDIT_ROW_DECLARE)
         for (int j = 0; j < groups; ++j)
         {
             __m256i const b0 = _mm256_load_si256(reinterpret_cast<__m256i const*>(panel + j * 64));
             __m256i const b1 = _mm256_load_si256(reinterpret_cast<__m256i const*>(panel + j * 64 + 32));
-            TERDIT_ROW_DOT(0)
-            TERDIT_ROW_DOT(1)
-            TERDIT_ROW_DOT(2)
-            TERDIT_ROW_DOT(3)
-            TERDIT_ROW_DOT(4)
-            TERDIT_ROW_DOT(5)
+            TERDIT_TILE_ROWS(TERDIT_ROW_DOT)
         }
-        TERDIT_ROW_STORE(0)
-        TERDIT_ROW_STORE(1)
-        TERDIT_ROW_STORE(2)
-        TERDIT_ROW_STORE(3)
-        TERDIT_ROW_STORE(4)
-        TERDIT_ROW_STORE(5)
+        TERDIT_TILE_ROWS(TERDIT_ROW_STORE)
     }
 #undef TERDIT_ROW_DECLARE
 #undef TERDIT_ROW_DOT

@@ -63,31 +63,16 @@ struct Avx512
     static void int8Tile(uint8_t const* panel, int8_t const* a, int64_t lda, int groups, int32_t* c)
     {
         static_assert(MR >= 1 && MR <= 6, "the tile has 6 rows");
-        TERDIT_ROW_DECLARE(0)
-        TERDIT_ROW_DECLARE(1)
-        TERDIT_ROW_DECLARE(2)
-        TERDIT_ROW_DECLARE(3)
-        TERDIT_ROW_DECLARE(4)
-        TERDIT_ROW_DECLARE(5)
+        TERDIT_TILE_ROWS(TERDIT_ROW_DECLARE)
         for (int j = 0; j < groups; ++j)
         {
             __m512i const b0 = _mm512_load_si512(panel + j * 256);
             __m512i const b1 = _mm512_load_si512(panel + j * 256 + 64);
             __m512i const b2 = _mm512_load_si512(panel + j * 256 + 128);
             __m512i const b3 = _mm512_load_si512(panel + j * 256 + 192);
-            TERDIT_ROW_DOT(0)
-            TERDIT_ROW_DOT(1)
-            TERDIT_ROW_DOT(2)
-            TERDIT_ROW_DOT(3)
-            TERDIT_ROW_DOT(4)
-            TERDIT_ROW_DOT(5)
+            TERDIT_TILE_ROWS(TERDIT_ROW_DOT)
         }
-        TERDIT_ROW_STORE(0)
-        TERDIT_ROW_STORE(1)
-        TERDIT_ROW_STORE(2)
-        TERDIT_ROW_STORE(3)
-        TERDIT_ROW_STORE(4)
-        TERDIT_ROW_STORE(5)
+        TERDIT_TILE_ROWS(TERDIT_ROW_STORE)
     }
 #undef TERDIT_ROW_DECLARE
 #undef TERDIT_ROW_DOT

@@ -27,6 +27,10 @@
 #include <immintrin.h>
 #endif
 
+//! X(0) .. X(5): one statement per row of an ISA unit's 6-row register tile (the rows keep their
+//! accumulators in named variables c<row><column>: GCC 12 spills arrays of vector registers).
+#define TERDIT_TILE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
 namespace terdit
 {
 namespace cpu

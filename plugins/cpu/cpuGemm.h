@@ -88,7 +88,7 @@ IsaKernels const& avx512Kernels();
 //! of memory (terditCpu.cpp: compiled without ISA flags).
 void* threadScratch(size_t bytes);
 
-// Quantization constants of the int8 mode (terdit/int8.py).
+// Quantization constants of the int8 mode (terdit/kernels/int8.py).
 constexpr float kINT8_MAX = 127.0F;
 constexpr float kMIN_AMAX = 1e-12F;
 

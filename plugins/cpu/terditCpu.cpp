@@ -254,7 +254,7 @@ float roundE4m3(float v)
     return std::fmin(std::fmax(r, -448.0F), 448.0F);
 }
 
-//! x -> e4m3(x / s) * s per row, s = max(amax, 1e-12) / 448 (terdit/w2a8.py, then what
+//! x -> e4m3(x / s) * s per row, s = max(amax, 1e-12) / 448 (terdit/kernels/w2a8.py, then what
 //! DequantizeLinear yields). A row holding NaN or Inf becomes NaN.
 void dequantizedE4m3Rows(float const* x, int64_t k, int64_t r0, int64_t r1, float* out)
 {

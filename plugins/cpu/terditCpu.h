@@ -3,15 +3,15 @@
  * terdit::TernaryMatMul contract, design notes in plugins/cpu/README.md), on any CPU.
  *
  * Plain C ABI, no framework: the ONNX Runtime custom op (terditOrt.cpp) and the PyTorch
- * binding (terdit/cpu_kernels.py, through ctypes) are thin adapters over these functions.
+ * binding (terdit/kernels/cpu.py, through ctypes) are thin adapters over these functions.
  *
  * Activation modes (node attribute act_quant):
  *   0 "none": fp32 activations, fp32 sums (the exact contract).
  *   1 "int8": each row of X quantized with s[m] = max(amax_k |X[m, k]|, 1e-12) / 127 and
  *             round-half-even of X / s (true division), int32 sums of the 2-bit codes times those
- *             bytes, Y = ((acc * s[m]) * scale[n]) + bias[n] (terdit/int8.py is the definition).
+ *             bytes, Y = ((acc * s[m]) * scale[n]) + bias[n] (terdit/kernels/int8.py is the definition).
  *   2 "fp8":  each row quantized to float8 e4m3 with s[m] = max(amax, 1e-12) / 448 and
- *             dequantized (terdit/w2a8.py), then the fp32 product.
+ *             dequantized (terdit/kernels/w2a8.py), then the fp32 product.
  */
 #pragma once
 

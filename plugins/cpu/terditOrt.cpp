@@ -223,6 +223,15 @@ void ortParallelFor(void* ctx, TerditCpuTask fn, void* arg, size_t count)
     }
 }
 
+template <typename To, typename From>
+To bitCast(From from)
+{
+    static_assert(sizeof(To) == sizeof(From), "bitCast keeps the size");
+    To to;
+    std::memcpy(&to, &from, sizeof(To));
+    return to;
+}
+
 float halfToFloat(uint16_t h)
 {
     uint32_t const sign = (h & 0x8000U) << 16;
@@ -241,18 +250,12 @@ float halfToFloat(uint16_t h)
     {
         magnitude = std::ldexp(static_cast<float>(mantissa | 0x400U), static_cast<int>(exponent) - 25);
     }
-    uint32_t bits;
-    std::memcpy(&bits, &magnitude, 4);
-    bits |= sign;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+    return bitCast<float>(bitCast<uint32_t>(magnitude) | sign);
 }
 
 uint16_t floatToHalf(float f)
 {
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
+    uint32_t const bits = bitCast<uint32_t>(f);
     uint16_t const sign = static_cast<uint16_t>((bits >> 16) & 0x8000U);
     float const a = std::fabs(f);
     if (std::isnan(f))
@@ -279,16 +282,12 @@ uint16_t floatToHalf(float f)
 
 float bf16ToFloat(uint16_t h)
 {
-    uint32_t const bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+    return bitCast<float>(static_cast<uint32_t>(h) << 16);
 }
 
 uint16_t floatToBf16(float f)
 {
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
+    uint32_t bits = bitCast<uint32_t>(f);
     if (std::isnan(f))
     {
         return static_cast<uint16_t>((bits >> 16) | 0x40U);

@@ -4,7 +4,7 @@
  *   Y[m, n] = sum_k X[m, k] * T[n, k] * scale[n] + bias[n]                        (kNONE)
  *   Y[m, n] = (sum_k e4m3(X)[m, k] * T[n, k]) * xScale[m] * scale[n] + bias[n]       (kFP8E4M3)
  *
- * T is ternary {-1, 0, +1} in the project's "k16" layout (DESIGN section 3): an int32 tensor
+ * T is ternary {-1, 0, +1} in the project's "k16" layout (docs/design.md section 3): an int32 tensor
  * [N, ceil(K / 16)], weight (n, k) in word k / 16 at bits 2 * (k % 16) .. +1, code = w + 1
  * (code 3 never occurs). Accumulation is fp32; the scales and bias are applied in the epilogue.
  * With kFP8E4M3 ("W1.58A8") the activations arrive quantized per token (launchQuantizeRowsE4m3);

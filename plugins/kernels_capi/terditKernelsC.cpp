@@ -1,5 +1,5 @@
 /*
- * C ABI of libterdit_kernels.so for ctypes (terdit/kernels.py). Only the functions below are
+ * C ABI of libterdit_kernels.so for ctypes (terdit/kernels/cuda.py). Only the functions below are
  * exported (version script terditKernels.map); the library depends on glibc and a static cudart,
  * so a build made on a machine without a GPU loads under any torch / CUDA 13 driver.
  */

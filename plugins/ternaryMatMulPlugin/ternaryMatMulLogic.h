@@ -22,7 +22,7 @@ constexpr char const* kTERNARY_MATMUL_NAME{"TernaryMatMul"};
 constexpr char const* kTERNARY_MATMUL_VERSION{"1"};
 constexpr char const* kTERNARY_MATMUL_NAMESPACE{""};
 
-//! Ternary codes per int32 word of W ("k16" layout, DESIGN section 3).
+//! Ternary codes per int32 word of W ("k16" layout, docs/design.md section 3).
 constexpr int32_t kCODES_PER_WORD{16};
 //! K and N must be multiples of this for the kernels (plugins/kernels/ternaryMatmul.h).
 constexpr int32_t kSIZE_MULTIPLE{16};

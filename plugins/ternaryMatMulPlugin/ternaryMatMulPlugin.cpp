@@ -47,18 +47,23 @@ struct MirrorsFp4<E, std::void_t<decltype(E::kFP4)>>
 {
 };
 
-static_assert(static_cast<int32_t>(FieldType::kFLOAT16) == static_cast<int32_t>(PluginFieldType::kFLOAT16), "");
-static_assert(static_cast<int32_t>(FieldType::kFLOAT32) == static_cast<int32_t>(PluginFieldType::kFLOAT32), "");
-static_assert(static_cast<int32_t>(FieldType::kFLOAT64) == static_cast<int32_t>(PluginFieldType::kFLOAT64), "");
-static_assert(static_cast<int32_t>(FieldType::kINT8) == static_cast<int32_t>(PluginFieldType::kINT8), "");
-static_assert(static_cast<int32_t>(FieldType::kINT16) == static_cast<int32_t>(PluginFieldType::kINT16), "");
-static_assert(static_cast<int32_t>(FieldType::kINT32) == static_cast<int32_t>(PluginFieldType::kINT32), "");
-static_assert(static_cast<int32_t>(FieldType::kCHAR) == static_cast<int32_t>(PluginFieldType::kCHAR), "");
-static_assert(static_cast<int32_t>(FieldType::kDIMS) == static_cast<int32_t>(PluginFieldType::kDIMS), "");
-static_assert(static_cast<int32_t>(FieldType::kUNKNOWN) == static_cast<int32_t>(PluginFieldType::kUNKNOWN), "");
-static_assert(static_cast<int32_t>(FieldType::kBF16) == static_cast<int32_t>(PluginFieldType::kBF16), "");
-static_assert(static_cast<int32_t>(FieldType::kINT64) == static_cast<int32_t>(PluginFieldType::kINT64), "");
-static_assert(static_cast<int32_t>(FieldType::kFP8) == static_cast<int32_t>(PluginFieldType::kFP8), "");
+// FieldType mirrors TensorRT's PluginFieldType value for value (the header releases add kINT4 / kFP4).
+#define TERDIT_SAME_FIELD_TYPE(name)                                                               \
+    static_assert(static_cast<int32_t>(FieldType::name) == static_cast<int32_t>(PluginFieldType::name), \
+        "FieldType::" #name " must equal PluginFieldType::" #name);
+TERDIT_SAME_FIELD_TYPE(kFLOAT16)
+TERDIT_SAME_FIELD_TYPE(kFLOAT32)
+TERDIT_SAME_FIELD_TYPE(kFLOAT64)
+TERDIT_SAME_FIELD_TYPE(kINT8)
+TERDIT_SAME_FIELD_TYPE(kINT16)
+TERDIT_SAME_FIELD_TYPE(kINT32)
+TERDIT_SAME_FIELD_TYPE(kCHAR)
+TERDIT_SAME_FIELD_TYPE(kDIMS)
+TERDIT_SAME_FIELD_TYPE(kUNKNOWN)
+TERDIT_SAME_FIELD_TYPE(kBF16)
+TERDIT_SAME_FIELD_TYPE(kINT64)
+TERDIT_SAME_FIELD_TYPE(kFP8)
+#undef TERDIT_SAME_FIELD_TYPE
 static_assert(MirrorsInt4<PluginFieldType>::value, "FieldType::kINT4 must equal PluginFieldType::kINT4");
 static_assert(MirrorsFp4<PluginFieldType>::value, "FieldType::kFP4 must equal PluginFieldType::kFP4");
 static_assert(kMAX_DIMS == nvinfer1::Dims::MAX_DIMS, "");

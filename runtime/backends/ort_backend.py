@@ -15,10 +15,10 @@ from typing import Optional
 import numpy as np
 
 from terdit_common.limits import check_threads
-from terdit_common.manifest import MODEL_FILE
+from terdit_common.manifest import MODEL_FILE, open_export
 from terdit_common.ort import KERNEL_CHOICES, ort_session
 
-from . import BackendError, open_export
+from .protocol import BackendError, check_cfg_scale
 
 
 _said: set[str] = set()
@@ -26,6 +26,7 @@ _said: set[str] = set()
 
 class OrtBackend:
     name = "ort"
+    settings: dict = {}                   # everything that changes the images is in the file
 
     def __init__(self, export_dir: str | os.PathLike, threads: Optional[int] = None,
                  providers: Optional[list[str]] = None, kernels: str = "auto") -> None:
@@ -55,11 +56,15 @@ class OrtBackend:
             raise BackendError(f"{export_dir / 'manifest.json'}: field 'config' disagrees with "
                                f"the config stored in {model_file}; re-export the model")
         self.input_names = [i.name for i in self.session.get_inputs()]
+        if ("cfg_scale" in self.input_names) != bool(self.info.folded_cfg):
+            raise BackendError(f"{model_file}: a cfg_scale input and the manifest's graph.cfg "
+                               f"({self.info.folded_cfg}) disagree; re-export the model")
         self.providers = self.session.get_providers()
 
     def forward(self, x, t, y, cfg_scale=None):
         feeds = {"x": np.ascontiguousarray(x, np.float32), "t": np.ascontiguousarray(t, np.float32),
                  "y": np.ascontiguousarray(y, np.int64)}
-        if "cfg_scale" in self.input_names:
-            feeds["cfg_scale"] = np.asarray(1.0 if cfg_scale is None else cfg_scale, np.float32)
+        scale = check_cfg_scale(self.info, cfg_scale)
+        if scale is not None:
+            feeds["cfg_scale"] = scale
         return self.session.run(None, feeds)[0].astype(np.float32, copy=False)

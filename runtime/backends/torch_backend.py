@@ -1,5 +1,5 @@
 """The PyTorch model (terdit), from an export directory (its packed weights) or a checkpoint.
-On CUDA it runs the project's kernels, compiled blocks and CUDA graphs (terdit.accel)."""
+On CUDA it runs the project's kernels, compiled blocks and CUDA graphs (terdit.kernels.accel)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,12 +10,11 @@ from typing import Optional
 
 from terdit_common.files import sha256_file
 from terdit_common.limits import check_threads
-from terdit_common.manifest import is_export_dir
+from terdit_common.manifest import is_export_dir, open_export
+from terdit_common.op import DTYPES
 from terdit_common.sampling import ModelInfo
 
-from . import BackendError, open_export, resolve_act_quant
-
-DTYPES = ("fp32", "fp16", "bf16")
+from .protocol import BackendError, check_cfg_scale, resolve_act_quant
 
 
 class TorchBackend:
@@ -35,15 +34,15 @@ class TorchBackend:
         if device is not None and not isinstance(device, str):
             raise BackendError(f"--device {device!r}: pass a torch device name such as 'cpu' or "
                                f"'cuda:0'")
-        # the activation mode of the ternary products: "none", "int8" (terdit.int8) or "fp8"
-        # (--w2a8, terdit.accel's W1.58A8)
+        # the activation mode of the ternary products: "none", "int8" (terdit.kernels.int8) or
+        # "fp8" (--w2a8, terdit.kernels.accel's W1.58A8)
         self.act_quant = resolve_act_quant(w2a8, act_quant) or "none"
         w2a8 = self.act_quant == "fp8"
         try:
             import torch
 
             from terdit import load_checkpoint
-            from terdit.sampling import TorchForward, inference_model
+            from terdit.inference import TORCH_DTYPES, TorchForward, inference_model
         except ImportError as err:
             raise BackendError(f"the torch backend needs torch and terdit ({err}); install "
                                f"torch or use --backend ort") from None
@@ -66,23 +65,21 @@ class TorchBackend:
                                f"device(s), numbered from 0")
         loaded = load_checkpoint(path, packed=True)
         self.dtype = dtype or ("bf16" if self.device.type == "cuda" else "fp32")
-        tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            self.dtype]
-        self.model = inference_model(loaded.model, self.device, tdtype)
+        self.model = inference_model(loaded.model, self.device, TORCH_DTYPES[self.dtype])
         self.kernels = "reference"
         run = self.model
         if self.act_quant == "int8":
             # terdit::ternary_matmul_int8 (its CPU kernels when registered; the reference else)
-            from terdit.int8 import set_act_quant_
+            from terdit.kernels.int8 import set_act_quant_
             set_act_quant_(self.model, "int8")
         if self.device.type == "cpu":
             # the terdit CPU kernels for the ternary ops (built on first use; says once which path)
-            from terdit import cpu_kernels
+            from terdit.kernels import cpu as cpu_kernels
             if cpu_kernels.load_or_say():
                 self.kernels = "cpu"
         if self.device.type == "cuda":
             try:
-                from terdit import kernels
+                from terdit.kernels import cuda as kernels
                 kernels.load()
                 self.kernels = "cuda"
             except Exception as err:  # noqa: BLE001 - fall back loudly, still correct
@@ -90,7 +87,7 @@ class TorchBackend:
                               f"reference op (slow)", stacklevel=2)
         if (self.kernels == "cuda" and self.act_quant != "int8") or w2a8:
             # on the CPU, W1.58A8 runs an exact emulation (slow; for accuracy studies)
-            from terdit.accel import AcceleratedTerDiT
+            from terdit.kernels.accel import AcceleratedTerDiT
             on_gpu = self.kernels == "cuda"
             run = AcceleratedTerDiT(self.model, compile=compile and on_gpu,
                                     cuda_graphs=cuda_graphs and on_gpu, w2a8=w2a8)
@@ -105,5 +102,12 @@ class TorchBackend:
             self.info = ModelInfo(loaded.model.cfg.to_dict(), str(path), digest, None,
                                   loaded.metadata or {})
 
+    @property
+    def settings(self) -> dict:
+        """What changes the images beyond the weights: the activation mode and compute dtype."""
+        return {"dtype": self.dtype, **({"act_quant": self.act_quant}
+                                        if self.act_quant != "none" else {})}
+
     def forward(self, x, t, y, cfg_scale=None):
+        check_cfg_scale(self.info, cfg_scale)       # guided by the sampler: refuses one
         return self._forward(x, t, y)

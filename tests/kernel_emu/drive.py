@@ -4,7 +4,7 @@
     python tests/kernel_emu/drive.py LIB --quantize
 
 A path followed by "@e4m3" runs the W1.58A8 product on that path (X quantized per token with the
-torch definition, terdit.w2a8.quantize_rows_e4m3_ref; --dtypes then name Y's type) against
+torch definition, terdit.kernels.w2a8.quantize_rows_e4m3_ref; --dtypes then name Y's type) against
 the fp64 product of the same e4m3 values. --quantize checks launchQuantizeRowsE4m3 bit for bit
 against that definition (odd shapes, misaligned rows, NaN rows).
 
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from terdit import kernels, w2a8  # noqa: E402
-from terdit.ternary import pack_k16  # noqa: E402
+from terdit.kernels import cuda as kernels  # noqa: E402
+from terdit.kernels import w2a8  # noqa: E402
+from terdit.formats import pack_k16  # noqa: E402
 from tests.kernel_paths import expected_family  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -1,10 +1,10 @@
 """A stand-in `tensorrt` module per TensorRT release (10.16 and 11.1), for tests on machines
-without TensorRT (all of ours: DESIGN section 5).
+without TensorRT (all of ours: docs/design.md section 5).
 
 What it proves: our calls exist with these names in the real bindings of that release (every
 other name raises AttributeError, surface.py), they are made in an order and with arguments that
 the stand-in's checks accept (profile vs. input shapes, I/O shapes and addresses before execution,
-a 0-d input set as 0-d), the ONNX parser's node -> plugin mapping as DESIGN section 5 describes
+a 0-d input set as 0-d), the ONNX parser's node -> plugin mapping as docs/design.md section 5 describes
 it for 10.15+ / 11.x, and that the plugin library is one TensorRT can load: load_library dlopens
 it and registers the creators its getCreators exports (library.py). What it does not prove:
 anything TensorRT itself does (building, tactic selection, the plugin's kernels, numerics); the

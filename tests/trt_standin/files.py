@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from terdit_common import op
+
 from exporter import contract
 
 K = 64
@@ -27,12 +29,12 @@ def ternary_onnx(path: Path, *, batch="batch", nodes: int = 3, dtype: int = Tens
              numpy_helper.from_array(np.zeros(K, np.float32), "bias")]
     graph_nodes, x = [], "x"
     for i in range(nodes):
-        attrs = contract.node_attributes(K, K, act_quant)
+        attrs = op.node_attributes(K, K, act_quant)
         has_namespace = namespace if isinstance(namespace, bool) else i < namespace
         if not has_namespace:
             del attrs["plugin_namespace"]
-        graph_nodes.append(helper.make_node(contract.OP_TYPE, [x, "W", "scale", "bias"],
-                                            [f"h{i}"], domain=contract.DOMAIN, name=f"tmm{i}",
+        graph_nodes.append(helper.make_node(op.OP_TYPE, [x, "W", "scale", "bias"],
+                                            [f"h{i}"], domain=op.DOMAIN, name=f"tmm{i}",
                                             **attrs))
         x = f"h{i}"
     if extra_op:
@@ -50,8 +52,8 @@ def ternary_onnx(path: Path, *, batch="batch", nodes: int = 3, dtype: int = Tens
     graph = helper.make_graph(graph_nodes, "g", inputs,
                               [helper.make_tensor_value_info("out", dtype, [batch, 16, K])],
                               inits, value_info=value_info)
-    opsets = [helper.make_opsetid("", contract.GRAPH_OPSET),
-              helper.make_opsetid(contract.DOMAIN, contract.OP_VERSION)]
+    opsets = [helper.make_opsetid("", op.GRAPH_OPSET),
+              helper.make_opsetid(op.DOMAIN, op.OP_VERSION)]
     if extra_op:
         opsets.append(helper.make_opsetid("custom", 1))
     model = helper.make_model(graph, opset_imports=opsets, functions=[

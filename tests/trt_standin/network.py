@@ -1,7 +1,7 @@
 """Stand-in build side: logger, plugin registry, builder, network, ONNX parser, builder config.
 
 The parser reads a real ONNX file with `onnx` and maps every terdit::TernaryMatMul node the way
-the TensorRT 10.15+ / 11.x parser does (DESIGN section 5, from the onnx-tensorrt sources): to the
+the TensorRT 10.15+ / 11.x parser does (docs/design.md section 5, from the onnx-tensorrt sources): to the
 registered plugin when the node has `plugin_namespace` (or ENABLE_PLUGIN_OVERRIDE is set), else to
 its local function (inlined as ordinary layers), else to a registered plugin, else an error. Other
 nodes become ordinary layers. A "plan" is this module's header plus the ONNX model, which the

@@ -1,9 +1,10 @@
 """Sample-quality metrics: `python -m terdit.evaluate {metrics,grid,train-classifier,plot-losses}`.
 
-- FID (terdit.fid) between generated samples and a reference set: `fashion-mnist:train|test`,
-  an ADM-style `.npz` (arr_0 uint8 NHWC) or a folder of images; reference features are cached
-  under a key of the set's content.
-- Class accuracy of generated samples under the small classifier of terdit.classifier.
+- FID (terdit.evaluate.fid) between generated samples and a reference set:
+  `fashion-mnist:train|test`, an ADM-style `.npz` (arr_0 uint8 NHWC) or a folder of images;
+  reference features are cached under a key of the set's content.
+- Class accuracy of generated samples under the small classifier of
+  terdit.evaluate.classifier.
 
 Samples come from a model (a checkpoint or an export directory), drawn by the runtime's sampler
 (terdit_common.sampling, through the same PyTorch graph as `python -m runtime sample --backend
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,22 +31,21 @@ from terdit_common.files import atomic_write_text, check_disjoint
 from terdit_common.images import from_uint8, write_grid, write_npz
 from terdit_common.inputs import input_file
 from terdit_common.limits import (MAX_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_IMAGES, MAX_SEED,
-                                  MAX_SMOOTH, MAX_WIDTH, check_count,
-                                  check_threads)
+                                  MAX_SMOOTH, MAX_WIDTH, check_count, check_threads)
 
-from .classifier import (ClassifierConfig, classifier_accuracy, load_classifier,
-                         save_classifier, train_classifier)
-from .data import load_dataset
-from .fid import (DATASET_SETS, INCEPTION_FILE, InceptionFeatures, cache_dir, fid_from_features, load_image_set,
-                  reference_features)
-from .plots import plot_losses, read_log
-from .sampling import sample_images
+from ..inference import sample_images
+from ..train.data import load_dataset
+from ..train.plots import plot_losses, read_log
+from .classifier import (ClassifierConfig, classifier_accuracy, load_classifier, save_classifier,
+                         train_classifier)
+from .fid import (DATASET_SETS, INCEPTION_FILE, InceptionFeatures, cache_dir, fid_from_features,
+                  load_image_set, reference_features)
 
 FASHION_MNIST_SIZE = 28                # the smallest --image-size (the sets are padded to it)
 
 
 def _load_model(path: str):
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
     if Path(path).exists() and not Path(path).is_dir():
         input_file(path, "--model", "pass a checkpoint or an export directory")
     loaded = load_checkpoint(path, packed=True)
@@ -301,6 +300,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     return run_cli(body, f"terdit.evaluate {args.command}", RESTART)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

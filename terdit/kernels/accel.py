@@ -3,7 +3,7 @@ torch.compile'd blocks (RMSNorm + modulate, RoPE, gated residuals fused by induc
 through SDPA's flash kernel), and the whole forward captured in one CUDA graph per batch size.
 
 W1.58A8 mode (`w2a8=True`): the token GEMMs (qkv, wo, w1|w3, w2) quantize their input per token
-to float8 e4m3 (terdit.w2a8.quantize_rows_e4m3_ref: pure torch ops, so inside the compiled
+to float8 e4m3 (terdit.kernels.w2a8.quantize_rows_e4m3_ref: pure torch ops, so inside the compiled
 block inductor fuses the quantization into RMSNorm + modulate for qkv and w1|w3 (one kernel on
 CPU inductor, torch 2.13; compiled and eager quantization agree bit for bit), and into one kernel
 for the inputs of wo and w2) and multiply those bytes by the 2-bit codes on FP8 tensor
@@ -14,9 +14,8 @@ On CPU the same ops run their reference implementations, an exact emulation of t
 (accuracy studies). It needs FP8 tensor cores (sm_89+) on CUDA; elsewhere the model runs
 weight-only, with a warning.
 
-`fp8=True` is the deprecated name of `w2a8=True`. The mode it used to select (e4m3 weight copy,
-cuBLASLt FP8 via torch._scaled_mm) stays available as `w2a8_gemm="cublaslt"` for comparisons
-(bench/e2e.py); it stores one byte per weight.
+The cuBLASLt FP8 comparison (an e4m3 weight copy through torch._scaled_mm, one byte per weight) is
+`w2a8_gemm="cublaslt"`, kept until a GPU run decides it (bench/e2e.py).
 """
 from __future__ import annotations
 
@@ -26,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import FusedTerDiT
-from .ternary import TernaryLinear, apply_keep_fp32, unpack_k16
+from ..formats import unpack_k16
+from ..fused import FusedTerDiT
+from ..ternary import TernaryLinear, apply_keep_fp32
 from .w2a8 import quantize_rows_e4m3_ref  # and the W1.58A8 ops (no CUDA call at import)
 
 W2A8_GEMMS = ("ternary", "cublaslt")
@@ -120,23 +120,19 @@ class AcceleratedTerDiT:
     cuda_graphs: capture embedding + blocks + final layer once per batch size and replay it.
     w2a8: W1.58A8 token GEMMs (per-token e4m3 activations x the 2-bit codes, FP8 tensor cores).
     w2a8_gemm: "ternary" (our kernels on the codes) or "cublaslt" (e4m3 weight copy, comparison).
-    fp8: deprecated name of w2a8; fp8_fast_accum: cuBLASLt's fast accumulation ("cublaslt").
+    fp8_fast_accum: cuBLASLt's fast accumulation ("cublaslt").
     """
 
     def __init__(self, model: FusedTerDiT, compile: bool = True, cuda_graphs: bool = True,
-                 fp8: bool = False, fp8_fast_accum: bool = False,
+                 fp8_fast_accum: bool = False,
                  compile_backend: str = "inductor", w2a8: bool = False,
                  w2a8_gemm: str = "ternary") -> None:
         if w2a8_gemm not in W2A8_GEMMS:
             raise ValueError(f"w2a8_gemm={w2a8_gemm!r} is not one of {W2A8_GEMMS}")
-        if fp8:
-            warnings.warn("AcceleratedTerDiT(fp8=True) is deprecated: use w2a8=True (W1.58A8 on "
-                          "the 2-bit codes, no e4m3 weight copy)", DeprecationWarning, stacklevel=2)
-            w2a8 = True
         self.model = model.eval()
         self.device = next(model.parameters()).device
         if self.device.type == "cuda":
-            from . import kernels
+            from . import cuda as kernels
             kernels.load()
         elif cuda_graphs:
             raise ValueError(f"CUDA graphs need the model on a CUDA device (it is on "

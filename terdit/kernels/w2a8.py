@@ -3,9 +3,9 @@
 `quantize_rows_e4m3_ref(x)` quantizes each token to float8 e4m3 with the scale amax / 448;
 `ternary_matmul_e4m3(xq, x_scale, w, scale, bias, out_dtype)` multiplies those bytes by the 2-bit
 codes (exact in e4m3) with fp32 sums and applies x_scale[m] * scale[n] + bias[n]. The CPU
-implementations here are the definition that the CUDA kernels (terdit.kernels registers them for
-CUDA tensors), the ONNX emulation (exporter.contract) and the accuracy benchmark are checked
-against. Pure torch: importing this module makes no CUDA call.
+implementations here are the definition that the CUDA kernels (terdit.kernels.cuda registers
+them for CUDA tensors), the ONNX emulation (exporter.contract) and the accuracy benchmark are
+checked against. Pure torch: importing this module makes no CUDA call.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from terdit import ternary as _ternary
-from terdit.ternary import unpack_k16
+from .. import ternary as _ternary
+from ..formats import unpack_k16
 
 E4M3_MAX = 448.0
 E4M3_MIN_AMAX = 1e-12
@@ -64,7 +64,7 @@ def check_e4m3_args(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tens
     if tuple(x_scale.shape) != tuple(xq.shape[:-1]):
         raise ValueError(f"{op}: x_scale must have shape {tuple(xq.shape[:-1])} (one scale per "
                          f"token), got {tuple(x_scale.shape)}")
-    _ternary._check_op_args(xq, w, scale, bias)
+    _ternary.check_op_args(xq, w, scale, bias)
 
 
 @torch.library.custom_op("terdit::quantize_rows_e4m3", mutates_args=())

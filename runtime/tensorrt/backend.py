@@ -11,12 +11,11 @@ from typing import Any, Optional
 import numpy as np
 
 from terdit_common.inputs import input_file
-from terdit_common.manifest import PLAN_FILE
+from terdit_common.manifest import PLAN_FILE, open_export
 
-from ..trt_build import load_plugin_library
-from ..trt_record import (EngineEnvironment, _import_torch_cuda, check_sidecar,
-                          import_tensorrt)
-from . import BackendError, open_export
+from ..backends.protocol import BackendError, check_cfg_scale
+from .build import load_plugin_library
+from .record import EngineEnvironment, check_sidecar, import_tensorrt, import_torch_cuda
 
 # TensorRT I/O types the backend feeds and reads, by the names DeviceTransfer uses
 IO_TYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32",
@@ -26,7 +25,7 @@ IO_TYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": 
 def check_batch(name: str, shape: Sequence[int], low: Sequence[int], high: Sequence[int]) -> None:
     """Raises ValueError when `shape` lies outside the engine's profile [low, high] for `name`."""
     if len(shape) != len(low) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high)):
-        raise ValueError(
+        raise BackendError(
             f"input '{name}' has shape {list(shape)}, outside the engine's profile {list(low)} .. "
             f"{list(high)}; rebuild the engine with --min-batch / --max-batch covering it or "
             "split the batch"
@@ -40,7 +39,7 @@ class TorchCudaTransfer:
     download are ordered without extra events."""
 
     def __init__(self, device: int) -> None:
-        torch = _import_torch_cuda(device)
+        torch = import_torch_cuda(device)
         self._torch, self._device = torch, torch.device("cuda", device)
         self._stream = torch.cuda.Stream(self._device)
         self.stream_handle = self._stream.cuda_stream
@@ -82,6 +81,7 @@ class TensorRTBackend:
     TorchCudaTransfer(device))."""
 
     name = "trt"
+    settings: dict = {}                  # the plan (hashed in the build record) fixes everything
 
     def __init__(self, path: str | os.PathLike, plugin: str | os.PathLike | None = None,
                  device: int = 0, transfer: Optional[Any] = None):
@@ -112,7 +112,7 @@ class TensorRTBackend:
             self._runtime = trt.Runtime(self._logger)
             self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
             if self._engine is None:
-                raise RuntimeError(f"TensorRT could not deserialize {plan_path}; see the log above")
+                raise BackendError(f"TensorRT could not deserialize {plan_path}; see the log above")
             self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self.input_names = [
@@ -120,31 +120,28 @@ class TensorRTBackend:
         ]
         self.output_names = [n for n in names if n not in self.input_names]
         if len(self.output_names) != 1:
-            raise ValueError(f"{plan_path} has outputs {self.output_names}; expected one ('out')")
+            raise BackendError(f"{plan_path} has outputs {self.output_names}; expected one ('out')")
         self._dtypes = {}
         for n in names:
             dtype = self._engine.get_tensor_dtype(n)
             if dtype.name not in IO_TYPES:
-                raise ValueError(f"{plan_path}: tensor '{n}' is {dtype.name}; the backend feeds "
-                                 f"{', '.join(IO_TYPES)}; re-export the model")
+                raise BackendError(f"{plan_path}: tensor '{n}' is {dtype.name}; the backend "
+                                   f"feeds {', '.join(IO_TYPES)}; re-export the model")
             self._dtypes[n] = IO_TYPES[dtype.name]
+        if ("cfg_scale" in self.input_names) != bool(self.info.folded_cfg):
+            raise BackendError(f"{plan_path}: a cfg_scale input and the export's graph.cfg "
+                               f"({self.info.folded_cfg}) disagree; rebuild the engine from "
+                               f"this export")
         self.info.sha256 = self.record.get("plan_sha256", self.info.sha256)
 
     def forward(self, x, t, y, cfg_scale: float | None = None):
         feeds = {"x": x, "t": t, "y": y}
-        if "cfg_scale" in self.input_names:
-            if cfg_scale is None:
-                raise ValueError(
-                    "this engine has classifier-free guidance folded in; pass cfg_scale"
-                )
-            feeds["cfg_scale"] = np.asarray(cfg_scale, dtype=np.float32)
-        elif cfg_scale is not None:
-            raise ValueError(
-                "this engine has no cfg_scale input; apply guidance outside the backend"
-            )
+        scale = check_cfg_scale(self.info, cfg_scale)
+        if scale is not None:
+            feeds["cfg_scale"] = scale
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
-            raise ValueError(f"engine inputs {missing} are not fed by forward(x, t, y)")
+            raise BackendError(f"engine inputs {missing} are not fed by forward(x, t, y)")
         transfer, context = self._transfer, self._context
         buffers = []                                    # alive until the download
         with transfer.device():
@@ -156,22 +153,22 @@ class TensorRTBackend:
                     check_batch(name, array.shape, tuple(low), tuple(high))
                 buffers.append(transfer.upload(array, self._dtypes[name]))
                 if not context.set_input_shape(name, tuple(array.shape)):
-                    raise ValueError(f"TensorRT refused input '{name}' of shape "
+                    raise BackendError(f"TensorRT refused input '{name}' of shape "
                                      f"{list(array.shape)}; see the log above")
                 self._set_address(name, buffers[-1])
             name = self.output_names[0]
             shape = tuple(context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise RuntimeError(f"TensorRT left output '{name}' with shape {list(shape)} "
+                raise BackendError(f"TensorRT left output '{name}' with shape {list(shape)} "
                                    "after all inputs were set; see the log above")
             out = transfer.empty(shape, self._dtypes[name])
             self._set_address(name, out)
             if not context.execute_async_v3(transfer.stream_handle):
-                raise RuntimeError("TensorRT execution failed; see the log above")
+                raise BackendError("TensorRT execution failed; see the log above")
             return transfer.download(out)
 
     def _set_address(self, name: str, buffer) -> None:
         if not self._context.set_tensor_address(name, self._transfer.address(buffer)):
-            raise RuntimeError(f"TensorRT refused the address of '{name}'; see the log above")
+            raise BackendError(f"TensorRT refused the address of '{name}'; see the log above")
 
     __call__ = forward

@@ -2,7 +2,7 @@
 
 `load()` finds or builds `libterdit_cpu.so` (terdit_common.cpukernels) and registers its kernels
 for CPU tensors on `terdit::ternary_matmul` and `terdit::ternary_matmul_swiglu` (exact: fp32 sums)
-and on `terdit::ternary_matmul_int8` / `terdit::ternary_matmul_int8_swiglu` (terdit.int8's
+and on `terdit::ternary_matmul_int8` / `terdit::ternary_matmul_int8_swiglu` (terdit.kernels.int8's
 definition, bit for bit). Other devices keep their implementations; the ops' reference bodies stay
 the definition the kernels are tested against. `torch.compile` sees the same registered ops.
 
@@ -19,10 +19,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from terdit import int8 as _int8
-from terdit import ternary as _ternary
 from terdit_common import cpukernels
 from terdit_common.cpukernels import ACT_QUANT_CODES, CpuKernelError
+
+from .. import ternary as _ternary
+from . import int8 as _int8
 
 __all__ = ["CpuKernelError", "available", "describe", "force_isa", "load", "matmul"]
 
@@ -36,7 +37,7 @@ def matmul(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
     """Y = X @ (scale * T)^T + bias on the CPU kernels in `act_quant` mode ("none" | "int8" |
     "fp8"), computed in fp32 and returned in X's dtype. Needs `load()`."""
     lib = cpukernels.load()
-    _ternary._check_op_args(x, w, scale, bias)
+    _ternary.check_op_args(x, w, scale, bias)
     if act_quant not in ACT_QUANT_CODES:
         raise ValueError(f"act_quant={act_quant!r} is not one of {', '.join(ACT_QUANT_CODES)}")
     for name, t in (("x", x), ("w", w), ("scale", scale), ("bias", bias)):
@@ -66,7 +67,7 @@ def matmul(x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
 
 
 def _swiglu(op: str, x: Tensor, w: Tensor, scale: Tensor, act_quant: str) -> Tensor:
-    _ternary._check_op_args(x, w, scale, None)
+    _ternary.check_op_args(x, w, scale, None)
     if w.shape[0] % 2:
         raise ValueError(f"{op}: N={w.shape[0]} must be even (w1|w3)")
     a = matmul(x.float(), w, scale, None, act_quant)
@@ -84,12 +85,12 @@ def _ternary_matmul_swiglu_cpu(x, w, scale):
 
 # the int8 ops check what their reference implementations check, with the same messages
 def _ternary_matmul_int8_cpu(x, w, scale, bias=None):
-    _int8._check_x("ternary_matmul_int8", x)
+    _int8.check_x("ternary_matmul_int8", x)
     return matmul(x, w, scale, bias, "int8")
 
 
 def _ternary_matmul_int8_swiglu_cpu(x, w, scale):
-    _int8._check_x("ternary_matmul_int8_swiglu", x)
+    _int8.check_x("ternary_matmul_int8_swiglu", x)
     return _swiglu("ternary_matmul_int8_swiglu", x, w, scale, "int8")
 
 

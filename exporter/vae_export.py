@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from terdit.autoencoder import load_autoencoder
+from terdit.inference import TORCH_DTYPES
+from terdit_common import op
 from terdit_common.vae import read_vae_config, resolve_vae
 
-from . import contract
-from .graph import _quiet, save_model
-from .options import DTYPES, ExportError, ExportOptions
+from .graph import quiet_export, save_model
+from .options import ExportError, ExportOptions
 from .validate import cpu_session
 
 # The VAE decoder is compared with PyTorch at the same dtype (its errors are not ternary-specific).
@@ -45,13 +46,13 @@ def export_vae(vae_dir: str, out_path: Path, options: ExportOptions, latent_size
     the DiT's latent size."""
     vdir = vae_source(vae_dir)
     vae, scaling = load_autoencoder(vdir, "--vae", latent_channels)
-    graph = VaeDecoderGraph(vae, scaling).to(DTYPES[options.dtype]).eval()
+    graph = VaeDecoderGraph(vae, scaling).to(TORCH_DTYPES[options.dtype]).eval()
     ch = int(vae.config.latent_channels)
     size = latent_size
-    latent = torch.randn(2, ch, size, size, dtype=DTYPES[options.dtype])
+    latent = torch.randn(2, ch, size, size, dtype=TORCH_DTYPES[options.dtype])
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad(), _quiet():
-        program = torch.onnx.export(graph, (latent,), dynamo=True, opset_version=contract.GRAPH_OPSET,
+    with torch.no_grad(), quiet_export():
+        program = torch.onnx.export(graph, (latent,), dynamo=True, opset_version=op.GRAPH_OPSET,
                                     input_names=["latent"], output_names=["image"],
                                     dynamic_shapes={"latent": {0: batch}}, optimize=True,
                                     verify=False, verbose=False)
@@ -62,8 +63,8 @@ def export_vae(vae_dir: str, out_path: Path, options: ExportOptions, latent_size
         sess = cpu_session(out_path, large=False)
         lat = torch.randn(3, ch, size, size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            ref = graph(lat.to(DTYPES[options.dtype])).float().numpy()
-        out = sess.run(None, {"latent": lat.to(DTYPES[options.dtype]).numpy()})[0].astype(np.float32)
+            ref = graph(lat.to(TORCH_DTYPES[options.dtype])).float().numpy()
+        out = sess.run(None, {"latent": lat.to(TORCH_DTYPES[options.dtype]).numpy()})[0].astype(np.float32)
         rel = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))
         tol = VAE_TOLERANCE[options.dtype]
         info["validation"] = {"runtime": "onnxruntime CPU", "rel_err": rel, "tolerance": tol,

@@ -16,7 +16,7 @@ from terdit_common.ort import ort_session
 from terdit_common.sampling import ModelInfo
 from terdit_common.vae import resolve_vae
 
-from .backends import BackendError
+from .backends.protocol import BackendError
 
 
 class OrtVae:

@@ -5,16 +5,15 @@ import argparse
 import os
 from pathlib import Path
 
-from terdit_common.errors import UserError
 from terdit_common.inputs import input_file
 from terdit_common.manifest import (EXPORT_FILES, MANIFEST_FILE, MODEL_FILE, PLAN_FILE,
-                                    PLAN_RECORD_FILE)
+                                    PLAN_RECORD_FILE, open_export)
 
-from .backends import open_export
-from .trt_build import (DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_PRECISION,
-                        DEFAULT_WORKSPACE_GIB, build_engine, check_workspace,
-                        resolve_batch_range)
-from .trt_record import sidecar_path
+from ..backends.protocol import BackendError
+
+from .build import (DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_PRECISION,
+                    DEFAULT_WORKSPACE_GIB, build_engine, check_workspace, resolve_batch_range)
+from .record import sidecar_path
 
 
 def add_build_engine_subparser(subparsers) -> argparse.ArgumentParser:
@@ -70,7 +69,7 @@ def check_build_args(args: argparse.Namespace) -> tuple[Path, Path]:
     onnx = args.onnx / MODEL_FILE if args.onnx.is_dir() else args.onnx
     fix = "pass an export directory written by `python -m exporter` or its model.onnx"
     if not os.path.lexists(onnx):
-        raise UserError(f"{args.onnx}: no {MODEL_FILE} here; {fix}")
+        raise BackendError(f"{args.onnx}: no {MODEL_FILE} here; {fix}")
     input_file(onnx, fix=fix)
     resolve_batch_range(args.min_batch, args.opt_batch, args.max_batch)
     check_workspace(args.workspace_gib)
@@ -82,11 +81,11 @@ def check_build_args(args: argparse.Namespace) -> tuple[Path, Path]:
         if name not in (PLAN_FILE, PLAN_RECORD_FILE)}
     for written in (output, sidecar_path(output)):
         if written.resolve() in inputs:
-            raise UserError(f"-o {output}: writes {written}, one of the build's inputs (the "
+            raise BackendError(f"-o {output}: writes {written}, one of the build's inputs (the "
                             f"export's files or the plugin); choose another output, e.g. "
                             f"{onnx.parent / PLAN_FILE}")
         if written.is_dir():
-            raise UserError(f"-o {output}: {written} is a directory; pass the .plan file to "
+            raise BackendError(f"-o {output}: {written} is a directory; pass the .plan file to "
                             f"write")
     return onnx, output
 

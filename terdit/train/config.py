@@ -9,7 +9,7 @@ from typing import Optional
 
 from terdit_common.limits import MAX_COUNT, MAX_SEED, check_count, check_threads
 from terdit_common.sampling import SampleOptions
-from terdit_common.schedule import MIN_TIMESTEPS, NUM_TRAIN_STEPS
+from terdit_common.noise_schedule import MIN_TIMESTEPS, NUM_TRAIN_STEPS
 
 from .data import DATASETS
 

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from terdit import ternary as _ternary
-from terdit.ternary import PackedTernaryLinear, unpack_k16
+from .. import ternary as _ternary
+from ..formats import unpack_k16
+from ..ternary import PackedTernaryLinear
 
 INT8_MAX = 127.0
 INT8_MIN_AMAX = 1e-12
@@ -51,7 +52,7 @@ def ternary_linear_int8_ref(xq: Tensor, s: Tensor, w: Tensor, scale: Tensor,
     return y.to(out_dtype)
 
 
-def _check_x(op: str, x: Tensor) -> None:
+def check_x(op: str, x: Tensor) -> None:
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: x has dtype {x.dtype}; float32, float16 or bfloat16")
 
@@ -61,8 +62,8 @@ def ternary_matmul_int8(x: Tensor, w: Tensor, scale: Tensor,
                         bias: Optional[Tensor] = None) -> Tensor:
     """terdit::ternary_matmul_int8: quantize_rows_int8_ref then ternary_linear_int8_ref, in
     x's dtype (the reference; native CPU kernels register themselves for CPU tensors)."""
-    _check_x("ternary_matmul_int8", x)
-    _ternary._check_op_args(x, w, scale, bias)
+    check_x("ternary_matmul_int8", x)
+    _ternary.check_op_args(x, w, scale, bias)
     xq, s = quantize_rows_int8_ref(x)
     return ternary_linear_int8_ref(xq, s, w, scale, bias, x.dtype)
 
@@ -75,8 +76,8 @@ def _(x, w, scale, bias=None):
 @torch.library.custom_op("terdit::ternary_matmul_int8_swiglu", mutates_args=())
 def ternary_matmul_int8_swiglu(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
     """silu(A[..., :H]) * A[..., H:] in fp32 over the fp32 int8 product A of a fused w1|w3."""
-    _check_x("ternary_matmul_int8_swiglu", x)
-    _ternary._check_op_args(x, w, scale, None)
+    check_x("ternary_matmul_int8_swiglu", x)
+    _ternary.check_op_args(x, w, scale, None)
     if w.shape[0] % 2:
         raise ValueError(f"ternary_matmul_int8_swiglu: N={w.shape[0]} must be even (w1|w3)")
     xq, s = quantize_rows_int8_ref(x)
@@ -96,8 +97,8 @@ def set_act_quant_(model: nn.Module, mode: str) -> nn.Module:
     with the weights, and a FusedTerDiT built afterwards starts at "none": set it on the module
     that runs."""
     if mode not in ACT_QUANT_MODES:
-        hint = ("; fp8 (W1.58A8 e4m3) runs through terdit.accel.AcceleratedTerDiT(w2a8=True)"
-                if mode == "fp8" else "")
+        hint = ("; fp8 (W1.58A8 e4m3) runs through "
+                "terdit.kernels.accel.AcceleratedTerDiT(w2a8=True)" if mode == "fp8" else "")
         raise ValueError(f"act_quant={mode!r} is not one of {', '.join(ACT_QUANT_MODES)}{hint}")
     for m in model.modules():
         if isinstance(m, PackedTernaryLinear):

@@ -129,7 +129,7 @@ def load_image_set(spec: str, count: Optional[int] = None, image_size: int = 32,
     image_size like the training data), an ADM-style `.npz`, or a folder of images (sorted by
     relative path)."""
     if spec in DATASET_SETS:
-        from .data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, load_fashion_mnist
+        from ..train.data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, load_fashion_mnist
         split = spec.split(":")[1]
         ds = load_fashion_mnist(split, data_path, pad_to=image_size)
         n = _take(spec, len(ds), count)

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from terdit_common.errors import UserError
-from terdit_common.files import atomic_write_bytes as _atomic_write_bytes
-from terdit_common.files import sha256_file as file_sha256
+from terdit_common.files import atomic_write_bytes, sha256_file
+
+from ..backends.protocol import BackendError
 
 SIDECAR_FORMAT = 1
 
@@ -31,14 +31,14 @@ INSTALL_HINT = (
 )
 
 
-class EngineMismatchError(UserError):
+class EngineMismatchError(BackendError):
     """A plan's build record does not match this machine, TensorRT or plugin library."""
 
 
 # ---- Imports at call time --------------------------------------------------------------------
 
 
-class TensorRTUnavailable(UserError):
+class TensorRTUnavailable(BackendError):
     """TensorRT (or a CUDA GPU for it) is not available here; the message says how to get it."""
 
 
@@ -51,7 +51,7 @@ def import_tensorrt():
     return tensorrt
 
 
-def _import_torch_cuda(device: int):
+def import_torch_cuda(device: int):
     import torch
 
     if not torch.cuda.is_available():
@@ -61,7 +61,7 @@ def _import_torch_cuda(device: int):
             "machine"
         )
     if device >= torch.cuda.device_count():
-        raise ValueError(
+        raise BackendError(
             f"device={device} but torch sees {torch.cuda.device_count()} CUDA device(s)"
         )
     return torch
@@ -133,8 +133,8 @@ def build_record(
         "format": SIDECAR_FORMAT,
         "tensorrt_version": environment.tensorrt_version,
         "gpu": {"name": environment.gpu_name, "compute_capability": environment.compute_capability},
-        "plugin": {"file": plugin_path.name, "sha256": file_sha256(plugin_path)},
-        "onnx": {"file": onnx_path.name, "sha256": file_sha256(onnx_path)},
+        "plugin": {"file": plugin_path.name, "sha256": sha256_file(plugin_path)},
+        "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "plan_sha256": plan_sha256,
         "precision": precision,
         "batch_profile": dataclasses.asdict(batch_profile) if batch_profile is not None else None,
@@ -155,9 +155,9 @@ def write_plan(
     check_sidecar."""
     plan_path = Path(plan_path)
     if record.get("plan_sha256") != hashlib.sha256(plan).hexdigest():
-        raise ValueError("record['plan_sha256'] is not the sha256 of the plan being written")
-    _atomic_write_bytes(plan_path, plan)
-    _atomic_write_bytes(
+        raise BackendError("record['plan_sha256'] is not the sha256 of the plan being written")
+    atomic_write_bytes(plan_path, plan)
+    atomic_write_bytes(
         sidecar_path(plan_path), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
     )
     return plan_path
@@ -175,14 +175,14 @@ def check_sidecar(
     plan_path, plugin_path = Path(plan_path), Path(plugin_path)
     record_path = sidecar_path(plan_path)
     if not record_path.is_file():
-        raise UserError(
+        raise BackendError(
             f"{record_path} not found: {plan_path} has no build record; rebuild it with "
             f"`python -m runtime build-engine MODEL.onnx --plugin {plugin_path} -o {plan_path}`"
         )
     try:
         record = json.loads(record_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{record_path} is not a valid build record: {e}") from e
+        raise BackendError(f"{record_path} is not a valid build record: {e}") from e
     if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise EngineMismatchError(
@@ -195,8 +195,8 @@ def check_sidecar(
         "tensorrt_version": environment.tensorrt_version,
         "gpu.name": environment.gpu_name,
         "gpu.compute_capability": environment.compute_capability,
-        "plugin.sha256": file_sha256(plugin_path),
-        "plan_sha256": file_sha256(plan_path),
+        "plugin.sha256": sha256_file(plugin_path),
+        "plan_sha256": sha256_file(plan_path),
     }
     if onnx_sha256 is not None:
         expected["onnx.sha256"] = onnx_sha256

@@ -1,4 +1,5 @@
-"""A whole sampling run into an output directory:
+"""A whole sampling run into an output directory, written from what the pipeline's
+`sample_batch(indices)` returns (runtime.pipeline.TerDiTPipeline.run decides everything else):
 
     OUT/samples.json          the model (path, sha256, backend, config), the settings, progress
     OUT/images/NNNNNN.png     image i by global index (the model's channels)
@@ -21,10 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,17 +33,12 @@ import numpy as np
 
 from terdit_common.cli import is_out_of_memory
 from terdit_common.errors import UserError
-from terdit_common.files import (LOCK_NAME, atomic_write_bytes, atomic_write_json,
-                                 check_disjoint, check_writable_dir, foreign_entries,
-                                 is_temp_name, output_lock, refuse_foreign, remove_all,
-                                 remove_stale_temps)
+from terdit_common.files import (LOCK_NAME, atomic_write_bytes, atomic_write_json, check_disjoint,
+                                 check_writable_dir, foreign_entries, is_temp_name, output_lock,
+                                 refuse_foreign, remove_all, remove_stale_temps, sha256_file)
+from terdit_common.images import grid_columns, png_bytes, read_png, write_grid, write_npy, write_npz
 from terdit_common.inputs import read_json_file
-from terdit_common.limits import MAX_IMAGES
-from terdit_common.manifest import export_dir_of
-from terdit_common.images import (grid_columns, png_bytes, read_png, write_grid, write_npy,
-                                  write_npz)
-from terdit_common.sampling import (SampleOptions, SamplingError, check_model_options,
-                                    resolve_clip)
+from terdit_common.sampling import SamplingError
 
 SAMPLES_FILE = "samples.json"
 SAMPLES_FORMAT = "terdit-samples"
@@ -60,70 +56,60 @@ def latent_path(out: Path, index: int) -> Path:
     return out / "latents" / f"{index:06d}.npy"
 
 
-def run_to_dir(pipe, out: Path, labels: list[int], options: SampleOptions, *,
-               initial_latents: Optional[np.ndarray] = None, save_latents: bool = False,
-               overwrite: bool = False, rank: int = 0, world_size: int = 1,
-               barrier: Optional[Callable[[], None]] = None, progress: bool = True,
-               extra_settings: Optional[dict] = None,
-               log: Callable[[str], None] = print) -> dict:
-    """Sample `labels` (one image each) into `out`; returns the final samples.json record (on
-    rank 0; other ranks return the initial one)."""
-    n = len(labels)
-    if not 1 <= n <= MAX_IMAGES:
-        raise SamplingError(f"--num {n}: must be from 1 to {MAX_IMAGES} images")
-    info = pipe.info
-    check_model_options(info, options)
-    if initial_latents is not None:
-        want = (n, info.in_channels, info.input_size, info.input_size)
-        if initial_latents.shape != want:
-            raise SamplingError(f"--latents has shape {initial_latents.shape}, expected {want} "
-                                f"(one latent per image)")
-    latent_only = not pipe.pixel_space and pipe.vae is None
-    save_latents = save_latents or latent_only
-    settings = {**options.result_settings(),
-                "cfg_mode": pipe.cfg_mode(options) if options.cfg_scale != 1.0 else None,
-                "clip_denoised": resolve_clip(info, options),
-                "labels": [int(v) for v in labels], "num_images": n,
-                "initial_latents_sha256": None if initial_latents is None else
-                hashlib.sha256(np.ascontiguousarray(initial_latents).tobytes()).hexdigest(),
-                **(extra_settings or {})}
-    record = {"format": SAMPLES_FORMAT, "version": 1,
-              "model": {"path": info.source, "sha256": info.sha256,
-                        "backend": pipe.backend.name, "config": info.config},
-              "settings": settings,
-              "vae": getattr(pipe.vae, "source", None),
-              "outputs": {"images": None if latent_only else "images/NNNNNN.png",
-                          "grid": None if latent_only else "grid.png",
-                          "npz": None if latent_only else "samples.npz",
-                          "latents": "latents.npy" if save_latents else None},
-              "complete": False}
+@dataclass(frozen=True)
+class Job:
+    """What a run writes, decided by the pipeline: the record (samples.json as the run starts),
+    one label per image and the grid's captions, the latent shape a resumed latent must have,
+    what is written (images and / or latents), the first batch size, and the inputs the output
+    must not touch ({flag: path})."""
+
+    out: Path
+    record: dict
+    labels: list[int]
+    captions: list[str]
+    latent_shape: tuple[int, int, int]
+    latent_only: bool
+    save_latents: bool
+    batch_size: int
+    inputs: dict
+
+
+# sample_batch(indices) -> (latents (B, C, H, W), uint8 images (B, H, W, C) or None)
+SampleBatch = Callable[[list[int]], tuple[np.ndarray, Optional[np.ndarray]]]
+
+
+def write_run(job: Job, sample_batch: SampleBatch, *, overwrite: bool = False, rank: int = 0,
+              world_size: int = 1, barrier: Optional[Callable[[], None]] = None,
+              progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Write what `sample_batch` returns for every image of `job` into job.out, resuming a run
+    with the same record; returns the final samples.json record (on rank 0; other ranks return
+    the initial one)."""
+    out, record, n = job.out, job.record, len(job.labels)
     with contextlib.ExitStack() as stack:
         if rank == 0:
             check_writable_dir(out, "--out")
-            check_disjoint(out, "--out", _inputs(pipe))
+            check_disjoint(out, "--out", job.inputs)
             _check_dir(out, record, overwrite)       # refuse before creating anything
             stack.enter_context(output_lock(out / LOCK_NAME, f"--out {out}"))
             _prepare(out, record, overwrite)
             remove_stale_temps(out, out / "images", out / "latents")
         if barrier:
             barrier()
-        if latent_only and rank == 0:
+        if job.latent_only and rank == 0:
             log("note: latent-space model and no VAE (export with --vae or pass --vae DIR): "
                 "writing latents only")
-        mine = [i for i in range(rank, n, world_size)
-                if not _done(pipe, out, i, latent_only, save_latents)]
+        mine = [i for i in range(rank, n, world_size) if not _done(job, i)]
         skipped = len(range(rank, n, world_size)) - len(mine)
         if skipped and rank == 0:
             log(f"resuming: {skipped} image(s) already written")
         t0 = time.time()
-        _generate(pipe, out, mine, labels, options, initial_latents, latent_only, save_latents,
-                  progress and rank == 0)
+        _generate(job, sample_batch, mine, progress)
         elapsed = time.time() - t0
         if barrier:
             barrier()
         if rank != 0:
             return record
-        record.update(_finalize(pipe, out, n, labels, latent_only, save_latents))
+        record.update(_finalize(job))
         record["complete"] = True
         record["timing"] = {"seconds": round(elapsed, 3), "images_generated_rank0": len(mine),
                             "images_resumed_rank0": skipped,
@@ -133,13 +119,6 @@ def run_to_dir(pipe, out: Path, labels: list[int], options: SampleOptions, *,
             timespec="seconds")
         atomic_write_json(out / SAMPLES_FILE, record)
         return record
-
-
-def _inputs(pipe) -> dict:
-    """What a run reads: the model (an export's directory for its model.onnx) and the VAE."""
-    model = export_dir_of(pipe.info.source) or Path(pipe.info.source)
-    vae = getattr(pipe.vae, "source", None)
-    return {"--model": model, "--vae": vae if vae and Path(vae).exists() else None}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -234,35 +213,30 @@ def _prepare(out: Path, record: dict, overwrite: bool) -> None:
     (out / "latents").mkdir(exist_ok=True)
 
 
-def _done(pipe, out: Path, i: int, latent_only: bool, save_latents: bool) -> bool:
-    if save_latents:
+def _done(job: Job, i: int) -> bool:
+    if job.save_latents:
         try:
-            lat = np.load(latent_path(out, i), allow_pickle=False)
+            lat = np.load(latent_path(job.out, i), allow_pickle=False)
         except (OSError, ValueError):
             return False
-        info = pipe.info
-        if lat.shape != (info.in_channels, info.input_size, info.input_size):
+        if lat.shape != job.latent_shape:
             return False
-    return latent_only or read_png(image_path(out, i)) is not None
+    return job.latent_only or read_png(image_path(job.out, i)) is not None
 
 
-def _generate(pipe, out: Path, todo: list[int], labels, options: SampleOptions,
-              initial: Optional[np.ndarray], latent_only: bool, save_latents: bool,
-              progress: bool) -> None:
+def _generate(job: Job, sample_batch: SampleBatch, todo: list[int], progress: bool) -> None:
     bar = None
     if progress and todo:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="img", desc="sampling", dynamic_ncols=True)
-    batch = options.batch_size
+    batch = job.batch_size
     pos = 0
     try:
         while pos < len(todo):
             idx = todo[pos:pos + batch]
             try:
-                lat = pipe.sample(idx, [labels[i] for i in idx], options,
-                                  None if initial is None else initial[idx])
-                images = None if latent_only else pipe.decode(lat)
-            except (SamplingError, UserError):
+                lat, images = sample_batch(idx)
+            except UserError:
                 raise
             except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
                 if is_out_of_memory(err) and batch > 1:
@@ -272,10 +246,10 @@ def _generate(pipe, out: Path, todo: list[int], labels, options: SampleOptions,
                     continue
                 raise
             for j, i in enumerate(idx):
-                if save_latents:
-                    write_npy(latent_path(out, i), lat[j])
+                if job.save_latents:
+                    write_npy(latent_path(job.out, i), lat[j])
                 if images is not None:
-                    atomic_write_bytes(image_path(out, i), png_bytes(images[j]))
+                    atomic_write_bytes(image_path(job.out, i), png_bytes(images[j]))
             pos += len(idx)
             if bar:
                 bar.update(len(idx))
@@ -284,13 +258,13 @@ def _generate(pipe, out: Path, todo: list[int], labels, options: SampleOptions,
             bar.close()
 
 
-def _finalize(pipe, out: Path, n: int, labels, latent_only: bool, save_latents: bool) -> dict:
-    from terdit_common.files import sha256_file
+def _finalize(job: Job) -> dict:
+    out, n = job.out, len(job.labels)
     result: dict = {}
-    if save_latents:
+    if job.save_latents:
         lats = np.stack([np.load(latent_path(out, i), allow_pickle=False) for i in range(n)])
         write_npy(out / "latents.npy", lats)
-    if latent_only:
+    if job.latent_only:
         return result
     images = []
     for i in range(n):
@@ -299,9 +273,9 @@ def _finalize(pipe, out: Path, n: int, labels, latent_only: bool, save_latents: 
             raise SamplingError(f"image {i} is missing after sampling ({image_path(out, i)})")
         images.append(img)
     arr = np.stack(images)
-    write_npz(out / "samples.npz", arr, np.asarray(labels, dtype=np.int64))
+    write_npz(out / "samples.npz", arr, np.asarray(job.labels, dtype=np.int64))
     shown = min(n, GRID_MAX)
-    caps = [pipe.info.caption(int(v)) for v in labels[:shown]]
-    write_grid(out / "grid.png", arr[:shown], caps, ncols=grid_columns(labels, shown))
+    write_grid(out / "grid.png", arr[:shown], job.captions[:shown],
+               ncols=grid_columns(job.labels, shown))
     result["files"] = {name: sha256_file(out / name) for name in ("samples.npz", "grid.png")}
     return result

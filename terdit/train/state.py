@@ -25,10 +25,10 @@ from terdit_common.files import (LOCK_NAME, atomic_write_text, is_temp_name, ref
 from terdit_common.inputs import input_file, read_json_file
 from terdit_common.limits import MAX_WEIGHTS_BYTES
 
-from .checkpoint import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
-from .config import TerDiTConfig
+from ..checkpoint import CHECKPOINT_FILES, load_checkpoint, save_checkpoint
+from ..config import TerDiTConfig
+from ..model import TerDiT
 from .distributed import Dist, full_tensor, unwrap
-from .model import TerDiT
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -73,7 +73,7 @@ class EMA:
 
 def model_from_params(cfg: TerDiTConfig, params: dict[str, Tensor]) -> TerDiT:
     """A latent TerDiT holding `params` (built on the meta device: no random init, no copy)."""
-    from .loading import model_from_state_dict
+    from ..loading import model_from_state_dict
     return model_from_state_dict(cfg, params)
 
 

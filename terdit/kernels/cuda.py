@@ -3,7 +3,7 @@
 `load()` finds (or builds) `libterdit_kernels.so` (plugins/kernels), loads it with ctypes and
 registers its CUDA implementations of `terdit::ternary_matmul`, `terdit::ternary_matmul_swiglu`
 (defined in terdit.ternary), `terdit::ternary_matmul_e4m3`, `terdit::ternary_matmul_e4m3_swiglu`
-and `terdit::quantize_rows_e4m3` (defined in terdit.w2a8); CPU tensors keep the reference
+and `terdit::quantize_rows_e4m3` (defined in terdit.kernels.w2a8); CPU tensors keep the reference
 implementations. The library is plain C ABI + static cudart, so one build made with nvcc on a
 machine without a GPU runs under any torch with a CUDA 13 driver (no torch C++ extension, no
 version coupling).
@@ -24,13 +24,10 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from terdit import ternary as _ternary  # noqa: F401  (defines the ternary_matmul ops)
-from terdit import w2a8 as _w2a8  # noqa: F401  (defines the W1.58A8 ops)
-from terdit.kernel_build import (C_API_SOURCE, DEFAULT_GENCODE, EXTRA_GENCODE,  # noqa: F401
-                                 KERNEL_SOURCE_DIR, LIB_NAME, REPO_ROOT, KernelLibraryError,
-                                 build_library, cache_dir, candidate_paths, find_nvcc,
-                                 nvcc_commands)
-from terdit.w2a8 import check_e4m3_args
+from .. import ternary as _ternary  # noqa: F401  (defines the ternary_matmul ops)
+from . import w2a8 as _w2a8  # noqa: F401  (defines the W1.58A8 ops)
+from .build import LIB_NAME, KernelLibraryError, build_library, candidate_paths
+from .w2a8 import check_e4m3_args
 
 C_SYMBOLS = ("terditTernaryMatmul", "terditTernaryMatmulEx", "terditCheck", "terditErrorString",
              "terditKernelsAbiVersion", "terditTernaryMatmulE4m3", "terditCheckE4m3",
@@ -229,7 +226,7 @@ def matmul_into(out: Tensor, x: Tensor, w: Tensor, scale: Tensor, bias: Optional
     a w1|w3 weight) into the preallocated CUDA tensor `out` ([..., N] or [..., N / 2], x's dtype,
     contiguous) and returns it. For CUDA graphs, benchmarks and tests; needs `load()` first."""
     if _lib is None:
-        raise KernelLibraryError("call terdit.kernels.load() before matmul_into()")
+        raise KernelLibraryError("call terdit.kernels.cuda.load() before matmul_into()")
     op = "matmul_into"
     x, scale, bias, n, k = _prepare(op, x, w, scale, bias)
     if swiglu and n % 32:
@@ -296,7 +293,7 @@ def matmul_e4m3_into(out: Tensor, xq: Tensor, x_scale: Tensor, w: Tensor, scale:
     scales x_scale [...] into the preallocated CUDA tensor `out` (its dtype is the output type)
     and returns it. For CUDA graphs, benchmarks and tests; needs `load()` first."""
     if _lib is None:
-        raise KernelLibraryError("call terdit.kernels.load() before matmul_e4m3_into()")
+        raise KernelLibraryError("call terdit.kernels.cuda.load() before matmul_e4m3_into()")
     op = "matmul_e4m3_into"
     xq, x_scale, scale, bias, n, k = _prepare_e4m3(op, xq, x_scale, w, scale, bias, out.dtype)
     if swiglu and n % 32:

@@ -13,12 +13,12 @@ from typing import Any
 from terdit_common.errors import UserError
 from terdit_common.inputs import input_file
 from terdit_common.limits import MAX_BATCH, MAX_WORKSPACE_GIB, check_count
-from terdit_common.op import (ACT_QUANT_DEFAULT, DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE,
-                              PLUGIN_VERSION)
+from terdit_common.op import (ACT_QUANT_DEFAULT, DOMAIN, DTYPES, OP_TYPE, PLUGIN_NAME,
+                              PLUGIN_NAMESPACE, PLUGIN_VERSION)
 
-from .trt_record import EngineEnvironment, build_record, import_tensorrt, write_plan
+from ..backends.protocol import BackendError
+from .record import EngineEnvironment, build_record, import_tensorrt, write_plan
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_PRECISION = "fp32"
 DEFAULT_MIN_BATCH = 1
 DEFAULT_OPT_BATCH = 2
@@ -41,9 +41,9 @@ class BatchRange:
         for name in ("min", "opt", "max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}_batch={value!r} must be a positive integer")
+                raise BackendError(f"{name}_batch={value!r} must be a positive integer")
         if not self.min <= self.opt <= self.max:
-            raise ValueError(
+            raise BackendError(
                 "batch sizes must satisfy min <= opt <= max, "
                 f"got min={self.min}, opt={self.opt}, max={self.max}"
             )
@@ -78,7 +78,7 @@ def batch_profile_shapes(
         if not shape:
             continue
         if any(d < 0 for d in shape[1:]):
-            raise ValueError(
+            raise BackendError(
                 f"input '{name}' has shape {list(shape)}: only the batch dimension may be dynamic; "
                 "export the model with a fixed image size"
             )
@@ -104,7 +104,7 @@ def load_plugin_library(trt, plugin_path: Path) -> None:
     if key not in _LOADED_PLUGINS:
         handle = registry.load_library(key)
         if handle is None:
-            raise UserError(
+            raise BackendError(
                 f"TensorRT could not load the plugin library {plugin_path}; build it with "
                 "`cmake -S . -B build -DTensorRT_ROOT=... && cmake --build build` "
                 "(plugins/ternaryMatMulPlugin/README.md)"
@@ -112,7 +112,7 @@ def load_plugin_library(trt, plugin_path: Path) -> None:
         _LOADED_PLUGINS[key] = handle
     # get_creator (IPluginV3-era, TensorRT 10 and 11); get_plugin_creator is gone in 11
     if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
-        raise UserError(
+        raise BackendError(
             f"{plugin_path} loaded, but no creator {PLUGIN_NAME} version {PLUGIN_VERSION} "
             f"namespace {PLUGIN_NAMESPACE!r} is registered; is it libterdit_trt_plugin.so?"
         )
@@ -142,12 +142,12 @@ def read_ternary_nodes(onnx_path: Path) -> TernaryNodes:
         import onnx
         from google.protobuf.message import DecodeError
     except ImportError:
-        raise UserError("build-engine reads the ONNX file with the onnx package: "
+        raise BackendError("build-engine reads the ONNX file with the onnx package: "
                         "pip install onnx") from None
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except DecodeError as err:
-        raise UserError(f"{onnx_path}: not a readable ONNX model ({err}); re-export it with "
+        raise BackendError(f"{onnx_path}: not a readable ONNX model ({err}); re-export it with "
                         "`python -m exporter`") from None
     modes = set()
     count = 0
@@ -181,7 +181,7 @@ def tensorrt_version(version: str) -> tuple[int, int]:
     try:
         return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
     except ValueError:
-        raise UserError(f"cannot read the TensorRT version {version!r}") from None
+        raise BackendError(f"cannot read the TensorRT version {version!r}") from None
 
 
 def inlined_ternary_message(onnx_path: Path, version: str, nodes: int, mapped: int) -> str:
@@ -205,7 +205,7 @@ def inlined_ternary_message(onnx_path: Path, version: str, nodes: int, mapped: i
 
 def check_workspace(workspace_gib: float) -> None:
     if not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib <= MAX_WORKSPACE_GIB):
-        raise UserError(f"--workspace-gib {workspace_gib}: must be a number of GiB above 0 and "
+        raise BackendError(f"--workspace-gib {workspace_gib}: must be a number of GiB above 0 and "
                         f"at most {MAX_WORKSPACE_GIB} (limits.MAX_WORKSPACE_GIB)")
 
 
@@ -234,8 +234,8 @@ def build_engine(
     inputs of the parsed network.
     """
     onnx_path, plugin_path, out_path = Path(onnx_path), Path(plugin_path), Path(out_path)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+    if precision not in DTYPES:
+        raise BackendError(f"precision={precision!r} must be one of {', '.join(DTYPES)}")
     batch_given = any(b is not None for b in (min_batch, opt_batch, max_batch))
     batch = resolve_batch_range(min_batch, opt_batch, max_batch)
     check_workspace(workspace_gib)
@@ -249,7 +249,7 @@ def build_engine(
         nodes = None            # an unreadable file is reported after the TensorRT check
     if nodes is not None and "int8" in nodes.act_quant:
         # the plugin creator refuses it too; say so before TensorRT is needed
-        raise UserError(f"{onnx_path}: TernaryMatMul act_quant=\"int8\" runs on the CPU kernels "
+        raise BackendError(f"{onnx_path}: TernaryMatMul act_quant=\"int8\" runs on the CPU kernels "
                         f"(ONNX Runtime / PyTorch) only; export with --act-quant none or fp8 for "
                         f"TensorRT")
     trt = import_tensorrt()
@@ -274,21 +274,22 @@ def build_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         hint = ("; TensorRT < 10.7 inlines local functions: export with --no-function"
                 if nodes.functions and tensorrt_version(trt.__version__) < (10, 7) else "")
-        raise UserError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors}{hint}")
+        raise BackendError(f"TensorRT {trt.__version__} could not parse {onnx_path}: "
+                           f"{errors}{hint}")
 
     plugin_layers = ternary_plugin_layers(trt, network)
     if len(plugin_layers) < nodes.count:
         message = inlined_ternary_message(onnx_path, trt.__version__, nodes.count,
                                           len(plugin_layers))
         if not allow_inlined_ternary:
-            raise UserError(f"{message}; or pass --allow-inlined-ternary to build it anyway")
+            raise BackendError(f"{message}; or pass --allow-inlined-ternary to build it anyway")
         warnings.warn(f"{message} (building anyway: --allow-inlined-ternary)", stacklevel=2)
     if strongly_typed:
         wanted = _trt_dtype(trt, precision)
         wrong = sorted({t.name for t in (layer.get_input(0).dtype for layer in plugin_layers)
                         if t != wanted})
         if wrong:
-            raise ValueError(
+            raise BackendError(
                 f"TensorRT {trt.__version__} builds strongly typed networks, so the ONNX file "
                 f"sets the precision: its TernaryMatMul inputs are {', '.join(wrong)}, not "
                 f"{precision}; export the model in {precision} or request the precision it was "
@@ -302,7 +303,7 @@ def build_engine(
     profile_shapes = batch_profile_shapes(inputs, batch)
     if not profile_shapes and batch_given:
         shapes = ", ".join(f"{name} {list(shape)}" for name, shape in inputs)
-        raise ValueError(
+        raise BackendError(
             f"{onnx_path} has a fixed batch ({shapes}); --min-batch / --opt-batch / --max-batch "
             "apply only to a dynamic batch: drop them or export with a dynamic batch"
         )
@@ -319,7 +320,7 @@ def build_engine(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise UserError(
+        raise BackendError(
             f"TensorRT {trt.__version__} failed to build an engine from {onnx_path}; see its "
             "log above"
         )

@@ -9,11 +9,11 @@ import torch
 
 from terdit_common.errors import UserError
 
-from .checkpoint import load_checkpoint
-from .config import TerDiTConfig
+from ..checkpoint import load_checkpoint
+from ..config import TerDiTConfig
+from ..model import TerDiT
+from .config import TrainConfig
 from .data import ArrayDataset, load_dataset
-from .model import TerDiT
-from .train_config import TrainConfig
 
 
 def load_training_data(tc: TrainConfig) -> ArrayDataset:

@@ -6,7 +6,7 @@ Every dataset is returned as an `ArrayDataset`: float32 samples (N, C, H, W) in 
 dataset package: the files are read directly, so a missing package only means a missing file,
 and the error says how to install it.
 
-The files are read by terdit.data_files, which checks every declared size before reading data.
+The files are read by terdit.train.data_files, which checks every declared size before reading data.
 """
 from __future__ import annotations
 
@@ -216,10 +216,10 @@ def batch_indices(seed: int, step: int, global_batch: int, n: int) -> Tensor:
 
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 0x5EED)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 0x5EED)))
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (splitmix64-style), so nearby (seed, step) pairs give
     unrelated generator states."""
     mask = 0xFFFFFFFFFFFFFFFF

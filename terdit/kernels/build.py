@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 LIB_NAME = "libterdit_kernels.so"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 KERNEL_SOURCE_DIR = REPO_ROOT / "plugins" / "kernels"
 C_API_SOURCE = REPO_ROOT / "plugins" / "kernels_capi" / "terditKernelsC.cpp"
 DEFAULT_GENCODE = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",

@@ -45,7 +45,7 @@ class GemmCase:
     def dense_path(self) -> Path:
         import cpu_models as cm
         if self._dense_path is None:
-            self._dense_path = cm._save(cm.dense_gemm_model(self.weight.numpy(), self.bias.numpy()),
+            self._dense_path = cm.save_model(cm.dense_gemm_model(self.weight.numpy(), self.bias.numpy()),
                                         self.tmp / f"dense-{self.k}x{self.n}.onnx")
         return self._dense_path
 

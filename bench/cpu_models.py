@@ -44,7 +44,7 @@ def effective_weight(w: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tens
     return unpack_k16(w, k, torch.float32) * scale[:, None]
 
 
-def _save(model: onnx.ModelProto, path: Path) -> Path:
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     large = model.ByteSize() > EXTERNAL_ABOVE if _fits_proto(model) else True
     if large:
@@ -294,7 +294,7 @@ def replace_ternary_nodes(src: Path, dst: Path, kind: str) -> Path:
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     del model.opset_import[:]
     model.opset_import.extend(opsets)
-    return _save(model, dst)
+    return save_model(model, dst)
 
 
 # ---- torch ---------------------------------------------------------------------------------------

@@ -35,11 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from e2e_models import (DRY, CompiledGraphed, dense_model, device,  # noqa: E402
+                        module_bytes, official_model, random_packed, sync)
 from terdit import TerDiTConfig  # noqa: E402
-from terdit.kernels.accel import AcceleratedTerDiT  # noqa: E402
 from terdit.fused import FusedTerDiT  # noqa: E402
-from e2e_models import (DRY, CompiledGraphed, dense_model, device, module_bytes, official_model,
-                        random_packed, sync)
+from terdit.kernels.accel import AcceleratedTerDiT  # noqa: E402
 
 MODELS = {"600M": "TerDiT-600M", "4.2B": "TerDiT-4.2B"}
 def model_config(label: str) -> TerDiTConfig:

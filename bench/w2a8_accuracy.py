@@ -34,13 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from terdit import ternary  # noqa: E402
+from terdit.formats import pack_k16  # noqa: E402
+from terdit.fused import FusedTerDiT  # noqa: E402
 from terdit.kernels import cuda as kernels  # noqa: E402
 from terdit.kernels import int8  # noqa: E402
 from terdit.kernels import w2a8  # noqa: E402
-from terdit import ternary
-from terdit.fused import FusedTerDiT  # noqa: E402
-from terdit.formats import pack_k16  # noqa: E402
-from terdit.ternary import ternary_linear_ref
+from terdit.ternary import ternary_linear_ref  # noqa: E402
 
 MODELS = {"600M": (1536, 4096), "4.2B": (3072, 8192)}  # dim, FFN hidden
 
@@ -96,12 +96,16 @@ def demo_errors(device: str, num_samples: int, fid: bool, act_quant: str = "fp8"
     labels, and with `fid` their FID and class accuracy by terdit.evaluate's protocol (reference:
     the first 1000 Fashion-MNIST test images). int8 quantizes every TernaryMatMul input, adaLN
     included, as an `--act-quant int8` export does; fp8 the token GEMMs, as the GPU mode does."""
-    from terdit import evaluate as ev
-    from terdit.kernels.accel import to_w2a8_
+    from terdit import load_checkpoint
+    from terdit.evaluate import cli as ev
+    from terdit.evaluate import fid
+    from terdit.evaluate.classifier import load_classifier
     from terdit.inference import TorchForward, inference_model, model_info
+    from terdit.kernels.accel import to_w2a8_
     from terdit_common.images import to_uint8
     from terdit_common.sampling import SampleOptions, sample_latents
-    model, metadata = ev._load_model(str(ROOT / "terdit" / "demo"))
+    loaded = load_checkpoint(ROOT / "terdit" / "demo", packed=True)
+    model, metadata = loaded.model.eval(), loaded.metadata
     options = SampleOptions(steps=50, sampler="ddim", cfg_scale=3.0, seed=0, batch_size=100)
     labels = ev.balanced_labels(num_samples, model.cfg.num_classes)
     info = model_info(model, metadata=metadata)
@@ -129,12 +133,12 @@ def demo_errors(device: str, num_samples: int, fid: bool, act_quant: str = "fp8"
 
         def feature_fn(x):
             if not nets:
-                nets.append(ev.InceptionFeatures(batch_size=50))
+                nets.append(fid.InceptionFeatures(batch_size=50))
             return nets[0](x)
-        ref = ev.reference_features(feature_fn, "fashion-mnist:test", 1000,
-                                    images["w2a8"].shape[1], None, ev.cache_dir(),
-                                    network=ev.INCEPTION_FILE)
-        classifier = ev.load_classifier(ROOT / "terdit" / "demo" / "classifier.safetensors")[0]
+        ref = fid.reference_features(feature_fn, "fashion-mnist:test", 1000,
+                                     images["w2a8"].shape[1], None, fid.cache_dir(),
+                                     network=fid.INCEPTION_FILE)
+        classifier = load_classifier(ROOT / "terdit" / "demo" / "classifier.safetensors")[0]
         for mode, x in images.items():
             m = ev.evaluate_images(x, np.asarray(labels, np.int64), feature_fn=feature_fn,
                                    ref_features=ref, classifier=classifier)

@@ -81,11 +81,13 @@ class TerDiTPipeline:
         "none" (default), "int8" or "fp8"; ort and trt run the export's own mode and refuse
         another. An unknown keyword, or an option the chosen backend does not use, raises
         UserError (BackendError). Under torchrun the torch backend takes cuda:LOCAL_RANK."""
-        if device is None and env_int("WORLD_SIZE", 1) > 1 and isinstance(
-                path, (str, os.PathLike)) and (backend or default_backend(path)) == "torch":
-            import torch
-            if torch.cuda.is_available():
-                device = f"cuda:{env_int('LOCAL_RANK', 0)}"
+        if env_int("WORLD_SIZE", 1) > 1:
+            _ranks()                     # the process group and this rank's GPU, before opening
+            if device is None and isinstance(path, (str, os.PathLike)) and (
+                    backend or default_backend(path)) == "torch":
+                import torch
+                if torch.cuda.is_available():
+                    device = f"cuda:{env_int('LOCAL_RANK', 0)}"
         if device is not None:
             backend_kwargs["device"] = device
         opened = open_backend(path, backend, **backend_kwargs)
@@ -117,11 +119,12 @@ class TerDiTPipeline:
             else:
                 raise UserError(f"class {short(name)} is not one of this model's classes: "
                                 f"{', '.join(list(self.labels)[:12])}")
+        hint = "; use --uncond" if flag.startswith("--") else ""
         for v in ids:
             if not 0 <= v < self.info.num_classes:
                 raise UserError(f"{flag} {v}: outside [0, {self.info.num_classes}) for this "
                                 f"model (the null label {self.info.null_class} is not a user "
-                                f"label; use --uncond)")
+                                f"label{hint})")
         return ids
 
     def labels_for(self, classes: Optional[Sequence[int]] = None, num: Optional[int] = None,
@@ -247,7 +250,12 @@ class TerDiTPipeline:
                     "labels": labels, "num_images": len(labels),
                     "initial_latents_sha256": None if initial is None else
                     hashlib.sha256(np.ascontiguousarray(initial).tobytes()).hexdigest(),
-                    **self.backend.settings, **notes}
+                    **self.backend.settings}
+        clash = sorted(set(notes) & set(settings))
+        if clash:
+            raise UserError(f"notes: {', '.join(clash)} are settings of the run; give notes "
+                            f"other names")
+        settings.update(notes)
         return {"format": writer.SAMPLES_FORMAT, "version": 1,
                 "model": {"path": info.source, "sha256": info.sha256,
                           "backend": self.backend.name, "config": info.config},

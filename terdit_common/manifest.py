@@ -175,7 +175,7 @@ def open_export(export_dir: str | os.PathLike) -> tuple[dict, ModelInfo]:
         metadata = manifest.get("source", {}).get("metadata", {})
     if not isinstance(metadata, dict):
         raise UserError(f"{export_dir / MANIFEST_FILE}: field 'metadata' is "
-                           f"{type(metadata).__name__}, expected an object; re-export the model")
+                        f"{type(metadata).__name__}, expected an object; re-export the model")
     info = ModelInfo(manifest["config"], str(export_dir / MODEL_FILE), hashes[MODEL_FILE],
                      folded, metadata)
     _check_config(export_dir, info)

@@ -108,11 +108,40 @@ def test_no_import_circle():
     assert not circles, circles
 
 
+def _module_aliases(name: str, path: Path, modules: dict[str, Path]) -> dict[str, str]:
+    """{local name: project module} of the modules a file binds by importing them."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    aliases = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                full = f"bench.{a.name}" if name.startswith("bench.") and \
+                    f"bench.{a.name}" in modules else a.name        # bench scripts import each other
+                if full in modules:
+                    aliases[a.asname or a.name] = full
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for a in node.names:
+                if f"{target}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{target}.{a.name}"
+    return aliases
+
+
 def test_no_private_names_cross_modules():
+    """Neither `from m import _x` nor `m._x` on another project module."""
     modules, edges = _graph()
     bad = [f"{name} takes {target}.{n}" for name, targets in edges.items()
            for target, names in targets for n in names
            if n.startswith("_") and not n.startswith("__") and target in modules]
+    for name, path in modules.items():
+        aliases = _module_aliases(name, path, modules)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in aliases and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and aliases[node.value.id] != name:
+                bad.append(f"{name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not bad, bad
 
 

@@ -11,7 +11,8 @@ folded in (`info.folded_cfg`, an export made with `--cfg official|standard`) tak
 requires cfg_scale, a finite number; every other backend is guided by the sampler (the doubled
 [cond; uncond] batch) and refuses a cfg_scale. Nothing is silently assumed.
 
-Errors: every refusal is a BackendError (a UserError: one line naming the file or flag).
+Errors: every refusal of these rules is a BackendError (a UserError: one line naming the file or
+flag); what a backend opens raises the checks' own UserError subclasses (manifest, checkpoint).
 Options: BACKEND_OPTIONS lists what each backend acts on; `check_backend_options` refuses any
 other option given to it, naming the flag and the backend (no flag is silently ignored).
 `settings` is what changes the images beyond the model file (a resumed run must use the same).

@@ -143,12 +143,12 @@ def read_ternary_nodes(onnx_path: Path) -> TernaryNodes:
         from google.protobuf.message import DecodeError
     except ImportError:
         raise BackendError("build-engine reads the ONNX file with the onnx package: "
-                        "pip install onnx") from None
+                           "pip install onnx") from None
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except DecodeError as err:
         raise BackendError(f"{onnx_path}: not a readable ONNX model ({err}); re-export it with "
-                        "`python -m exporter`") from None
+                           "`python -m exporter`") from None
     modes = set()
     count = 0
     for node in model.graph.node:
@@ -206,7 +206,7 @@ def inlined_ternary_message(onnx_path: Path, version: str, nodes: int, mapped: i
 def check_workspace(workspace_gib: float) -> None:
     if not (isinstance(workspace_gib, (int, float)) and 0 < workspace_gib <= MAX_WORKSPACE_GIB):
         raise BackendError(f"--workspace-gib {workspace_gib}: must be a number of GiB above 0 and "
-                        f"at most {MAX_WORKSPACE_GIB} (limits.MAX_WORKSPACE_GIB)")
+                           f"at most {MAX_WORKSPACE_GIB} (limits.MAX_WORKSPACE_GIB)")
 
 
 def build_engine(
@@ -249,9 +249,9 @@ def build_engine(
         nodes = None            # an unreadable file is reported after the TensorRT check
     if nodes is not None and "int8" in nodes.act_quant:
         # the plugin creator refuses it too; say so before TensorRT is needed
-        raise BackendError(f"{onnx_path}: TernaryMatMul act_quant=\"int8\" runs on the CPU kernels "
-                        f"(ONNX Runtime / PyTorch) only; export with --act-quant none or fp8 for "
-                        f"TensorRT")
+        raise BackendError(f"{onnx_path}: TernaryMatMul act_quant=\"int8\" runs on the CPU "
+                           f"kernels (ONNX Runtime / PyTorch) only; export with --act-quant none "
+                           f"or fp8 for TensorRT")
     trt = import_tensorrt()
     environment = EngineEnvironment.detect()
     if nodes is None:

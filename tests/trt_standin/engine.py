@@ -24,7 +24,7 @@ HOST_BUFFERS: dict[int, np.ndarray] = {}
 
 
 class HostTransfer:
-    """The backend's numpy <-> device piece (runtime.backends.trt_backend.TorchCudaTransfer's
+    """The backend's numpy <-> device piece (runtime.tensorrt.backend.TorchCudaTransfer's
     interface) on the host: buffers are numpy arrays, registered by address."""
 
     stream_handle = 0

@@ -9,7 +9,7 @@ qkv, wo, w13, w2) and M in {256, 512, 2048}. Rows (paths):
   ours                one terdit::TernaryMatMul node in onnxruntime with the terdit CPU kernel
                       library registered (terdit_common.cpukernels.register_ort)
   ours-int8           the same node with act_quant="int8" (per-token int8 activations)
-  ours-torch          torch.ops.terdit.ternary_matmul after terdit.kernels.cpu.load()
+  ours-torch          torch.ops.terdit.ternary_matmul after terdit.kernels.cpu_ops.load()
   ours-torch-int8     torch.ops.terdit.ternary_matmul_int8 (same)
   function            the same one-node model in plain onnxruntime (the inlined local function)
   dense-fp32          MatMul with the decoded fp32 weights (scale folded in), onnxruntime

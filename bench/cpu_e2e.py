@@ -161,7 +161,7 @@ def e2e_runner(path: str, cache: Path, model: str, images: int, threads: int):
     feeds = {"x": x, "t": t, "y": y, "cfg_scale": np.asarray(CFG_SCALE, np.float32)}
     info = {}
     if path in ("ours", "ours-int8"):
-        from runtime.backends import open_backend
+        from runtime import open_backend
         src = "".join((ROOT / f).read_text() for f in ("runtime/backends/ort_backend.py",
                                                          "terdit_common/ort.py"))
         if "cpukernels" not in src:
@@ -178,7 +178,7 @@ def e2e_runner(path: str, cache: Path, model: str, images: int, threads: int):
         import inspect
 
         import torch
-        from runtime.backends import open_backend
+        from runtime import open_backend
         from runtime.backends.torch_backend import TorchBackend
         torch.set_num_threads(threads)
         info["kernel"] = cm.load_torch_kernels()

@@ -70,7 +70,7 @@ def gemm_runner(path: str, case: GemmCase, threads: int):
         op = getattr(torch.ops.terdit, name, None)
         if op is None:
             raise cm.Skip(f"torch.ops.terdit.{name} is not registered after "
-                          f"terdit.kernels.cpu.load()")
+                          f"terdit.kernels.cpu_ops.load()")
         w, s, b = case.w, case.scale, case.bias
 
         def run(x):

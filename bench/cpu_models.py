@@ -300,16 +300,16 @@ def replace_ternary_nodes(src: Path, dst: Path, kind: str) -> Path:
 # ---- torch ---------------------------------------------------------------------------------------
 
 def load_torch_kernels() -> str:
-    """Load terdit.kernels.cpu (registers the CPU ternary_matmul ops); a description, or Skip."""
+    """Load terdit.kernels.cpu_ops (registers the CPU ternary_matmul ops); a description, or Skip."""
     try:
-        import terdit.kernels.cpu as ck
+        import terdit.kernels.cpu_ops as ck
     except ImportError as err:
-        raise Skip(f"terdit.kernels.cpu is not available ({err})") from None
+        raise Skip(f"terdit.kernels.cpu_ops is not available ({err})") from None
     try:
         out = ck.load()
     except Exception as err:  # noqa: BLE001 - a missing compiler, a failed build
-        raise Skip(f"terdit.kernels.cpu.load() failed: {type(err).__name__}: {err}") from None
-    return str(out) if out is not None else "terdit.kernels.cpu"
+        raise Skip(f"terdit.kernels.cpu_ops.load() failed: {type(err).__name__}: {err}") from None
+    return str(out) if out is not None else "terdit.kernels.cpu_ops"
 
 
 def dense_torch_model(packed_model, dtype=torch.bfloat16):

@@ -25,37 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_checkpoint(path: Path, model: str, image_size: int) -> Path:
-    import torch
-    from tests.official_layout import write_official_dir, random_official_state  # noqa: F401
-    from tests.official_layout import OFFICIAL_DIMS, hqq_pack, layer_shapes
+    """An official release directory (terdit.save_official) of a random packed TerDiT, built at
+    its packed size (bench/e2e_models.random_packed on the CPU)."""
     if (path / "model_args.pth").is_file():
         return path
-    dim, n_layers, _ = OFFICIAL_DIMS[model]
-    g = torch.Generator().manual_seed(0)
-    cond = min(dim, 1024)
-    state = {"x_embedder.weight": torch.randn(dim, 16, generator=g) * 0.05,
-             "x_embedder.bias": torch.zeros(dim),
-             "t_embedder.mlp.0.weight": torch.randn(cond, 256, generator=g) * 0.02,
-             "t_embedder.mlp.0.bias": torch.zeros(cond),
-             "t_embedder.mlp.2.weight": torch.randn(cond, cond, generator=g) * 0.02,
-             "t_embedder.mlp.2.bias": torch.zeros(cond),
-             "y_embedder.embedding_table.weight": torch.randn(1001, cond, generator=g),
-             "final_layer.linear.weight": torch.randn(32, dim, generator=g) * 0.02,
-             "final_layer.linear.bias": torch.zeros(32),
-             "final_layer.adaLN_modulation.1.weight": torch.randn(2 * dim, cond, generator=g) * 0.02,
-             "final_layer.adaLN_modulation.1.bias": torch.zeros(2 * dim)}
-    ternary, fp = layer_shapes(dim, qk_norm=False)
-    for i in range(n_layers):
-        for suffix, (n, k, bias) in ternary.items():
-            key = f"layers.{i}.{suffix}"
-            state[f"{key}.weight"] = hqq_pack(torch.randint(0, 3, (n, k), generator=g, dtype=torch.uint8))
-            state[f"{key}.alphas"] = torch.full((1,), 1.0 / k ** 0.5)
-            if bias:
-                state[f"{key}.bias"] = torch.zeros(n)
-        for suffix, shape in fp.items():
-            state[f"layers.{i}.{suffix}"] = torch.ones(shape)
+    from e2e_models import random_packed
+    from terdit import TerDiTConfig, save_official
+    cfg = TerDiTConfig.from_name(model, input_size=image_size // 8)
     tmp = path.with_name(path.name + ".partial")
-    write_official_dir(tmp, model, image_size, state)
+    save_official(random_packed(cfg, on="cpu"), tmp, overwrite=True)
     tmp.rename(path)
     return path
 

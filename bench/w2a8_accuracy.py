@@ -97,7 +97,7 @@ def demo_errors(device: str, num_samples: int, fid: bool, act_quant: str = "fp8"
     the first 1000 Fashion-MNIST test images). int8 quantizes every TernaryMatMul input, adaLN
     included, as an `--act-quant int8` export does; fp8 the token GEMMs, as the GPU mode does."""
     from terdit import load_checkpoint
-    from terdit.evaluate import cli as ev
+    from terdit.evaluate import evaluate_cli as ev
     from terdit.evaluate import fid
     from terdit.evaluate.classifier import load_classifier
     from terdit.inference import TorchForward, inference_model, model_info
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
         if args.device != "cpu":
             print("--act-quant int8 runs on the CPU kernels: use --device cpu", file=sys.stderr)
             return 2
-        from terdit.kernels import cpu as cpu_kernels
+        from terdit.kernels import cpu_ops as cpu_kernels
         print(f"TernaryMatMul: {cpu_kernels.load()}", flush=True)
     t0 = time.time()
     rows = layer_errors(args.device, act_quant=args.act_quant)

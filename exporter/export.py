@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from terdit import load_checkpoint, save_checkpoint
-from terdit.inference import TORCH_DTYPES
+from terdit.formats import TORCH_DTYPES
 from terdit_common import op
 from terdit_common.errors import UserError
 from terdit_common.files import (atomic_directory, atomic_write_json, check_disjoint,

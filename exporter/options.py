@@ -38,17 +38,17 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         if self.act_quant not in ACT_QUANT:
-            raise ValueError(f"act_quant={self.act_quant!r} is not one of {', '.join(ACT_QUANT)}")
+            raise ExportError(f"act_quant={self.act_quant!r} is not one of {', '.join(ACT_QUANT)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+            raise ExportError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.cfg not in CFG_CHOICES:
-            raise ValueError(f"--cfg {self.cfg!r} is not one of {', '.join(CFG_CHOICES)}")
+            raise ExportError(f"--cfg {self.cfg!r} is not one of {', '.join(CFG_CHOICES)}")
         batches = self.validate_batches
         if not batches or len(batches) > MAX_VALIDATE_BATCHES or any(
                 not 1 <= b <= MAX_VALIDATE_BATCH for b in batches):
-            raise ValueError(f"--validate-batches {' '.join(map(str, batches))}: give 1 to "
+            raise ExportError(f"--validate-batches {' '.join(map(str, batches))}: give 1 to "
                              f"{MAX_VALIDATE_BATCHES} batch sizes from 1 to {MAX_VALIDATE_BATCH}")
         if self.tolerance is not None and not (math.isfinite(self.tolerance)
                                                and self.tolerance > 0):
-            raise ValueError(f"--tolerance {self.tolerance}: must be a finite positive number")
+            raise ExportError(f"--tolerance {self.tolerance}: must be a finite positive number")
         check_count("--seed", self.seed, 0, MAX_SEED)

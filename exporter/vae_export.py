@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from terdit.autoencoder import load_autoencoder
-from terdit.inference import TORCH_DTYPES
+from terdit.formats import TORCH_DTYPES
 from terdit_common import op
 from terdit_common.vae import read_vae_config, resolve_vae
 

@@ -16,7 +16,8 @@ from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, ima
 from terdit_common.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverScheduler,
                                       make_scheduler)
 
-from .backends import BACKENDS, BackendError, open_backend
+from .backends import BackendError
+from .backends.opener import BACKENDS, open_backend
 from .pipeline import TerDiTPipeline, TerDiTPipelineOutput
 
 __all__ = ["TerDiTPipeline", "TerDiTPipelineOutput", "SampleOptions", "UserError",

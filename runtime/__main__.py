@@ -13,9 +13,9 @@ from terdit_common.limits import MAX_IMAGES, MAX_THREADS, check_count, check_thr
 from terdit_common.op import DTYPES
 from terdit_common.ort import KERNEL_CHOICES
 
-from .backends import BACKENDS
+from .backends.opener import BACKENDS
 from .pipeline import TerDiTPipeline
-from .tensorrt.cli import add_build_engine_subparser
+from .tensorrt.engine_cli import add_build_engine_subparser
 
 LATENTS_FIX = "pass a float .npy of shape (N, C, H, W), one latent per image"
 ACT_QUANT_HELP = (

@@ -38,7 +38,8 @@ from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, che
                                     sample_latents)
 
 from . import writer
-from .backends import Backend, default_backend, open_backend
+from .backends import Backend
+from .backends.opener import default_backend, open_backend
 from .decoders import open_vae
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -145,10 +146,6 @@ class TerDiTPipeline:
                on_step: Optional[Callable[[int], None]] = None) -> np.ndarray:
         """Final latents (B, C, H, W) of images `indices` (their noise seeds) with model labels
         `labels` (user classes or the null label)."""
-        for v in labels:
-            if not 0 <= int(v) <= self.info.num_classes:
-                raise SamplingError(f"label {v} is outside [0, {self.info.num_classes}] (the "
-                                    f"last is the null label)")
         return sample_latents(self.backend.forward, self.info, indices, labels, options,
                               initial, on_step)
 

@@ -15,9 +15,13 @@ import sys
 import torch
 from torch import Tensor
 
-from terdit_common.op import k16_words
+from terdit_common.op import DTYPES, k16_words
 
 EPS = 1e-6
+# The activation / weight float dtypes by their command-line names (terdit_common.op.DTYPES),
+# in the kernels' type-code order.
+TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
+FLOAT_DTYPES = tuple(TORCH_DTYPES.values())
 ZERO_WORD = 0x55555555  # sixteen codes of 1: an all-zero k16 word
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian

@@ -11,11 +11,9 @@ import torch
 from torch import nn
 
 from terdit_common.images import to_uint8
-from terdit_common.op import DTYPES
 from terdit_common.sampling import ModelInfo, SampleOptions, sample_latents
 
-# terdit_common.op.DTYPES as torch dtypes
-TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
+from .formats import TORCH_DTYPES
 
 
 class TorchForward:

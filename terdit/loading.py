@@ -22,11 +22,10 @@ from terdit_common.inputs import input_file
 from terdit_common.limits import MAX_WEIGHTS_BYTES
 
 from .config import TerDiTConfig
-from .formats import check_k16
+from .formats import FLOAT_DTYPES, check_k16
 from .model import TerDiT
 from .ternary import TERNARY_LAYERS
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The largest checkpoint file read (the official 7B release in fp32 with its EMA is ~56 GB); a
 # larger file is refused before it is opened.
 
@@ -85,7 +84,7 @@ def safe_torch_load(path: Path, allow_namespace: bool = False, mmap: bool = True
 def check_float(t: Tensor, where: str, key: str, shape: tuple) -> None:
     if not isinstance(t, Tensor):
         raise CheckpointError(f"{where}: key {key!r} holds a {type(t).__name__}, expected a tensor")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{where}: key {key!r} has dtype {t.dtype}, expected float32, "
                               f"float16 or bfloat16")
     if tuple(t.shape) != tuple(shape):

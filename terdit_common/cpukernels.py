@@ -1,6 +1,6 @@
 """The terdit CPU kernel library (plugins/cpu, `libterdit_cpu.so`): found, or built with the system
 C++ compiler on first use, and loaded; numpy-free and torch-free, so the ONNX Runtime backend and
-the torch binding (terdit.kernels.cpu) share it.
+the torch binding (terdit.kernels.cpu_ops) share it.
 
 One library holds the kernels (C ABI, plugins/cpu/terditCpu.h) and, when ONNX Runtime's C API
 headers are found at build time, the ONNX Runtime custom op (`RegisterCustomOps`). Where it looks:

@@ -226,6 +226,10 @@ def sample_latents(forward: Forward, info: ModelInfo, indices: Sequence[int],
     if len(indices) != len(labels):
         raise SamplingError(f"{len(indices)} image indices but {len(labels)} labels; give one "
                             f"label per image")
+    for v in labels:
+        if not 0 <= int(v) <= info.num_classes:
+            raise SamplingError(f"label {v} is outside [0, {info.num_classes}] (the last is the "
+                                f"null label)")
     check_model_options(info, options)
     rngs = [image_rng(options.seed, int(i)) for i in indices]
     x = np.stack([r.standard_normal((c, s, s), dtype=np.float32) for r in rngs])

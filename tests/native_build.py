@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from terdit.kernels import build as kernel_build
+from terdit.kernels import cuda_build as kernel_build
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -44,7 +44,7 @@ def skip_without_cmake() -> None:
 
 
 def nvcc() -> str:
-    """nvcc (terdit.kernels.build.find_nvcc's search), or a skip."""
+    """nvcc (terdit.kernels.cuda_build.find_nvcc's search), or a skip."""
     found = kernel_build.find_nvcc()
     if found is None:
         pytest.skip("nvcc not found (CUDA toolkit absent): cannot compile the kernels")

@@ -116,7 +116,7 @@ def test_a_moved_export_runs_on_its_own(exported, tmp_path, backend):
     shutil.copytree(exported / "onnx", src)
     kwargs = {}
     if backend == "trt":
-        from runtime.tensorrt.build import build_engine
+        from runtime.tensorrt.engine_build import build_engine
         build_engine(src / "model.onnx", TRT_PLUGIN, src / "model.plan")
         kwargs["plugin"] = TRT_PLUGIN
     before = TerDiTPipeline(open_backend(src, backend, **kwargs)).sample([0, 1], [1, 2],

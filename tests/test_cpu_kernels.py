@@ -152,7 +152,7 @@ def test_unsupported_isa_and_act_quant_are_refused():
 # ---- the torch ops ------------------------------------------------------------------------------
 
 def test_torch_ops_run_the_kernels_on_cpu():
-    from terdit.kernels import cpu as cpu_kernels
+    from terdit.kernels import cpu_ops as cpu_kernels
     assert cpu_kernels.load().startswith("terdit CPU kernels")
     x, w, scale, b = case(2 * 16, 64, 96, seed=5)
     x = x.reshape(2, 16, 64)
@@ -173,7 +173,7 @@ def test_torch_ops_run_the_kernels_on_cpu():
 
 
 def test_torch_compile_keeps_the_op():
-    from terdit.kernels import cpu as cpu_kernels
+    from terdit.kernels import cpu_ops as cpu_kernels
     cpu_kernels.load()
     x, w, scale, b = case(8, 32, 32, seed=6)
 

@@ -162,7 +162,7 @@ def _frechet(a, b):
 
 @needs_fmnist
 def test_metrics_ref_fashion_mnist_test_is_the_padded_test_split(tmp_path, capsys, monkeypatch):
-    from terdit.evaluate import cli as evaluate
+    from terdit.evaluate import evaluate_cli as evaluate
     monkeypatch.setattr(evaluate, "InceptionFeatures", StandInFeatures)
     FED.clear()
     test_images, test_labels = _fmnist("test", 40)

@@ -26,7 +26,7 @@ from terdit.ternary import ternary_linear_ref
 from terdit_common import op
 from terdit_common.errors import UserError
 from tests.helpers import pixel_checkpoint, random_model
-from tests.test_w2a8_onnx import _model, _ort
+from tests.test_w2a8_onnx import run_ort, tmm_model
 
 QUIET = dict(log=lambda *_: None)
 FAST = SampleOptions(steps=4, sampler="ddim", cfg_scale=3.0, seed=7, batch_size=4)
@@ -200,9 +200,9 @@ def test_function_and_oprun_equal_the_definition_bit_for_bit(m, k, n):
     w = pack_k16(torch.randint(-1, 2, (n, k), generator=g))
     scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g) * 10
     ref = ternary_linear_int8_ref(*quantize_rows_int8_ref(x), w, scale, bias).numpy()
-    model = _model(k, n, ["int8"])
+    model = tmm_model(k, n, ["int8"])
     feeds = {"X": x.numpy(), "W": w.numpy(), "scale": scale.numpy(), "bias": bias.numpy()}
-    assert np.array_equal(_bits(_ort(model, feeds)), _bits(ref))
+    assert np.array_equal(_bits(run_ort(model, feeds)), _bits(ref))
     assert np.array_equal(_bits(ReferenceEvaluator(model).run(None, feeds)[0]), _bits(ref))
     oprun = ReferenceEvaluator(model, new_ops=contract.reference_ops()).run(None, feeds)[0]
     assert np.array_equal(_bits(oprun), _bits(ref))
@@ -223,7 +223,7 @@ def test_decode_handles_every_byte_and_negative_words():
              "bias": np.zeros(16, np.float32)}
     assert torch.equal(unpack_k16(w, k), t.to(torch.int8))
     for mode in ("none", "int8", "fp8"):
-        y = _ort(_model(k, 16, [mode]), feeds)
+        y = run_ort(tmm_model(k, 16, [mode]), feeds)
         ref = (ternary_linear_ref(x, w, torch.ones(16)) if mode == "none" else
                ternary_linear_int8_ref(*quantize_rows_int8_ref(x), w, torch.ones(16))
                if mode == "int8" else None)
@@ -237,7 +237,7 @@ def test_decode_is_not_constant_folded(tmp_path):
     k, n = 512, 256
     g = torch.Generator().manual_seed(0)
     w = pack_k16(torch.randint(-1, 2, (n, k), generator=g))
-    model = _model(k, n, ["none"])
+    model = tmm_model(k, n, ["none"])
     graph = model.graph
     for name, arr in (("W", w.numpy()), ("scale", np.ones(n, np.float32)),
                       ("bias", np.zeros(n, np.float32))):
@@ -333,7 +333,7 @@ def test_cli_torch_int8_records_the_mode(int8_export, tmp_path):
 
 
 def test_trt_build_refuses_int8_before_tensorrt(tmp_path):
-    from runtime.tensorrt.build import build_engine
+    from runtime.tensorrt.engine_build import build_engine
     from tests.trt_standin.files import ternary_onnx
     onnx_path = ternary_onnx(tmp_path / "m.onnx", act_quant="int8")
     plugin = tmp_path / "libplugin.so"

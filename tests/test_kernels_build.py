@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from terdit.kernels import build as kernel_build
+from terdit.kernels import cuda_build as kernel_build
 from terdit.kernels import cuda as kernels
 from terdit.kernels import w2a8
 from terdit.formats import pack_k16
@@ -217,7 +217,7 @@ def test_build_commands_give_tc_its_sm89_cubin(tmp_path):
 
 
 def test_python_build_compiles_each_source_as_the_cmake_build_does(cuda_kernels, tmp_path):
-    """terdit.kernels.build (kernels.load(build=True) where CMake is not at hand) is not run here
+    """terdit.kernels.cuda_build (kernels.load(build=True) where CMake is not at hand) is not run here
     (a second compile of every source); its nvcc commands give each kernel source the -gencode
     flags and the -O3 / C++17 / hidden-visibility options of the CMake build the tests above
     check."""

@@ -314,7 +314,7 @@ def test_interrupt_in_process(how, base, tmp_path, capsys, monkeypatch):
 
 
 def test_evaluate_interrupt_in_process(base, capsys, monkeypatch):
-    import terdit.evaluate.cli as evaluate
+    import terdit.evaluate.evaluate_cli as evaluate
 
     def stop(*a, **k):
         raise KeyboardInterrupt

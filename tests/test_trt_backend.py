@@ -18,7 +18,7 @@ import pytest
 from exporter import ExportOptions, export
 from runtime.__main__ import main as runtime_main
 from runtime.tensorrt import backend as trt_backend
-from runtime.tensorrt import build as trt_build
+from runtime.tensorrt import engine_build as trt_build
 from runtime.tensorrt import record as trt_record
 from tests.helpers import pixel_checkpoint
 from tests.trt_standin import VERSIONS, HostTransfer, make_tensorrt

@@ -22,7 +22,7 @@ from onnx import TensorProto
 
 from runtime.__main__ import main as runtime_main
 from runtime.tensorrt import backend as trt_backend
-from runtime.tensorrt import build as trt_build
+from runtime.tensorrt import engine_build as trt_build
 from runtime.tensorrt import record as trt_record
 from terdit_common.errors import UserError
 from tests.trt_standin import VERSIONS, HostTransfer, make_tensorrt
@@ -294,8 +294,8 @@ def test_backend_needs_cuda_by_default(trt, export_dir, plugin):
 
 
 def test_importing_the_modules_does_not_import_tensorrt_or_torch():
-    code = ("import sys, runtime.tensorrt.build, runtime.tensorrt.record, runtime.tensorrt.backend, "
-            "runtime.tensorrt.cli; print('tensorrt' in sys.modules, 'torch' in sys.modules)")
+    code = ("import sys, runtime.tensorrt.engine_build, runtime.tensorrt.record, runtime.tensorrt.backend, "
+            "runtime.tensorrt.engine_cli; print('tensorrt' in sys.modules, 'torch' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=root)

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from runtime.tensorrt import backend as trt_backend
-from runtime.tensorrt import build as trt_build
-from runtime.tensorrt import cli
+from runtime.tensorrt import engine_build as trt_build
+from runtime.tensorrt import engine_cli as cli
 from runtime.tensorrt import record as trt_record
 
 ENV = trt_record.EngineEnvironment(

@@ -30,7 +30,7 @@ QUIET = dict(log=lambda *_: None)
 CPU = ["CPUExecutionProvider"]
 
 
-def _model(k, n, modes, dtype=TensorProto.FLOAT, body=None):
+def tmm_model(k, n, modes, dtype=TensorProto.FLOAT, body=None):
     """One TernaryMatMul node per entry of `modes` (chained: node i feeds node i + 1, so K == N
     when there are several), with the portable function of `body` (default: modes[0])."""
     contract.register_schema()
@@ -55,7 +55,7 @@ def _model(k, n, modes, dtype=TensorProto.FLOAT, body=None):
     return model
 
 
-def _ort(model, feeds):
+def run_ort(model, feeds):
     return ort.InferenceSession(model.SerializeToString(), providers=CPU).run(None, feeds)[0]
 
 
@@ -95,11 +95,11 @@ def test_onnx_quantization_equals_the_torch_emulation_bit_for_bit():
     x = _e4m3_edge_rows(k)
     w, scale, bias = pack_k16(torch.eye(k, dtype=torch.int8)), torch.ones(k), torch.zeros(k)
     feeds = {"X": x.numpy(), "W": w.numpy(), "scale": scale.numpy(), "bias": bias.numpy()}
-    model = _model(k, k, ["fp8"])
+    model = tmm_model(k, k, ["fp8"])
     expected = contract.dequantize_rows_e4m3(x).numpy()
     assert not np.array_equal(expected, x.numpy())                    # it did quantize
     assert np.array_equal(_oracle(x, w, scale, bias, "fp8").numpy(), expected)
-    for name, y in (("onnxruntime", _ort(model, feeds)),
+    for name, y in (("onnxruntime", run_ort(model, feeds)),
                     ("onnx.reference", ReferenceEvaluator(model).run(None, feeds)[0]),
                     ("OpRun", ReferenceEvaluator(model, new_ops=contract.reference_ops())
                      .run(None, feeds)[0])):
@@ -133,9 +133,9 @@ def test_fp8_node_matches_the_torch_emulation(m, k, n):
     scale, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
     x = torch.randn(m, k, generator=g) * torch.exp(3 * torch.randn(m, 1, generator=g))
     feeds = {"X": x.numpy(), "W": w.numpy(), "scale": scale.numpy(), "bias": bias.numpy()}
-    model = _model(k, n, ["fp8"])
+    model = tmm_model(k, n, ["fp8"])
     ref = _oracle(x, w, scale, bias, "fp8").numpy()
-    y = _ort(model, feeds)
+    y = run_ort(model, feeds)
     oprun = ReferenceEvaluator(model, new_ops=contract.reference_ops()).run(None, feeds)[0]
     assert _row_err(y, ref) < ROW_BOUND
     assert _row_err(oprun, ref) < ROW_BOUND
@@ -143,7 +143,7 @@ def test_fp8_node_matches_the_torch_emulation(m, k, n):
     assert _row_err(weight_only, ref) > 1e-3                          # the mode matters
     # float16 activations: quantized from the fp16 values, result rounded to fp16 once
     x16 = (8 * x / x.abs().amax(-1, keepdim=True)).half()            # no fp16 overflow in Y
-    y16 = _ort(_model(k, n, ["fp8"], TensorProto.FLOAT16), {**feeds, "X": x16.numpy()})
+    y16 = run_ort(tmm_model(k, n, ["fp8"], TensorProto.FLOAT16), {**feeds, "X": x16.numpy()})
     ref16 = _oracle(x16, w, scale, bias, "fp8").half().float().numpy()
     assert _row_err(y16.astype(np.float32), ref16) <= 2 * 2.0 ** -11
 
@@ -157,12 +157,12 @@ def test_mixed_modes_file_runs_every_node_in_the_body_mode():
     scale, bias = torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g)
     x = torch.randn(5, k, generator=g)
     feeds = {"X": x.numpy(), "W": w.numpy(), "scale": scale.numpy(), "bias": bias.numpy()}
-    model = _model(k, k, ["fp8", "none"], body="fp8")
+    model = tmm_model(k, k, ["fp8", "none"], body="fp8")
     per_node = _oracle(_oracle(x, w, scale, bias, "fp8"), w, scale, bias, "none").numpy()
     all_fp8 = _oracle(_oracle(x, w, scale, bias, "fp8"), w, scale, bias, "fp8").numpy()
     oprun = ReferenceEvaluator(model, new_ops=contract.reference_ops()).run(None, feeds)[0]
     assert _row_err(oprun, per_node) < 1e-5
-    assert _row_err(_ort(model, feeds), all_fp8) < 1e-5
+    assert _row_err(run_ort(model, feeds), all_fp8) < 1e-5
     assert _row_err(per_node, all_fp8) > 1e-3
 
 

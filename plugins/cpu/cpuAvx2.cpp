@@ -22,28 +22,29 @@ struct Avx2
     static constexpr int kNS = 16;
     static constexpr int kGROUPS = 64;
     static constexpr int kKC = 256;
+    static constexpr int kACC = 8; // int32 outputs per accumulator (16 int16 pairs widened)
 
-    // Named accumulators updated in place by asm: with an array of __m256i GCC 12 adds a register
-    // copy per accumulator per iteration and spills beyond 4 rows.
-#define TERDIT_ROW_DECLARE(r) __m256i c##r##0 = _mm256_setzero_si256(), c##r##1 = c##r##0;
-#define TERDIT_ROW_DOT(r)                                                                      \
-    if constexpr (MR > r)                                                                      \
-    {                                                                                          \
-        int32_t v;                                                                             \
-        std::memcpy(&v, a + r * lda + 4 * j, 4);                                               \
-        __m256i const av = _mm256_set1_epi32(v);                                               \
-        dotPairs(c##r##0, b0, av);                                                             \
-        dotPairs(c##r##1, b1, av);                                                             \
+    // Named accumulators updated in place by asm (cpuDriver.h's tile rows): with an array of
+    // __m256i GCC 12 adds a register copy per accumulator per iteration and spills beyond 4 rows.
+    using Acc = __m256i;
+
+    static __m256i zeroAcc()
+    {
+        return _mm256_setzero_si256();
     }
-#define TERDIT_ROW_STORE(r)                                                                    \
-    if constexpr (MR > r)                                                                      \
-    {                                                                                          \
-        widenInto(c + r * kNS, c##r##0);                                                       \
-        widenInto(c + r * kNS + 8, c##r##1);                                                   \
+
+    static __m256i splat(int32_t v)
+    {
+        return _mm256_set1_epi32(v);
+    }
+
+    static __m256i loadCodes(uint8_t const* p)
+    {
+        return _mm256_load_si256(reinterpret_cast<__m256i const*>(p));
     }
 
     //! acc (int16) += pairwise sums of codes (u8) x activations (s8).
-    static void dotPairs(__m256i& acc, __m256i codes, __m256i activations)
+    static void dot(__m256i& acc, __m256i codes, __m256i activations)
     {
         __m256i t;
         asm("vpmaddubsw %3, %2, %1\n\tvpaddw %1, %0, %0"
@@ -52,29 +53,12 @@ struct Avx2
     }
 
     //! dst (int32 x 8) += the pairs of acc summed.
-    static void widenInto(int32_t* dst, __m256i acc)
+    static void flushInto(int32_t* dst, __m256i acc)
     {
         __m256i const wide = _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
         auto* p = reinterpret_cast<__m256i*>(dst);
         _mm256_store_si256(p, _mm256_add_epi32(_mm256_load_si256(p), wide));
     }
-
-    template <int MR>
-    static void int8Tile(uint8_t const* panel, int8_t const* a, int64_t lda, int groups, int32_t* c)
-    {
-        static_assert(MR >= 1 && MR <= 6, "the tile has at most 6 rows");
-        TERDIT_TILE_ROWS(TERDIT_ROW_DECLARE)
-        for (int j = 0; j < groups; ++j)
-        {
-            __m256i const b0 = _mm256_load_si256(reinterpret_cast<__m256i const*>(panel + j * 64));
-            __m256i const b1 = _mm256_load_si256(reinterpret_cast<__m256i const*>(panel + j * 64 + 32));
-            TERDIT_TILE_ROWS(TERDIT_ROW_DOT)
-        }
-        TERDIT_TILE_ROWS(TERDIT_ROW_STORE)
-    }
-#undef TERDIT_ROW_DECLARE
-#undef TERDIT_ROW_DOT
-#undef TERDIT_ROW_STORE
 
     template <int MR>
     static void f32Tile(float const* panel, float const* a, int64_t lda, int kc, float* c)
@@ -176,22 +160,11 @@ void quantizeInt8(float const* x, int64_t k, int64_t kp, int64_t r0, int64_t r1,
     }
 }
 
-int gemmF32(Gemm const& g, Parallel const& par)
-{
-    return driver::gemmF32<Avx2>(g, par);
-}
-
-int gemmInt8(Gemm const& g, Int8Rows const& a, Parallel const& par)
-{
-    return driver::gemmInt8<Avx2>(g, a, par);
-}
-
 } // namespace
 
 IsaKernels const& avx2Kernels()
 {
-    static IsaKernels const kernels{"avx2", gemmF32, gemmInt8, quantizeInt8};
-    return kernels;
+    return driver::entryOf<Avx2>("avx2", quantizeInt8);
 }
 
 } // namespace cpu

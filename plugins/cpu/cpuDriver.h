@@ -6,7 +6,7 @@
  *   I::kNS                  output columns per strip (a multiple of its vector width)
  *   I::kGROUPS              k groups of 4 per int8 chunk (AVX2 sums in int16: at most 64)
  *   I::kKC                  k per fp32 chunk
- *   I::int8Tile<MR>(panel, a, lda, groups, c)   c[MR][kNS] (int32) += a-bytes . panel-codes
+ *   the int8 primitives of driver::int8Tile     c[MR][kNS] (int32) += a-bytes . panel-codes
  *   I::f32Tile<MR>(panel, a, lda, kc, c)        c[MR][kNS] (fp32)  += a . panel
  *
  * Why this shape: the token GEMMs of a DiT are large-M, so the 2-bit codes of one strip of
@@ -30,6 +30,35 @@
 //! X(0) .. X(5): one statement per row of an ISA unit's 6-row register tile (the rows keep their
 //! accumulators in named variables c<row><column>: GCC 12 spills arrays of vector registers).
 #define TERDIT_TILE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
+//! Rows of driver::int8Tile<I, MR>: row r keeps one accumulator per column register in named
+//! variables c<r><h> (h < kNS / kACC <= 4); rows past MR and columns past the ISA's count are
+//! declared but never touched, so the compiler drops them.
+#define TERDIT_ROW_DECLARE(r)                                                                      \
+    typename I::Acc c##r##0 = I::zeroAcc(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
+#define TERDIT_ACC_DOT(r, h)                                                                       \
+    if constexpr (kCols > h)                                                                       \
+    {                                                                                              \
+        I::dot(c##r##h, b##h, av);                                                                 \
+    }
+#define TERDIT_ACC_FLUSH(r, h)                                                                     \
+    if constexpr (kCols > h)                                                                       \
+    {                                                                                              \
+        I::flushInto(c + r * I::kNS + h * I::kACC, c##r##h);                                       \
+    }
+#define TERDIT_ROW_DOT(r)                                                                          \
+    if constexpr (MR > r)                                                                          \
+    {                                                                                              \
+        int32_t v;                                                                                 \
+        std::memcpy(&v, a + r * lda + 4 * j, 4);                                                   \
+        typename I::Acc const av = I::splat(v);                                                    \
+        TERDIT_ACC_DOT(r, 0) TERDIT_ACC_DOT(r, 1) TERDIT_ACC_DOT(r, 2) TERDIT_ACC_DOT(r, 3)        \
+    }
+#define TERDIT_ROW_STORE(r)                                                                        \
+    if constexpr (MR > r)                                                                          \
+    {                                                                                              \
+        TERDIT_ACC_FLUSH(r, 0) TERDIT_ACC_FLUSH(r, 1) TERDIT_ACC_FLUSH(r, 2) TERDIT_ACC_FLUSH(r, 3) \
+    }
 
 namespace terdit
 {
@@ -105,6 +134,27 @@ struct Tiling
     }
 };
 
+//! c[MR][kNS] (int32) += a-bytes . panel-codes over `groups` groups of 4 bytes, from the ISA's
+//! primitives: Acc, zeroAcc(), splat(4 bytes), loadCodes(64-byte aligned), dot(acc, codes,
+//! activations), flushInto(int32 out, acc); each accumulator covers kACC output columns.
+template <class I, int MR>
+void int8Tile(uint8_t const* panel, int8_t const* a, int64_t lda, int groups, int32_t* c)
+{
+    constexpr int kCols = I::kNS / I::kACC;
+    static_assert(MR >= 1 && MR <= 6 && kCols >= 1 && kCols <= 4, "at most 6 rows x 4 registers");
+    TERDIT_TILE_ROWS(TERDIT_ROW_DECLARE)
+    for (int j = 0; j < groups; ++j)
+    {
+        uint8_t const* codes = panel + j * I::kNS * 4;
+        typename I::Acc const b0 = I::loadCodes(codes);
+        typename I::Acc const b1 = kCols > 1 ? I::loadCodes(codes + I::kACC * 4) : b0;
+        typename I::Acc const b2 = kCols > 2 ? I::loadCodes(codes + I::kACC * 8) : b0;
+        typename I::Acc const b3 = kCols > 3 ? I::loadCodes(codes + I::kACC * 12) : b0;
+        TERDIT_TILE_ROWS(TERDIT_ROW_DOT)
+    }
+    TERDIT_TILE_ROWS(TERDIT_ROW_STORE)
+}
+
 template <class I, int MR>
 struct RowTiles
 {
@@ -115,7 +165,7 @@ struct RowTiles
         int64_t m = m0;
         for (; m + MR <= m1; m += MR)
         {
-            I::template int8Tile<MR>(panel, a + m * lda, lda, groups, c + (m - m0) * I::kNS);
+            int8Tile<I, MR>(panel, a + m * lda, lda, groups, c + (m - m0) * I::kNS);
         }
         if (m < m1)
         {
@@ -364,6 +414,14 @@ int gemmF32(Gemm const& g, Parallel const& par)
             }
             f32Epilogue(g, acc, I::kNS, m0, m1, n0);
         });
+}
+
+//! An ISA unit's entry: the two drivers over I's tiles and the unit's quantizer.
+template <class I>
+IsaKernels const& entryOf(char const* name, decltype(IsaKernels::quantizeInt8) quantize)
+{
+    static IsaKernels const kernels{name, &gemmF32<I>, &gemmInt8<I>, quantize};
+    return kernels;
 }
 
 } // namespace driver

@@ -3,7 +3,7 @@
  * terdit::TernaryMatMul contract, design notes in plugins/cpu/README.md), on any CPU.
  *
  * Plain C ABI, no framework: the ONNX Runtime custom op (terditOrt.cpp) and the PyTorch
- * binding (terdit/kernels/cpu.py, through ctypes) are thin adapters over these functions.
+ * binding (terdit/kernels/cpu_ops.py, through ctypes) are thin adapters over these functions.
  *
  * Activation modes (node attribute act_quant):
  *   0 "none": fp32 activations, fp32 sums (the exact contract).

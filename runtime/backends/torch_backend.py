@@ -42,7 +42,8 @@ class TorchBackend:
             import torch
 
             from terdit import load_checkpoint
-            from terdit.inference import TORCH_DTYPES, TorchForward, inference_model
+            from terdit.formats import TORCH_DTYPES
+            from terdit.inference import TorchForward, inference_model
         except ImportError as err:
             raise BackendError(f"the torch backend needs torch and terdit ({err}); install "
                                f"torch or use --backend ort") from None
@@ -74,7 +75,7 @@ class TorchBackend:
             set_act_quant_(self.model, "int8")
         if self.device.type == "cpu":
             # the terdit CPU kernels for the ternary ops (built on first use; says once which path)
-            from terdit.kernels import cpu as cpu_kernels
+            from terdit.kernels import cpu_ops as cpu_kernels
             if cpu_kernels.load_or_say():
                 self.kernels = "cpu"
         if self.device.type == "cuda":

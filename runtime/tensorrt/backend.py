@@ -14,7 +14,7 @@ from terdit_common.inputs import input_file
 from terdit_common.manifest import PLAN_FILE, open_export
 
 from ..backends.protocol import BackendError, check_cfg_scale
-from .build import load_plugin_library
+from .engine_build import load_plugin_library
 from .record import EngineEnvironment, check_sidecar, import_tensorrt, import_torch_cuda
 
 # TensorRT I/O types the backend feeds and reads, by the names DeviceTransfer uses

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from .. import ternary as _ternary  # noqa: F401  (defines the ternary_matmul ops)
+from ..formats import FLOAT_DTYPES
 from . import w2a8 as _w2a8  # noqa: F401  (defines the W1.58A8 ops)
-from .build import LIB_NAME, KernelLibraryError, build_library, candidate_paths
+from .cuda_build import LIB_NAME, KernelLibraryError, build_library, candidate_paths
 from .w2a8 import check_e4m3_args
 
 C_SYMBOLS = ("terditTernaryMatmul", "terditTernaryMatmulEx", "terditCheck", "terditErrorString",
@@ -35,7 +36,8 @@ C_SYMBOLS = ("terditTernaryMatmul", "terditTernaryMatmulEx", "terditCheck", "ter
 ABI_VERSION = 2
 
 PATHS = {"auto": 0, "skinny": 1, "tc": 2, "generic": 3, "wgmma": 4, "wgmma2": 5}
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The C ABI's dtype codes.
+DTYPE_CODES = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES)}
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -185,7 +187,7 @@ def _prepare_weights(op: str, k: int, device: torch.device, w: Tensor, scale: Te
 
 
 def _prepare(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor]):
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPE_CODES:
         raise TypeError(f"{op}: x has dtype {x.dtype}; the CUDA kernels take float32, float16 or "
                         f"bfloat16")
     if x.dim() < 1:
@@ -216,7 +218,7 @@ def _launch(op: str, x: Tensor, w: Tensor, scale: Tensor, bias: Optional[Tensor]
             m: int, n: int, k: int, epilogue: int) -> None:
     args = (x.data_ptr(), w.data_ptr(), scale.data_ptr(),
             None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
-            _DTYPES[x.dtype], epilogue, _forced_path)
+            DTYPE_CODES[x.dtype], epilogue, _forced_path)
     _call(op, x.device, "terditTernaryMatmulEx", args, "terditCheck")
 
 
@@ -273,7 +275,7 @@ def _launch_e4m3(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tensor,
                  epilogue: int) -> None:
     args = (xq.data_ptr(), x_scale.data_ptr(), w.data_ptr(), scale.data_ptr(),
             None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
-            _DTYPES[out.dtype], epilogue, _forced_path)
+            DTYPE_CODES[out.dtype], epilogue, _forced_path)
     _call(op, xq.device, "terditTernaryMatmulE4m3", args, "terditCheckE4m3")
 
 
@@ -334,7 +336,7 @@ def _ternary_matmul_e4m3_swiglu_cuda(xq: Tensor, x_scale: Tensor, w: Tensor, sca
 
 
 def _quantize_rows_e4m3_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPE_CODES:
         raise TypeError(f"quantize_rows_e4m3: x has dtype {x.dtype}; float32, float16 or bfloat16")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError("quantize_rows_e4m3: x must be [..., K] with K > 0")
@@ -345,5 +347,5 @@ def _quantize_rows_e4m3_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
     s = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if m:
         _call("quantize_rows_e4m3", x.device, "terditQuantizeRowsE4m3",
-              (x.data_ptr(), _DTYPES[x.dtype], m, k, xq.data_ptr(), s.data_ptr()))
+              (x.data_ptr(), DTYPE_CODES[x.dtype], m, k, xq.data_ptr(), s.data_ptr()))
     return xq, s

@@ -17,13 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ternary as _ternary
-from ..formats import unpack_k16
+from ..formats import FLOAT_DTYPES, unpack_k16
 from ..ternary import PackedTernaryLinear
 
 INT8_MAX = 127.0
 INT8_MIN_AMAX = 1e-12
 ACT_QUANT_MODES = ("none", "int8")       # what set_act_quant_ accepts
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def quantize_rows_int8_ref(x: Tensor) -> tuple[Tensor, Tensor]:

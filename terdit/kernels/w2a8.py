@@ -15,11 +15,10 @@ import torch
 from torch import Tensor
 
 from .. import ternary as _ternary
-from ..formats import unpack_k16
+from ..formats import FLOAT_DTYPES, unpack_k16
 
 E4M3_MAX = 448.0
 E4M3_MIN_AMAX = 1e-12
-OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def quantize_rows_e4m3_ref(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,7 +58,7 @@ def check_e4m3_args(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tens
     if xq.dtype != torch.float8_e4m3fn:
         raise TypeError(f"{op}: xq has dtype {xq.dtype}; quantize X with quantize_rows_e4m3 "
                         f"(float8_e4m3fn)")
-    if out_dtype not in OUT_DTYPES:
+    if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype={out_dtype} is not float32, float16 or bfloat16")
     if tuple(x_scale.shape) != tuple(xq.shape[:-1]):
         raise ValueError(f"{op}: x_scale must have shape {tuple(xq.shape[:-1])} (one scale per "
@@ -71,7 +70,7 @@ def check_e4m3_args(op: str, xq: Tensor, x_scale: Tensor, w: Tensor, scale: Tens
 def quantize_rows_e4m3(x: Tensor) -> tuple[Tensor, Tensor]:
     """terdit::quantize_rows_e4m3: quantize_rows_e4m3_ref; `load()` registers the CUDA kernel
     (launchQuantizeRowsE4m3) for CUDA tensors."""
-    if x.dtype not in OUT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize_rows_e4m3: x has dtype {x.dtype}; float32, float16 or bfloat16")
     xq, s = quantize_rows_e4m3_ref(x)
     return xq, s

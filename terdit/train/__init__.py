@@ -1,8 +1,8 @@
 """The QAT trainer (`python -m terdit.train`): its settings (config), data (data, data_files),
 model set-up (setup), resumable state (state), torchrun plumbing (distributed), the loop (loop)
 and its logs and curves (plots)."""
-from .cli import build_parser, main
-from .config import TrainConfig
+from .train_cli import build_parser, main
+from .train_config import TrainConfig
 from .loop import train
 from .plots import plot_losses, read_log
 

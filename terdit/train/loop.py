@@ -1,4 +1,4 @@
-"""The training loop of `python -m terdit.train` (terdit/train/cli.py has the command line and
+"""The training loop of `python -m terdit.train` (terdit/train/train_cli.py has the command line and
 the run's layout): IDDPM objective, class dropout, AdamW with warm-up + cosine, gradient
 clipping, EMA, resumable checkpoints, DDP / FSDP under torchrun. Every random draw of a step is a
 function of (seed, step) and the sample's position in the global batch, so a resume continues
@@ -28,7 +28,7 @@ from ..checkpoint import save_checkpoint
 from ..diffusion import GaussianDiffusion
 from ..inference import sample_images
 from ..model import TerDiT
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .data import ArrayDataset, mix_seed, batch_indices
 from .distributed import Dist, full_tensor, setup_distributed, unwrap, wrap_model
 from .plots import plot_losses, read_log

@@ -12,7 +12,7 @@ from terdit_common.errors import UserError
 from ..checkpoint import load_checkpoint
 from ..config import TerDiTConfig
 from ..model import TerDiT
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .data import ArrayDataset, load_dataset
 
 

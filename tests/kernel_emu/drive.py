@@ -71,7 +71,7 @@ def run_case(lib, m, n, k, dtype, path, swiglu, bias, misalign_w, gen, e4m3=Fals
     yv = ybuf[GUARD:GUARD + m * cols].view(m, cols)
     yv.fill_(float("nan"))
     args = (wv.data_ptr(), scale.data_ptr(), None if b is None else b.data_ptr(), yv.data_ptr(),
-            m, n, k, kernels._DTYPES[dtype], 1 if swiglu else 0, kernels.PATHS[path])
+            m, n, k, kernels.DTYPE_CODES[dtype], 1 if swiglu else 0, kernels.PATHS[path])
     if e4m3:
         rc = lib.terditTernaryMatmulE4m3(xv.data_ptr(), sv.data_ptr(), *args, None)
     else:
@@ -152,7 +152,7 @@ def quantize_cases(lib, gen):
             qv = qbuf[GUARD + offset:GUARD + offset + m * k].view(m, k)
             sbuf = torch.full((m + 2 * GUARD,), -1.0)
             sv = sbuf[GUARD:GUARD + m]
-            rc = lib.terditQuantizeRowsE4m3(xv.data_ptr(), kernels._DTYPES[dtype], m, k,
+            rc = lib.terditQuantizeRowsE4m3(xv.data_ptr(), kernels.DTYPE_CODES[dtype], m, k,
                                             qv.data_ptr(), sv.data_ptr(), None)
             what = f"quantize {dtype} M={m} K={k} offset={offset}"
             count += 1

@@ -11,7 +11,7 @@ from terdit_common.manifest import (EXPORT_FILES, MANIFEST_FILE, MODEL_FILE, PLA
 
 from ..backends.protocol import BackendError
 
-from .build import (DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_PRECISION,
+from .engine_build import (DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_PRECISION,
                     DEFAULT_WORKSPACE_GIB, build_engine, check_workspace, resolve_batch_range)
 from .record import sidecar_path
 

@@ -119,9 +119,7 @@ def load_plugin_library(trt, plugin_path: Path) -> None:
 
 
 def _trt_dtype(trt, precision: str):
-    return {"fp32": trt.DataType.FLOAT, "fp16": trt.DataType.HALF, "bf16": trt.DataType.BF16}[
-        precision
-    ]
+    return dict(zip(DTYPES, (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)))[precision]
 
 
 # ---- Fail closed: every TernaryMatMul must become the plugin ---------------------------------

@@ -300,7 +300,8 @@ def replace_ternary_nodes(src: Path, dst: Path, kind: str) -> Path:
 # ---- torch ---------------------------------------------------------------------------------------
 
 def load_torch_kernels() -> str:
-    """Load terdit.kernels.cpu_ops (registers the CPU ternary_matmul ops); a description, or Skip."""
+    """Load terdit.kernels.cpu_ops (registers the CPU ternary_matmul ops); a description, or
+    Skip."""
     try:
         import terdit.kernels.cpu_ops as ck
     except ImportError as err:

@@ -31,8 +31,8 @@ import torch.distributed as dist
 from terdit_common.cli import env_int, run_cli
 
 from ..config import PRESETS
-from .train_config import (DEVICES, FINAL_FROM, FINAL_WEIGHTS, LR_SCHEDULES, PRECISIONS, STRATEGIES,
-                     TrainConfig)
+from .train_config import (DEVICES, FINAL_FROM, FINAL_WEIGHTS, LR_SCHEDULES, PRECISIONS,
+                           STRATEGIES, TrainConfig)
 from .data import DATASETS
 from .loop import train
 from .setup import load_model_config

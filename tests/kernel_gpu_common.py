@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from terdit.kernels import cuda as kernels
 from terdit.formats import pack_k16
 from terdit.ternary import ternary_linear_ref
+from tests.kernel_paths import expected_family
 
 DRY_RUN = os.environ.get("TERDIT_KERNEL_TEST_DRY_RUN") == "1"
 DEVICE = "cpu" if DRY_RUN else "cuda"
@@ -103,7 +104,25 @@ def run(x, w, scale, bias=None, *, swiglu=False, path="auto"):
         return out
     with kernels.force_path(path):
         kernels.matmul_into(out, x, w, scale, bias, swiglu=swiglu)
+    check_family(path, x, out, w, e4m3=False)
     return out
+
+
+def check_family(path, x, out, w, *, e4m3):
+    """The family that ran the last product (terdit::lastKernelPath) is the one the launcher's
+    rules give for it (tests/kernel_paths.py): a forced path that fell back silently fails."""
+    m = out.numel() // out.shape[-1] if out.shape[-1] else 0
+    if DRY_RUN or m == 0:
+        return
+    props = torch.cuda.get_device_properties(out.device)
+    expected = expected_family(
+        path, m=m, n=w.shape[0], k=x.shape[-1], dtype=out.dtype if e4m3 else x.dtype,
+        e4m3=e4m3, aligned_xy=x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0,
+        aligned_w=w.data_ptr() % 16 == 0, sms=props.multi_processor_count,
+        cc=(props.major, props.minor))
+    ran = kernels.last_kernel_path()
+    assert ran == expected, (f"path={path}{'@e4m3' if e4m3 else ''} M={m} N={w.shape[0]} "
+                             f"K={x.shape[-1]}: the {ran} kernel ran, the rules give {expected}")
 
 
 def reference(x, t, scale, bias=None, *, swiglu=False):

@@ -19,6 +19,16 @@ TERNARY = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.1")
 
 
+def shrink_600m(monkeypatch, dim: int = 64, n_layers: int = 2, n_heads: int = 4) -> None:
+    """DiT_Llama_600M_patch2 shrunk (our preset and this oracle's table, for the test): the
+    official code only builds its named sizes, so tests that need the official layout but not
+    its size use this."""
+    import terdit.config
+    monkeypatch.setitem(terdit.config.PRESETS, "TerDiT-600M", terdit.config.PRESETS[
+        "TerDiT-600M"].replace(dim=dim, n_layers=n_layers, n_heads=n_heads))
+    monkeypatch.setitem(OFFICIAL_DIMS, "DiT_Llama_600M_patch2", (dim, n_layers, n_heads))
+
+
 def hidden_of(dim: int) -> int:
     h = int(2 * (4 * dim) / 3)
     return 256 * ((h + 255) // 256)

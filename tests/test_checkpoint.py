@@ -11,8 +11,8 @@ from terdit import (CheckpointError, TerDiTConfig, load_checkpoint, save_checkpo
 from terdit.ternary import pack_model_
 from terdit.formats import ternarize
 from tests.helpers import random_model
-from tests.official_layout import (official_forward, official_forward_with_cfg, random_official_state,
-                              write_official_dir)
+from tests.official_layout import (official_forward, official_forward_with_cfg,
+                                   random_official_state, shrink_600m, write_official_dir)
 
 TINY_OFFICIAL = "DiT_Llama_600M_patch2"
 
@@ -79,6 +79,14 @@ def test_official_roundtrip_through_our_formats(official_600m, tmp_path):
 _STATES = {}
 
 
+@pytest.fixture(autouse=True)
+def _small_600m(request, monkeypatch):
+    """The official layout at the 600M name, shrunk to 2 layers of dim 64 for every test but the
+    600M acceptance ones (fixture official_600m): the format is what they check, not the size."""
+    if "official_600m" not in request.fixturenames:
+        shrink_600m(monkeypatch)
+
+
 def _random_state(packed=True, dtype=torch.float32, qk_norm=False):
     key = (packed, dtype, qk_norm)
     if key not in _STATES:
@@ -121,8 +129,8 @@ def test_official_fp_consolidated_is_ternarized_like_training(tmp_path):
     state = _small_official(tmp_path / "ck", packed=False, ternary=False, dtype=torch.bfloat16)
     loaded = load_checkpoint(tmp_path / "ck")
     assert loaded.metadata["official_file"] == "consolidated_ema.00-of-01.pth"
-    layer = loaded.model.layers[3].feed_forward.w2
-    w = state["layers.3.feed_forward.w2.weight"]
+    layer = loaded.model.layers[1].feed_forward.w2
+    w = state["layers.1.feed_forward.w2.weight"]
     assert torch.equal(layer.ternary_values(), ternarize(w).to(torch.int8))
     x, t, y = _inputs(2, 2)
     with torch.no_grad():
@@ -271,18 +279,18 @@ def test_missing_files(tmp_path):
         load_checkpoint(tmp_path / "ours")
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda sd: sd.pop("layers.2.attention.wk.alphas"), r"missing key\(s\) \['layers.2.attention.wk.alphas'\]"),
+@pytest.mark.parametrize("edit, match", [  # the 600M layout shrunk to dim 64, 2 layers
+    (lambda sd: sd.pop("layers.1.attention.wk.alphas"), r"missing key\(s\) \['layers.1.attention.wk.alphas'\]"),
     (lambda sd: sd.__setitem__("extra.weight", torch.zeros(3)), r"unexpected key\(s\) \['extra.weight'\]"),
-    (lambda sd: sd.__setitem__("layers.0.feed_forward.w1.weight", torch.zeros(10, 1536, dtype=torch.uint8)),
-     r"'layers.0.feed_forward.w1.weight' is torch.uint8 \(10, 1536\), expected uint8 \(1024, 1536\)"),
-    (lambda sd: sd.__setitem__("x_embedder.weight", torch.zeros(1536, 16, dtype=torch.int64)),
+    (lambda sd: sd.__setitem__("layers.0.feed_forward.w1.weight", torch.zeros(10, 64, dtype=torch.uint8)),
+     r"'layers.0.feed_forward.w1.weight' is torch.uint8 \(10, 64\), expected uint8 \(64, 64\)"),
+    (lambda sd: sd.__setitem__("x_embedder.weight", torch.zeros(64, 16, dtype=torch.int64)),
      r"'x_embedder.weight' has dtype torch.int64"),
-    (lambda sd: sd.__setitem__("x_embedder.bias", torch.zeros(7)), r"'x_embedder.bias' has shape \(7,\), expected \(1536,\)"),
+    (lambda sd: sd.__setitem__("x_embedder.bias", torch.zeros(7)), r"'x_embedder.bias' has shape \(7,\), expected \(64,\)"),
     (lambda sd: sd["layers.1.attention.wo.alphas"].fill_(float("nan")), r"'layers.1.attention.wo.alphas' holds a non-finite value"),
     (lambda sd: sd["final_layer.linear.weight"].view(-1)[5].fill_(float("inf")), r"'final_layer.linear.weight' holds a non-finite value \(inf\)"),
-    (lambda sd: sd["layers.4.feed_forward.w2.weight"].view(-1)[17].fill_(0xFF),
-     r"'layers.4.feed_forward.w2.weight': code 3 \(invalid\)"),
+    (lambda sd: sd["layers.1.feed_forward.w2.weight"].view(-1)[17].fill_(0xFF),
+     r"'layers.1.feed_forward.w2.weight': code 3 \(invalid\)"),
 ])
 def test_bad_official_tensors(tmp_path, small_state, edit, match):
     state = small_state

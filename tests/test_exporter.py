@@ -15,7 +15,7 @@ from terdit_common import op
 
 from exporter import ExportError, ExportOptions, export
 from exporter import contract
-from exporter.__main__ import main as cli_main
+from exporter.export_cli import main as cli_main
 from exporter.graph import example_inputs
 from terdit import TerDiTConfig, load_checkpoint, save_checkpoint
 from tests.helpers import random_model
@@ -159,12 +159,9 @@ def test_official_directory_exports_directly(tmp_path, monkeypatch):
     (threshold lowered, as below), and the file computes the official forward_with_cfg. The
     600M architecture shrunk to 2 layers of dim 64 (the preset and the oracle's table): the
     official code only builds its named sizes."""
-    import terdit.config
     from tests import official_layout
     name = "DiT_Llama_600M_patch2"
-    monkeypatch.setitem(terdit.config.PRESETS, "TerDiT-600M",
-                        terdit.config.PRESETS["TerDiT-600M"].replace(dim=64, n_layers=2, n_heads=4))
-    monkeypatch.setitem(official_layout.OFFICIAL_DIMS, name, (64, 2, 4))
+    official_layout.shrink_600m(monkeypatch)
     monkeypatch.setattr(importlib.import_module("exporter.export"), "LARGE_MODEL_BYTES", 0)
     state = random_official_state(name, 32, seed=2)
     write_official_dir(tmp_path / "official", name, 32, state)

@@ -39,6 +39,7 @@ def run_w2a8(xq, xs, w, scale, bias=None, *, swiglu=False, out_dtype=torch.bfloa
         return out
     with kernels.force_path(path):
         kernels.matmul_e4m3_into(out, xq, xs, w, scale, bias, swiglu=swiglu)
+    check_family(path, xq, out, w, e4m3=True)
     return out
 
 

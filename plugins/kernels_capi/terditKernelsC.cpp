@@ -96,8 +96,16 @@ TERDIT_C_API char const* terditErrorString(int error)
     return cudaGetErrorString(static_cast<cudaError_t>(error));
 }
 
-//! Version of the C ABI (bumped on any signature change; 2: W1.58A8 entry points, path 6 removed).
+//! The kernel family the calling host thread's last product ran (a KernelPath value; 0: none yet),
+//! so a test asserts the family it claims to cover (the dispatcher falls back silently).
+TERDIT_C_API int terditLastKernelPath()
+{
+    return static_cast<int>(terdit::lastKernelPath());
+}
+
+//! Version of the C ABI (bumped on any signature change; 2: W1.58A8 entry points, path 6 removed;
+//! 3: terditLastKernelPath).
 TERDIT_C_API int terditKernelsAbiVersion()
 {
-    return 2;
+    return 3;
 }

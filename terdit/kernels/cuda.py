@@ -32,10 +32,11 @@ from .w2a8 import check_e4m3_args
 
 C_SYMBOLS = ("terditTernaryMatmul", "terditTernaryMatmulEx", "terditCheck", "terditErrorString",
              "terditKernelsAbiVersion", "terditTernaryMatmulE4m3", "terditCheckE4m3",
-             "terditQuantizeRowsE4m3")
-ABI_VERSION = 2
+             "terditQuantizeRowsE4m3", "terditLastKernelPath")
+ABI_VERSION = 3
 
 PATHS = {"auto": 0, "skinny": 1, "tc": 2, "generic": 3, "wgmma": 4, "wgmma2": 5}
+FAMILIES = {code: name for name, code in PATHS.items()}       # 0 ("auto"): nothing ran yet
 # The C ABI's dtype codes.
 DTYPE_CODES = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES)}
 
@@ -64,6 +65,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.terditCheckE4m3.restype = ctypes.c_char_p
     lib.terditQuantizeRowsE4m3.argtypes = [vp, i32, i64, i32, vp, vp, vp]
     lib.terditQuantizeRowsE4m3.restype = ctypes.c_int
+    lib.terditLastKernelPath.argtypes = []
+    lib.terditLastKernelPath.restype = ctypes.c_int
 
 
 def open_library(path: Path) -> ctypes.CDLL:
@@ -150,6 +153,13 @@ def force_path(name: str) -> Iterator[None]:
         yield
     finally:
         _forced_path = previous
+
+
+def last_kernel_path() -> str:
+    """The family ("skinny", "tc", "generic", "wgmma", "wgmma2") that this thread's last product
+    ran on ("auto": none yet): the launcher falls back silently (force_path), so a test asserts
+    the family it means to cover."""
+    return FAMILIES[load(build=False).terditLastKernelPath()]
 
 
 # ---- the CUDA implementations ------------------------------------------------------------------

@@ -8,7 +8,7 @@ torch definition, terdit.kernels.w2a8.quantize_rows_e4m3_ref; --dtypes then name
 the fp64 product of the same e4m3 values. --quantize checks launchQuantizeRowsE4m3 bit for bit
 against that definition (odd shapes, misaligned rows, NaN rows).
 
-After every product the kernel family that ran (terditEmuLastKernelPath) must be the one the
+After every product the kernel family that ran (terditLastKernelPath) must be the one the
 launcher's rules give for the case (tests/kernel_paths.py); "ran" lines before the last one count
 the families that ran per requested path ("ran wgmma: tc=12 wgmma=36").
 
@@ -40,7 +40,6 @@ from tests.kernel_paths import expected_family  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GUARD = 64  # elements of fence on each side (keeps 16-byte alignment for every dtype)
-FAMILIES = {code: name for name, code in kernels.PATHS.items()}  # 0: "auto", nothing ran
 
 
 def fenced(t, fill, offset=0):
@@ -80,7 +79,7 @@ def run_case(lib, m, n, k, dtype, path, swiglu, bias, misalign_w, gen, e4m3=Fals
             f"bias={bias} misaligned_w={misalign_w}")
     if rc != 0:
         return f"{what}: rc={rc}"
-    ran = FAMILIES[lib.terditEmuLastKernelPath()]
+    ran = kernels.FAMILIES[lib.terditLastKernelPath()]
     sms, cc = emulated_gpu()
     expected = expected_family(path, m=m, n=n, k=k, dtype=dtype, e4m3=e4m3, aligned_xy=True,
                                aligned_w=not misalign_w, sms=sms, cc=cc)
@@ -187,7 +186,7 @@ def main(argv=None):
                         help="check the quantization kernel instead of the products")
     args = parser.parse_args(argv)
     lib = kernels.open_library(args.lib)
-    lib.terditEmuLastKernelPath.restype = ctypes.c_int
+    lib.terditLastKernelPath.restype = ctypes.c_int
     gen = torch.Generator().manual_seed(0)
     if args.quantize:
         count, failures = quantize_cases(lib, gen)

@@ -3,7 +3,7 @@
 ternaryPtx.cuh in this folder. The only rewrites of the sources are mechanical: kernel launches
 `k<<<grid, block, smem, stream>>>(args)` become `emu::launch(k, grid, block, smem, stream, args)`,
 `extern __shared__` arrays become the CTA's dynamic shared memory and static `__shared__` arrays
-become function statics (CTAs run one at a time). lastPath.cpp adds terditEmuLastKernelPath, the
+become function statics (CTAs run one at a time). The C ABI's terditLastKernelPath names the
 kernel family the calling thread's last product ran (terdit::lastKernelPath)."""
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def build(out_dir: Path) -> Path:
                 sources.append(src / name)
     shutil.copy(HERE / "ternaryPtx.cuh", src / "ternaryPtx.cuh")  # the emulated instructions
     (src / "terditKernelsC.cpp").write_text(C_API.read_text())
-    sources += [src / "terditKernelsC.cpp", HERE / "lastPath.cpp"]
+    sources += [src / "terditKernelsC.cpp"]
     out = out_dir / "libterdit_kernels_emu.so"
     cmd = [compiler() or "g++", "-std=c++20", "-O1", "-g", "-shared", "-fPIC", "-pthread",
            "-Wno-unknown-pragmas", f"-I{HERE / 'fake'}", f"-I{src}",

@@ -1,5 +1,9 @@
-"""terdit exporter: lower ternary DiT checkpoints to ONNX with terdit::TernaryMatMul nodes."""
-from .export import export
-from .options import ExportError, ExportOptions
+"""terdit exporter: lower ternary DiT checkpoints to ONNX with terdit::TernaryMatMul nodes
+(`python -m exporter`, exporter/export_cli.py). The public names load on first use
+(terdit_common.lazy)."""
+from terdit_common.lazy import lazy_exports
 
-__all__ = ["ExportError", "ExportOptions", "export"]
+_EXPORTS = {"export": ".export", "ExportError": ".options", "ExportOptions": ".options"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = list(_EXPORTS)

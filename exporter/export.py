@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,8 +20,8 @@ from terdit.formats import TORCH_DTYPES
 from terdit_common import op
 from terdit_common.errors import UserError
 from terdit_common.files import (atomic_directory, atomic_write_json, check_disjoint,
-                                 check_replaceable_dir, check_writable_dir, os_error_message,
-                                 output_lock, remove_stale_temps_of)
+                                 check_replaceable_dir, check_writable_dir, os_error_message)
+from terdit_common.locks import file_output
 from terdit_common.manifest import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, VAE_FILE,
                                     files_record, is_export_dir, is_export_file, seal)
 from terdit_common.sampling import ModelInfo
@@ -83,17 +82,10 @@ def export(checkpoint: str | Path, outdir: str | Path, options: ExportOptions = 
     but an export's files. Under the output's lock, temporaries a killed export left beside
     `outdir` are removed; a lock left by a dead exporter is taken over."""
     outdir = _check_output(Path(outdir), checkpoint, options)
-    lock = outdir.parent / f".{outdir.name}.lock"
     try:
-        with output_lock(lock, f"-o {outdir}"):
-            try:
-                for p in remove_stale_temps_of(outdir):
-                    print(f"note: removed {p}, left by an export that was stopped",
-                          file=sys.stderr)
-                _check_output(outdir, checkpoint, options)       # again, under the lock
-                return _export(checkpoint, outdir, options, log)
-            finally:
-                lock.unlink(missing_ok=True)        # still held: no other writer can be in
+        with file_output(outdir, "-o"):
+            _check_output(outdir, checkpoint, options)           # again, under the lock
+            return _export(checkpoint, outdir, options, log)
     except OSError as err:
         where = err.filename or outdir
         raise ExportError(os_error_message(err, where) + "; nothing was written") from None

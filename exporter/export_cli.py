@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional, Sequence
 
 from terdit_common.cli import RESTART, add_act_quant_args, run_cli
@@ -108,7 +107,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     return run_cli(body, f"exporting {args.checkpoint}; nothing was written", RESTART,
                    "free memory, or export with --no-validate")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,8 +10,9 @@ from typing import Optional
 
 import numpy as np
 
+from terdit_common.entry import signals_held
 from terdit_common.inputs import input_file
-from terdit_common.manifest import VAE_FILE
+from terdit_common.manifest import MANIFEST_FILE, VAE_FILE, read_manifest
 from terdit_common.ort import ort_session
 from terdit_common.sampling import ModelInfo
 from terdit_common.vae import resolve_vae
@@ -22,7 +23,9 @@ from .backends.protocol import BackendError
 class OrtVae:
     def __init__(self, path: Path, latent_channels: Optional[int] = None,
                  flag: str = "--vae") -> None:
-        self.session = ort_session(path)
+        self.session = ort_session(path, flag=flag if flag.startswith("--") else "",
+                                   fix="pass a vae_decoder.onnx written by `python -m exporter "
+                                       "... --vae DIR`, or a diffusers AutoencoderKL directory")
         self.source = str(path)
         inputs = self.session.get_inputs()
         shape = inputs[0].shape if len(inputs) == 1 else None
@@ -44,9 +47,10 @@ class DiffusersVae:
     def __init__(self, path: Path, device: Optional[str] = None,
                  latent_channels: Optional[int] = None, flag: str = "--vae") -> None:
         try:
-            import torch
+            with signals_held():
+                import torch
 
-            from terdit.autoencoder import load_autoencoder
+                from terdit.autoencoder import load_autoencoder
         except ImportError:
             raise BackendError(f"{flag} DIR needs torch and diffusers: pip install torch "
                                f"diffusers") from None
@@ -88,6 +92,10 @@ def open_vae(spec: Optional[str | os.PathLike], export_dir: Optional[Path],
         raise BackendError(f"{flag} {spec}: expected a vae_decoder.onnx file, a diffusers "
                            f"AutoencoderKL directory (with config.json) or a hub name in the "
                            f"local Hugging Face cache")
-    if export_dir is not None and (export_dir / VAE_FILE).is_file():
+    if export_dir is not None and os.path.lexists(export_dir / VAE_FILE):
+        if VAE_FILE not in read_manifest(export_dir)["files"]:
+            raise BackendError(f"{export_dir}: holds {VAE_FILE}, which its {MANIFEST_FILE} does "
+                               f"not list, so it was not verified with the export; re-export "
+                               f"with --vae, or pass --vae explicitly")
         return OrtVae(export_dir / VAE_FILE, channels, "the export's")
     return None

@@ -28,10 +28,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from terdit_common.cli import env_int
+from terdit_common.cli import check_torchrun_env, env_int
 from terdit_common.errors import UserError
 from terdit_common.images import to_uint8
-from terdit_common.limits import MAX_IMAGES, is_int, short
+from terdit_common.limits import MAX_IMAGES, check_count, is_int, short
 from terdit_common.manifest import export_dir_of
 from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, check_model_options,
                                     imagenet_to_model_label, resolve_cfg_mode, resolve_clip,
@@ -62,6 +62,11 @@ class TerDiTPipeline:
     def __init__(self, backend: Backend, vae=None) -> None:
         if isinstance(backend, (str, os.PathLike)):
             raise UserError(f"TerDiTPipeline({str(backend)!r}): open a path with "
+                            f"TerDiTPipeline.from_pretrained")
+        if not (callable(getattr(backend, "forward", None))
+                and isinstance(getattr(backend, "info", None), ModelInfo)):
+            raise UserError(f"TerDiTPipeline({short(backend)}): pass a backend "
+                            f"(runtime.open_backend), or open a path with "
                             f"TerDiTPipeline.from_pretrained")
         self.backend = backend
         self.info: ModelInfo = backend.info
@@ -106,7 +111,7 @@ class TerDiTPipeline:
                       flag: str = "class_labels") -> list[int]:
         """Model label ids of `names` (ids or class names; ImageNet ids with imagenet_ids), each
         checked against the model (`flag` names them in messages)."""
-        if imagenet_ids not in (True, False):
+        if not isinstance(imagenet_ids, bool):
             raise UserError(f"imagenet_ids={short(imagenet_ids)}: must be True or False")
         ids = []
         for name in _label_list(names, flag):
@@ -132,6 +137,8 @@ class TerDiTPipeline:
                    imagenet_ids: bool = False, uncond: bool = False) -> list[int]:
         """The label of every image of a run: `classes` (default: every class in order) cycled
         over `num` images, or `num` unconditional images (the null label)."""
+        if num is not None:
+            check_count("--num", num, 1, MAX_IMAGES, "images")
         if uncond:
             return [self.info.null_class] * (num or 1)
         ids = self.get_label_ids(range(self.info.num_classes) if classes is None else classes,
@@ -153,6 +160,11 @@ class TerDiTPipeline:
         """uint8 (N, H, W, C) images with the model's channel count (a grayscale model gives
         C = 1; only the ADM samples.npz repeats it to RGB), or None for a latent model without
         a VAE."""
+        c, size = self.info.in_channels, self.info.input_size
+        if not (isinstance(latents, np.ndarray) and latents.ndim == 4
+                and latents.shape[1:] == (c, size, size)):
+            raise UserError(f"latents {getattr(latents, 'shape', short(latents))}: pass a numpy "
+                            f"array (N, {c}, {size}, {size}) of this model's latents")
         if self.info.pixel_space:
             return to_uint8(latents)
         if self.vae is None:
@@ -165,10 +177,15 @@ class TerDiTPipeline:
                  guidance_scale: float = SampleOptions.cfg_scale, seed: int = 0,
                  sampler: str = "ddim", eta: float = 0.0, cfg_mode: Optional[str] = None,
                  clip_denoised: Optional[bool] = None, batch_size: int = 16,
-                 output_type: str = "pil", imagenet_ids: bool = False
+                 output_type: str = "pil", imagenet_ids: bool = False, **unknown
                  ) -> TerDiTPipelineOutput:
         """One image per entry of `class_labels` (ids, class names, or ImageNet ids with
         imagenet_ids=True for the official release)."""
+        if unknown:
+            raise UserError(f"unknown argument {', '.join(sorted(unknown))} of the pipeline "
+                            f"call; it takes class_labels, num_inference_steps, guidance_scale, "
+                            f"seed, sampler, eta, cfg_mode, clip_denoised, batch_size, "
+                            f"output_type and imagenet_ids")
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type={short(output_type)} is not one of "
                             f"{', '.join(OUTPUT_TYPES)}")
@@ -195,12 +212,22 @@ class TerDiTPipeline:
     def run(self, out_dir: str | os.PathLike, labels: Sequence[int], options: SampleOptions, *,
             initial_latents: Optional[np.ndarray] = None, save_latents: bool = False,
             overwrite: bool = False, progress: bool = True, notes: Optional[dict] = None,
-            log: Callable[[str], None] = print) -> dict:
+            input_files: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
         """Sample one image per label into `out_dir` (PNGs, grid, ADM npz, samples.json),
         resuming what a previous run with the same model, backend and settings wrote (see
         runtime.writer). Under torchrun every rank takes its share of the images. `notes`:
         settings recorded for the record's sake (e.g. that labels came from ImageNet ids).
-        Returns the final samples.json record on rank 0."""
+        `input_files`: {flag: path} of other files the run reads (the --latents file), which
+        `out_dir` must not be, contain or lie inside. Returns the final samples.json record on
+        rank 0."""
+        if not isinstance(options, SampleOptions):
+            raise UserError(f"options={short(options)}: pass a runtime.SampleOptions (e.g. "
+                            f"SampleOptions(steps=50))")
+        labels = _label_list(labels, "labels")
+        bad = next((v for v in labels if not is_int(v)), None)
+        if bad is not None:
+            raise UserError(f"labels: {short(bad)} is not a label id; pass the model's label ids "
+                            f"(TerDiTPipeline.labels_for or get_label_ids turn classes into ids)")
         labels = [int(v) for v in labels]
         n = len(labels)
         if not 1 <= n <= MAX_IMAGES:
@@ -228,7 +255,8 @@ class TerDiTPipeline:
                          latent_shape=shape, latent_only=latent_only, save_latents=save_latents,
                          batch_size=options.batch_size,
                          inputs={"--model": model,
-                                 "--vae": vae if vae and Path(vae).exists() else None})
+                                 "--vae": vae if vae and Path(vae).exists() else None,
+                                 **(input_files or {})})
         rank, world, barrier = _ranks()
         return writer.write_run(job, sample_batch, overwrite=overwrite, rank=rank,
                                 world_size=world, barrier=barrier,
@@ -253,7 +281,7 @@ class TerDiTPipeline:
             raise UserError(f"notes: {', '.join(clash)} are settings of the run; give notes "
                             f"other names")
         settings.update(notes)
-        return {"format": writer.SAMPLES_FORMAT, "version": 1,
+        return {"format": writer.SAMPLES_FORMAT, "version": writer.SAMPLES_VERSION,
                 "model": {"path": info.source, "sha256": info.sha256,
                           "backend": self.backend.name, "config": info.config},
                 "settings": settings,
@@ -285,6 +313,7 @@ def _label_list(class_labels, flag: str) -> list:
 
 def _ranks():
     """(rank, world size, barrier) under torchrun; a single process needs no torch.distributed."""
+    check_torchrun_env()
     world = env_int("WORLD_SIZE", 1)
     if world <= 1:
         return 0, 1, None

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional, Sequence
 
-from terdit_common.cli import (RESTART, RESUMABLE, add_act_quant_args, add_sampling_args, run_cli,
-                               sample_options)
+from terdit_common.cli import (DEFAULTS, RESTART, RESUMABLE, add_act_quant_args,
+                               add_sampling_args, run_cli, sample_options)
 from terdit_common.errors import UserError
+from terdit_common.files import check_disjoint, check_writable_dir
 from terdit_common.inputs import input_file, read_npy
 from terdit_common.limits import MAX_IMAGES, MAX_THREADS, check_count, check_threads
 from terdit_common.op import DTYPES
 from terdit_common.ort import KERNEL_CHOICES
+from terdit_common.schedulers import make_scheduler
 
 from .backends.opener import BACKENDS
 from .pipeline import TerDiTPipeline
@@ -29,9 +30,10 @@ def add_sample_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample", help="generate images", description=(
             "Generate images with a ternary DiT. Writes OUT/images/NNNNNN.png (global index), "
-            "OUT/grid.png, OUT/samples.npz (ADM format: arr_0 uint8 NHWC RGB, arr_1 labels) and "
-            "OUT/samples.json; image i's noise depends only on (--seed, i), so results do not "
-            "depend on --batch-size or the number of ranks. Re-running the same command resumes. "
+            "OUT/grid.png, OUT/samples.npz (ADM format: arr_0 uint8 NHWC RGB, arr_1 labels), "
+            "OUT/samples.json and OUT/written/ (the sha256 of what it wrote); image i's noise "
+            "depends only on (--seed, i), so results do not depend on --batch-size or the number "
+            "of ranks. Re-running the same command resumes. "
             "Scale out with `torchrun --nproc_per_node=N -m runtime sample ... --num-images N`."))
     p.add_argument("--model", required=True, metavar="DIR|FILE",
                    help="an export directory (python -m exporter; any backend) or a checkpoint "
@@ -121,6 +123,15 @@ def check_sample_args(args) -> None:
                         "drop --imagenet-ids")
     if args.latents is not None:
         input_file(args.latents, "--latents", LATENTS_FIX)
+        if args.seed is not None and not make_scheduler(args.sampler or DEFAULTS.sampler,
+                                                        args.eta or 0.0).needs_noise:
+            raise UserError(f"--seed {args.seed}: has no effect with --latents and a sampler "
+                            f"that draws no noise per step (--sampler "
+                            f"{args.sampler or DEFAULTS.sampler}, --eta {args.eta or 0.0}); the "
+                            f"latents fix the images: drop --seed")
+    check_writable_dir(args.out, "--out")
+    check_disjoint(args.out, "--out", {"--model": args.model, "--vae": args.vae,
+                                       "--latents": args.latents})
 
 
 def sample_main(args) -> int:
@@ -138,7 +149,8 @@ def sample_main(args) -> int:
                            (len(labels), info.in_channels, info.input_size, info.input_size))
     record = pipe.run(args.out, labels, options, initial_latents=initial,
                       save_latents=args.save_latents, overwrite=args.overwrite,
-                      progress=args.progress, notes={"imagenet_ids": bool(args.imagenet_ids)})
+                      progress=args.progress, notes={"imagenet_ids": bool(args.imagenet_ids)},
+                      input_files={"--latents": args.latents})
     if "timing" in record:                           # rank 0
         timing = record["timing"]
         new, old = timing.get("images_generated_rank0", 0), timing.get("images_resumed_rank0", 0)
@@ -158,7 +170,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        "lower --max-batch or --workspace-gib")
     return run_cli(lambda: args.func(args), f"sampling into {args.out}", RESUMABLE,
                    "lower --batch-size, then run the same command to resume")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

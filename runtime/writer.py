@@ -6,22 +6,27 @@
     OUT/grid.png              up to 256 images, captioned with the class names
     OUT/samples.npz           ADM format: arr_0 uint8 NHWC RGB, arr_1 labels
     OUT/latents.npy           with --save-latents, or for a latent model without a VAE
+    OUT/written/rank_R.jsonl  the sha256 of each image (and latent) rank R writes, logged before
+                              the file is renamed into place
 
 One writer per directory (an advisory lock, OUT/.terdit.lock); a run killed at any point is
 resumed by the same command: temporary files it left are removed, finished images are kept,
 and the model (by sha256), the backend and every setting must be the ones recorded when the run
 started.
 
-What we did not write we never touch or count (`_check_dir`): samples.json is written first, so
-images/ and latents/ hold only files written after a record of ours existed; a directory without
-our samples.json must hold none of them (a user's own images/000000.png is refused, never taken
-as a resumed image), and `--overwrite` removes only the files our layout names. --out must not
-be, contain or lie inside the model or the VAE.
+What we did not write we never touch or count (`_check_dir`, `_resumed`): a directory without
+our samples.json must hold none of our names, and an image or latent counts as resumed only when
+its sha256 is one the written/ log recorded for that index; a file there that the log does not
+know (a user's own images/000000.png, or one changed since) is refused, never taken as a resumed
+image nor replaced. `--overwrite` removes only the files our layout names. --out must not be,
+contain or lie inside an input (the model, the VAE, --latents).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
 import os
 import re
 import time
@@ -33,19 +38,26 @@ import numpy as np
 
 from terdit_common.cli import is_out_of_memory
 from terdit_common.errors import UserError
-from terdit_common.files import (LOCK_NAME, atomic_write_bytes, atomic_write_json, check_disjoint,
-                                 check_writable_dir, foreign_entries, is_temp_name, output_lock,
-                                 refuse_foreign, remove_all, remove_stale_temps, sha256_file)
-from terdit_common.images import grid_columns, png_bytes, read_png, write_grid, write_npy, write_npz
-from terdit_common.inputs import read_json_file
+from terdit_common.files import (LOCK_NAME, append_text, atomic_write_bytes, atomic_write_json,
+                                 check_disjoint, check_writable_dir, file_kind, foreign_entries,
+                                 is_temp_name, refuse_foreign, remove_all, remove_stale_temps,
+                                 sha256_file)
+from terdit_common.images import (grid_columns, npy_bytes, png_bytes, read_png, write_grid,
+                                  write_npy, write_npz)
+from terdit_common.inputs import read_bytes, read_json_file
+from terdit_common.limits import MAX_TEXT_BYTES, short
+from terdit_common.locks import output_lock
 from terdit_common.sampling import SamplingError
 
 SAMPLES_FILE = "samples.json"
 SAMPLES_FORMAT = "terdit-samples"
+SAMPLES_VERSION = 2                 # 2: the written/ log; runs of version 1 are not resumed
 GRID_MAX = 256
-OUTPUT_NAMES = ("images", "latents", SAMPLES_FILE, "grid.png", "samples.npz", "latents.npy")
-# the files of images/ and latents/ (image_path, latent_path)
-PER_IMAGE = {"images": re.compile(r"\d{6}\.png"), "latents": re.compile(r"\d{6}\.npy")}
+OUTPUT_NAMES = ("images", "latents", "written", SAMPLES_FILE, "grid.png", "samples.npz",
+                "latents.npy")
+# the files of our directories (image_path, latent_path, the written log)
+PER_IMAGE = {"images": re.compile(r"\d{6}\.png"), "latents": re.compile(r"\d{6}\.npy"),
+             "written": re.compile(r"rank_\d+\.jsonl")}
 
 
 def image_path(out: Path, index: int) -> Path:
@@ -54,6 +66,10 @@ def image_path(out: Path, index: int) -> Path:
 
 def latent_path(out: Path, index: int) -> Path:
     return out / "latents" / f"{index:06d}.npy"
+
+
+def written_log(out: Path, rank: int) -> Path:
+    return out / "written" / f"rank_{rank}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -98,12 +114,13 @@ def write_run(job: Job, sample_batch: SampleBatch, *, overwrite: bool = False, r
         if job.latent_only and rank == 0:
             log("note: latent-space model and no VAE (export with --vae or pass --vae DIR): "
                 "writing latents only")
-        mine = [i for i in range(rank, n, world_size) if not _done(job, i)]
-        skipped = len(range(rank, n, world_size)) - len(mine)
+        resumed = _resumed(job, range(rank, n, world_size))
+        mine = [i for i in range(rank, n, world_size) if i not in resumed]
+        skipped = len(resumed)
         if skipped and rank == 0:
             log(f"resuming: {skipped} image(s) already written")
         t0 = time.time()
-        _generate(job, sample_batch, mine, progress)
+        _generate(job, sample_batch, mine, progress, written_log(out, rank))
         elapsed = time.time() - t0
         if barrier:
             barrier()
@@ -157,23 +174,36 @@ def _read_record(out: Path) -> Optional[dict]:
     return record
 
 
+def _check_version(out: Path, old: dict, overwrite: bool) -> None:
+    version = old.get("version")
+    if version != SAMPLES_VERSION and not overwrite:
+        raise SamplingError(f"--out {out}: its {SAMPLES_FILE} is version {short(version)} of the "
+                            f"run format (this tool writes {SAMPLES_VERSION}, which records what "
+                            f"it wrote) and cannot be resumed; pass --overwrite or choose another "
+                            f"--out")
+
+
 def _check_dir(out: Path, record: dict, overwrite: bool) -> None:
     """Refuse an output directory that holds another run's samples (unless `overwrite`) or
     anything this tool did not write where it would write (always)."""
     if not out.is_dir():
         return
     old = _read_record(out)
+    if old is not None:
+        _check_version(out, old, overwrite)
     if old is not None and not overwrite:
         diffs = _differences(old, record)
         if diffs:
             raise SamplingError(f"{out} holds samples of a different run ({'; '.join(diffs[:4])}"
                                 f"); choose another --out, rerun with the recorded settings, or "
                                 f"pass --overwrite")
-    for name in PER_IMAGE:
-        sub = out / name
-        if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
-            raise SamplingError(f"--out {out}: {name} is not a directory this tool made (a "
-                                f"symbolic link or a file); move it away or choose another --out")
+    ours = set(OUTPUT_NAMES) | {LOCK_NAME}
+    for p in foreign_entries(out, ours.__contains__, PER_IMAGE.__contains__):
+        if p.name in ours:                # one of our names of another kind: never ours
+            want = "a directory" if p.name in PER_IMAGE else "a file"
+            raise SamplingError(f"--out {out}: {p.name} is {file_kind(p.lstat().st_mode)} where "
+                                f"this tool writes {want}, so it is not ours to use or replace; "
+                                f"move it away or choose another --out")
     if old is None:
         # without a record of ours, nothing named like our outputs is ours
         taken = [n for n in OUTPUT_NAMES if os.path.lexists(out / n) and n not in PER_IMAGE]
@@ -185,8 +215,7 @@ def _check_dir(out: Path, record: dict, overwrite: bool) -> None:
         refuse_foreign(out / name, lambda n, p=pattern: old is not None and p.fullmatch(n),
                        "--out", f"only files a run recorded in {out / SAMPLES_FILE} wrote count "
                                 f"as resumed or are replaced")
-    ours = set(OUTPUT_NAMES) | {LOCK_NAME}
-    foreign = [p.name for p in foreign_entries(out, ours.__contains__)]
+    foreign = [p.name for p in foreign_entries(out, ours.__contains__, PER_IMAGE.__contains__)]
     if foreign and not overwrite and old is None:
         raise SamplingError(f"--out {out} exists and is not a sample directory (it holds "
                             f"{', '.join(sorted(foreign)[:3])}); choose another --out or pass "
@@ -209,22 +238,52 @@ def _prepare(out: Path, record: dict, overwrite: bool) -> None:
                                            "latents.npy"))
     # samples.json first: a run killed before it was written left nothing of its own
     atomic_write_json(path, record)
-    (out / "images").mkdir(exist_ok=True)
-    (out / "latents").mkdir(exist_ok=True)
+    for name in PER_IMAGE:
+        (out / name).mkdir(exist_ok=True)
 
 
-def _done(job: Job, i: int) -> bool:
-    if job.save_latents:
-        try:
-            lat = np.load(latent_path(job.out, i), allow_pickle=False)
-        except (OSError, ValueError):
-            return False
-        if lat.shape != job.latent_shape:
-            return False
-    return job.latent_only or read_png(image_path(job.out, i)) is not None
+def _resumed(job: Job, indices) -> set[int]:
+    """The images of `indices` a run of this record already wrote: every file of the image is
+    there with a sha256 the written/ log recorded for it. A file there that the log does not
+    know is not ours: a SamplingError naming it (we neither count nor replace it)."""
+    logged: dict[int, set[tuple[str, str]]] = {}
+    log_dir = job.out / "written"
+    for path in sorted(log_dir.glob("rank_*.jsonl")) if log_dir.is_dir() else ():
+        text = read_bytes(path, "--out", "it is this run's log of written files: pass "
+                          "--overwrite to start again", MAX_TEXT_BYTES, "MAX_TEXT_BYTES")
+        for line in text.decode(errors="replace").splitlines():
+            entry = _log_entry(line)            # a line cut by a kill is skipped
+            if entry is not None:
+                logged.setdefault(entry[0], set()).add(entry[1:])
+    done = set()
+    for i in indices:
+        files = {"png": None if job.latent_only else image_path(job.out, i),
+                 "npy": latent_path(job.out, i) if job.save_latents else None}
+        present = {kind: p for kind, p in files.items() if p is not None and os.path.lexists(p)}
+        pairs = logged.get(i, set())
+        known = {("png", png) for png, _ in pairs} | {("npy", npy) for _, npy in pairs}
+        for kind, p in present.items():
+            if p.is_symlink() or not p.is_file() or (kind, sha256_file(p)) not in known:
+                raise SamplingError(f"--out {job.out}: {p.relative_to(job.out)} is not a file this "
+                                    f"run wrote (its content is not in {log_dir.name}/); it is "
+                                    f"neither counted nor replaced: move it away to sample it "
+                                    f"again, or choose another --out")
+        if all(p is None or kind in present for kind, p in files.items()):
+            done.add(i)
+    return done
 
 
-def _generate(job: Job, sample_batch: SampleBatch, todo: list[int], progress: bool) -> None:
+def _log_entry(line: str) -> Optional[tuple[int, str, str]]:
+    """(index, png sha256, npy sha256) of one written/ log line, None for a damaged line."""
+    try:
+        entry = json.loads(line)
+        return int(entry["i"]), str(entry.get("png")), str(entry.get("npy"))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _generate(job: Job, sample_batch: SampleBatch, todo: list[int], progress: bool,
+              log_file: Path) -> None:
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -245,17 +304,28 @@ def _generate(job: Job, sample_batch: SampleBatch, todo: list[int], progress: bo
                     (bar.write if bar else print)(msg)
                     continue
                 raise
-            for j, i in enumerate(idx):
-                if job.save_latents:
-                    write_npy(latent_path(job.out, i), lat[j])
-                if images is not None:
-                    atomic_write_bytes(image_path(job.out, i), png_bytes(images[j]))
+            files = [(image_path(job.out, i), png_bytes(images[j]) if images is not None
+                      else None, latent_path(job.out, i), npy_bytes(lat[j])
+                      if job.save_latents else None) for j, i in enumerate(idx)]
+            # the log first: a file renamed into place is then always one the log knows
+            append_text(log_file, "".join(json.dumps({
+                "i": i, "png": _sha(png), "npy": _sha(npy)}) + "\n"
+                for i, (_, png, _, npy) in zip(idx, files)))
+            for png_path, png, npy_path, npy in files:
+                if npy is not None:
+                    atomic_write_bytes(npy_path, npy)
+                if png is not None:
+                    atomic_write_bytes(png_path, png)
             pos += len(idx)
             if bar:
                 bar.update(len(idx))
     finally:
         if bar:
             bar.close()
+
+
+def _sha(data: Optional[bytes]) -> Optional[str]:
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _finalize(job: Job) -> dict:

@@ -13,8 +13,6 @@ from torch import nn
 from terdit_common.images import to_uint8
 from terdit_common.sampling import ModelInfo, SampleOptions, sample_latents
 
-from .formats import TORCH_DTYPES
-
 
 class TorchForward:
     """forward(x, t, y, cfg_scale=None) over numpy arrays for a torch module taking (x, t, y)."""

@@ -250,10 +250,15 @@ def save_official(model: TerDiT, path: str | Path, ema: bool = True, vae: str = 
                             num_classes=cfg.num_classes, qk_norm=cfg.qk_norm, vae=vae,
                             model_parallel_size=1)
     fname = f"consolidated{'_ema' if ema else ''}_ternary.00-of-01.pth"
-    with atomic_directory(Path(path), overwrite=overwrite) as tmp:
+    with atomic_directory(Path(path), overwrite=overwrite, ours=is_official_file) as tmp:
         torch.save(ns, tmp / OFFICIAL_ARGS_FILE)
         torch.save(state, tmp / fname)
     return Path(path)
+
+
+def is_official_file(name: str) -> bool:
+    """A name of the official release layout (what save_official writes or replaces)."""
+    return name == OFFICIAL_ARGS_FILE or OFFICIAL_RE.match(name) is not None
 
 
 def _clone(model: TerDiT) -> TerDiT:

@@ -12,8 +12,10 @@ import sys
 import threading
 from typing import Callable, Iterator, Optional
 
+from .entry import EXIT_INTERRUPTED
 from .errors import UserError
 from .guidance import CFG_MODES
+from .limits import MAX_WORLD_SIZE
 from .op import ACT_QUANT
 from .sampling import SampleOptions
 from .schedulers import SAMPLERS
@@ -91,14 +93,19 @@ RESUMABLE = "run the same command to resume"
 RESTART = "nothing was written; run the same command again"
 EXIT_USAGE = 2
 EXIT_BUG = 1
-EXIT_INTERRUPTED = 130                        # 128 + SIGINT, as a shell reports Ctrl-C
 _OOM_TEXT = ("out of memory", "outofmemory", "can't allocate memory", "failed to allocate",
              "cuda_error_out_of_memory")
 
 
+# torchrun's rank variables and the size each must stay below
+RANK_OF = {"RANK": "WORLD_SIZE", "LOCAL_RANK": "LOCAL_WORLD_SIZE"}
+
+
 def env_int(name: str, default: int) -> int:
-    """An integer environment variable (torchrun's WORLD_SIZE, RANK, LOCAL_RANK), or `default`
-    when unset; another value is a UserError naming the variable."""
+    """An integer environment variable (torchrun's WORLD_SIZE, RANK, LOCAL_RANK ...), or
+    `default` when unset. A value that is not an integer from 0 to limits.MAX_WORLD_SIZE, or a
+    rank not below its size, is a UserError naming the variable (before a process group would
+    wait for ranks that never come)."""
     value = os.environ.get(name)
     if value is None:
         return default
@@ -106,10 +113,23 @@ def env_int(name: str, default: int) -> int:
         number = int(value)
     except ValueError:
         number = -1
-    if number < 0:
-        raise UserError(f"environment variable {name}={value[:40]!r}: must be a non-negative "
-                        f"integer (torchrun sets it); unset it or launch with torchrun")
+    if not 0 <= number <= MAX_WORLD_SIZE:
+        raise UserError(f"environment variable {name}={value[:40]!r}: must be an integer from 0 "
+                        f"to {MAX_WORLD_SIZE} (limits.MAX_WORLD_SIZE; torchrun sets it); unset it "
+                        f"or launch with torchrun")
+    size = RANK_OF.get(name)
+    if size is not None and os.environ.get(size) is not None and number >= env_int(size, 1):
+        raise UserError(f"environment variable {name}={number}: must be below {size}="
+                        f"{env_int(size, 1)} (torchrun sets both); unset them or launch with "
+                        f"torchrun")
     return number
+
+
+def check_torchrun_env() -> None:
+    """Every torchrun variable that is set, checked (env_int) before a process group would wait
+    for ranks that never come."""
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env_int(name, 0)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -137,15 +157,62 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+class _SurvivingStdout:
+    """sys.stdout that, once its reader is gone (BrokenPipeError), sends what follows to
+    /dev/null (also at the file-descriptor level, so the interpreter's last flush is quiet)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _gone(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(null, self._stream.fileno())
+        os.close(null)
+        self._stream = open(os.devnull, "w")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def stdout_survives_its_reader() -> Iterator[None]:
+    """For the block, a closed standard output (the reader of a pipe exited) silences what is
+    printed instead of ending the run with BrokenPipeError: every output file is still
+    written."""
+    previous = sys.stdout
+    sys.stdout = _SurvivingStdout(previous)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+        sys.stdout = previous
+
+
 def run_cli(handler: Callable[[], int], what: str = "", after_stop: str = RESUMABLE,
             oom_fix: str = "use smaller inputs or free memory") -> int:
     """Run a CLI body (`what` names its job in messages, e.g. "exporting M"): bad input
     (ValueError, UserError) and OS errors are one `error:` line and exit code 2; running out of
     memory one line naming `oom_fix`, exit code 2; Ctrl-C and SIGTERM one `interrupted:` line
     (`after_stop` says what to do) and exit code 130; anything else is a bug: one line and exit
-    code 1 (TERDIT_TRACEBACK=1 shows the traceback). Never a traceback otherwise."""
+    code 1 (TERDIT_TRACEBACK=1 shows the traceback). Never a traceback otherwise. A reader that
+    closes standard output (`... | head`) does not stop the run (`stdout_survives_its_reader`)."""
     from .files import os_error_message
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), stdout_survives_its_reader():
         try:
             return handler()
         except KeyboardInterrupt:
@@ -176,7 +243,7 @@ def _error(text: str) -> int:
     return EXIT_USAGE
 
 
-__all__ = ["DEFAULTS", "EXIT_INTERRUPTED", "RESTART", "RESUMABLE", "add_act_quant_args",
-           "add_sampling_args",
-           "env_int", "given_sampling_flags", "is_out_of_memory", "run_cli", "sample_options",
-           "sigterm_as_interrupt", "UserError"]
+__all__ = ["DEFAULTS", "EXIT_INTERRUPTED", "RESTART", "RESUMABLE", "UserError",
+           "add_act_quant_args", "add_sampling_args", "check_torchrun_env", "env_int",
+           "given_sampling_flags", "is_out_of_memory", "run_cli", "sample_options",
+           "sigterm_as_interrupt", "stdout_survives_its_reader"]

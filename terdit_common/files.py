@@ -5,9 +5,7 @@ Files that are never half-written, content hashes, and one writer per output dir
 - `atomic_write(path, writer)`: the writer fills `.NAME.RANDOM.tmp` beside `path`, which is then
   renamed over it, so a reader sees the old file or the new one, never a torn one.
 - `atomic_directory(path)`: the same for a whole directory.
-- `output_lock(lock_file)`: an advisory lock (flock) recording the owner's pid and host. The
-  kernel drops it when the owner dies, so a lock left by a killed run is taken over (with a
-  message); a live owner is a clear error.
+- one writer per output: terdit_common.locks (`output_lock`, `file_output`).
 - `remove_stale_temps(dir)` / `remove_stale_temps_of(path)`: the temporary names above, left by
   a run killed mid-write, are removed by the next run that holds the output's lock.
 
@@ -24,17 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import stat
-import socket
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -52,7 +46,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -73,7 +67,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
         writer(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())            # mkstemp makes 0600
+        os.chmod(tmp, 0o666 & ~current_umask())            # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -95,23 +89,24 @@ def atomic_write_json(path: str | os.PathLike, obj, sort_keys: bool = False) -> 
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
-                     ours: Optional[Callable[[str], bool]] = None,
-                     flag: str = "output") -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, overwrite: bool,
+                     ours: Callable[[str], bool],
+                     flag: str = "output",
+                     dirs: Callable[[str], bool] = lambda name: False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path`. Refuses an
-    existing `path` unless `overwrite`, a symbolic link at `path`, and (when `ours` names the
-    writer's files) an existing `path` holding anything `ours` does not name; on any error the
-    temporary directory is removed and `path` is left as it was."""
+    existing `path` unless `overwrite`, a symbolic link at `path`, and an existing `path`
+    holding anything `ours` does not name (as files; directories where `dirs` names them); on
+    any error the temporary directory is removed and `path` is left as it was."""
     path = Path(path)
-    check_replaceable_dir(path, overwrite, ours, flag)
+    check_replaceable_dir(path, overwrite, ours, flag, dirs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())                 # mkdtemp makes 0700
+    os.chmod(tmp, 0o777 & ~current_umask())                 # mkdtemp makes 0700
     try:
         yield tmp
         for f in tmp.rglob("*"):                    # writers that go through mkstemp (safetensors)
             if f.is_file():                          # leave 0600 files: give them the umask's mode
-                os.chmod(f, 0o666 & ~_umask())
+                os.chmod(f, 0o666 & ~current_umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.rmdir(old)
@@ -125,10 +120,11 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
         raise
 
 
-def check_replaceable_dir(path: Path, overwrite: bool, ours: Optional[Callable[[str], bool]],
-                          flag: str) -> None:
+def check_replaceable_dir(path: Path, overwrite: bool, ours: Callable[[str], bool],
+                          flag: str, dirs: Callable[[str], bool] = lambda name: False) -> None:
     """The rule of `atomic_directory`, callable before any work: `path` is absent, or (with
-    `overwrite`) a real directory holding only what `ours` names."""
+    `overwrite`) a real directory holding only what `ours` names, as files (directories where
+    `dirs` names them)."""
     if path.is_symlink():
         raise UserError(f"{flag} {path}: is a symbolic link; we replace only directories we "
                         f"wrote: remove the link or choose another path")
@@ -136,8 +132,8 @@ def check_replaceable_dir(path: Path, overwrite: bool, ours: Optional[Callable[[
         raise UserError(f"{flag} {path}: exists and is not a directory; choose another path")
     if path.exists() and not overwrite:
         raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it")
-    if path.exists() and ours is not None:
-        refuse_foreign(path, ours, flag, "--overwrite replaces only what this tool wrote")
+    if path.exists():
+        refuse_foreign(path, ours, flag, "--overwrite replaces only what this tool wrote", dirs)
 
 
 # what this module's writers name their temporaries: `.NAME.RANDOM.tmp` / `.old` (RANDOM: the
@@ -187,24 +183,41 @@ def remove_all(paths: Iterable[Path]) -> list[Path]:
     return removed
 
 
-def foreign_entries(directory: str | os.PathLike, ours: Callable[[str], bool]) -> list[Path]:
-    """The entries of `directory` that its writer's format does not name (`ours(name)` false;
-    temporaries of this module's writers are ours). A missing directory has none."""
+def foreign_entries(directory: str | os.PathLike, ours: Callable[[str], bool],
+                    dirs: Callable[[str], bool] = lambda name: False) -> list[Path]:
+    """The entries of `directory` that its writer's format does not name: `ours(name)` false, or
+    of another kind than the format writes (a symbolic link; a directory unless `dirs(name)`; a
+    FIFO, socket or device). Temporaries of this module's writers are ours. A missing directory
+    has none."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if not ours(p.name) and not is_temp_name(p.name))
+
+    def is_ours(p: Path) -> bool:
+        if is_temp_name(p.name) or p.name == LOCK_NAME or (
+                p.name.startswith(".") and p.name.endswith(".lock")
+                and ours(p.name[1:-len(".lock")])):
+            return True            # a temporary, or a lock (output_lock checks what it is)
+        if not ours(p.name):
+            return False
+        mode = p.lstat().st_mode
+        return stat.S_ISDIR(mode) if dirs(p.name) else stat.S_ISREG(mode)
+    return sorted(p for p in directory.iterdir() if not is_ours(p))
 
 
 def refuse_foreign(directory: str | os.PathLike, ours: Callable[[str], bool], flag: str,
-                   rule: str) -> None:
-    """UserError naming the first entry of `directory` that `ours` does not name: we remove or
-    replace only what our own format lists."""
-    foreign = foreign_entries(directory, ours)
+                   rule: str, dirs: Callable[[str], bool] = lambda name: False) -> None:
+    """UserError naming the first entry of `directory` that is not one of its writer's own
+    (`foreign_entries`): we remove or replace only what our own format lists, as it writes it."""
+    foreign = foreign_entries(directory, ours, dirs)
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise UserError(f"{flag} {directory}: holds {foreign[0].name}{more}, which this tool did "
-                        f"not write; {rule}: move it away or choose another {flag}")
+        first = foreign[0]
+        kind = "" if not ours(first.name) or is_temp_name(first.name) else \
+            f" ({file_kind(first.lstat().st_mode)} where this tool writes " \
+            f"{'a directory' if dirs(first.name) else 'a file'})"
+        raise UserError(f"{flag} {directory}: holds {first.name}{kind}{more}, which this tool "
+                        f"did not write; {rule}: move it away or choose another {flag}")
 
 
 def check_disjoint(output: str | os.PathLike, flag: str,
@@ -229,6 +242,7 @@ def check_disjoint(output: str | os.PathLike, flag: str,
 
 
 _KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+          (stat.S_ISREG, "a regular file"),
           (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
@@ -260,60 +274,9 @@ def open_nofollow(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int
 
 def append_text(path: str | os.PathLike, text: str) -> None:
     """Append to our own log file (created if needed; never through a symbolic link)."""
-    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_umask())
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~current_umask())
     with os.fdopen(fd, "a") as f:
         f.write(text)
-
-
-@contextlib.contextmanager
-def output_lock(lock_file: str | os.PathLike, what: str,
-                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Iterator[Path]:
-    """Hold an exclusive advisory lock on `lock_file` (created if needed) for the block. A lock
-    held by a live process is a UserError naming its pid and host; one left by a dead process is
-    taken over with a message. `what` names the protected output in messages."""
-    lock_file = Path(lock_file)
-    try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = open_nofollow(lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    except UserError as err:
-        raise UserError(f"{what}: cannot take the lock: {err}") from None
-    except OSError as err:
-        raise UserError(f"{what}: cannot create the lock file: "
-                        f"{os_error_message(err, lock_file)}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            owner = _read_owner(fd)
-            raise UserError(f"{what} is being written by another process ({owner}); wait for "
-                            f"it to finish, stop it, or choose another output") from None
-        previous = _read_owner(fd)
-        if previous != "unknown owner":
-            log(f"note: {what}: taking over the lock of a run that ended without releasing it "
-                f"({previous})")
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "command": " ".join(sys.argv)[:500]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        try:
-            yield lock_file
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)                                  # releases the flock
-
-
-def _read_owner(fd: int) -> str:
-    try:
-        data = json.loads(os.pread(fd, 4096, 0).decode() or "null")
-    except (ValueError, UnicodeDecodeError, OSError):
-        data = None
-    if not isinstance(data, dict):
-        return "unknown owner"
-    return f"pid {data.get('pid')} on host {data.get('host')}, started {data.get('started')}"
 
 
 def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
@@ -328,6 +291,9 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: exists and is not a directory; choose another path")
     probe_dir = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not probe_dir.is_dir():
+        raise UserError(f"{flag} {path}: {probe_dir} is {file_kind(probe_dir.lstat().st_mode)}, "
+                        f"not a directory; choose another path")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {probe_dir} is not writable; choose another path")
     return path

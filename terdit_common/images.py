@@ -43,13 +43,14 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def read_png(path: Path) -> Optional[np.ndarray]:
-    """An image as (H, W, C) uint8, or None when the file is missing or not a valid image."""
+    """An image as (H, W, C) uint8, or None when the file is missing or not a valid image (a
+    header declaring more than PIL's pixel limit counts as not valid: it is never decoded)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             im.load()
             arr = np.asarray(im)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -180,6 +181,13 @@ def load_npz(path: str | os.PathLike, max_images: int = MAX_IMAGES
     if images.shape[-1] == 3 and (images == images[..., :1]).all():
         images = np.ascontiguousarray(images[..., :1])
     return images, labels
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as the bytes of an .npy file."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -75,6 +75,7 @@ MAX_IMAGES = 1_000_000          # images in one run (--num, --num-images), one .
 MAX_BATCH = 65536               # images per forward (--batch-size; build-engine --*-batch)
 MAX_SEED = 2**63 - 1
 MAX_THREADS = 1024              # --threads (ONNX Runtime / torch CPU threads)
+MAX_WORLD_SIZE = 65536          # torchrun's WORLD_SIZE (processes of one run)
 MAX_COUNT = 10**9               # the trainer's counts (--steps, --global-batch, --log-every ...)
 MAX_IMAGE_SIZE = 4096           # pixels per side of an image read from an .npz or padded to
 MAX_IMAGE_PIXELS = 8192 * 8192  # one image of a training folder (its header, before decoding)
@@ -122,7 +123,7 @@ def check_array_bytes(where: str, shape, itemsize: int,
     """The bytes of an array that a file header declares, refused (before anything is read)
     above MAX_ARRAY_BYTES or the machine's memory."""
     nbytes = int(itemsize) * math.prod(int(d) for d in shape)
-    limit = min(MAX_ARRAY_BYTES, _physical_memory() or MAX_ARRAY_BYTES)
+    limit = min(MAX_ARRAY_BYTES, physical_memory() or MAX_ARRAY_BYTES)
     if nbytes > limit:
         raise error(f"{where}: its header declares shape {tuple(int(d) for d in shape)}, "
                     f"{nbytes / 2**30:.1f} GiB, more than the limit of {limit / 2**30:.1f} GiB "
@@ -130,8 +131,14 @@ def check_array_bytes(where: str, shape, itemsize: int,
     return nbytes
 
 
-def _physical_memory() -> Optional[int]:
+def physical_memory() -> Optional[int]:
+    """Bytes of this machine's memory; None if unknown."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# ---- the trainer's model and schedule (checked before anything is built) ---------------------
+MAX_PARAMETERS = 100_000_000_000  # parameters of a model the trainer builds (TerDiT-7B: 7.3e9)
+MAX_TIMESTEPS = 100_000         # the trainer's --num-timesteps (the official schedule has 1000)

@@ -10,9 +10,10 @@
 `open_export` checks the manifest's fields and the sha256 of every file it lists (streamed, once
 per open), so a changed byte anywhere is refused before any sampling starts.
 
-A directory is an export when it holds manifest.json or model.onnx (`is_export_dir`, the one
+A directory is an export when it holds a file only an export holds (`is_export_dir`, the one
 place that decides "export or checkpoint"): an export whose manifest was deleted (or replaced
-by a directory) is refused, never read as a plain checkpoint with unverified weights.
+by a directory) is refused, never read as a plain checkpoint with unverified weights. Only the
+files the manifest lists are used (an unlisted vae_decoder.onnx is refused).
 """
 from __future__ import annotations
 
@@ -58,12 +59,17 @@ def seal(manifest: dict) -> dict:
     return {**manifest, CHECKSUM_FIELD: manifest_checksum(manifest)}
 
 
+# what only an export directory holds (a checkpoint directory holds config.json and
+# model.safetensors too)
+EXPORT_ONLY_FILES = (MANIFEST_FILE, MODEL_FILE, DATA_FILE, VAE_FILE, PLAN_FILE, PLAN_RECORD_FILE)
+
+
 def is_export_dir(path: str | os.PathLike) -> bool:
-    """A directory holding manifest.json (of any kind, even a broken link or a directory) or
-    model.onnx is an export: it is read only through its manifest (`read_manifest`)."""
+    """A directory holding any file only an export holds (manifest.json, model.onnx, its data,
+    the VAE decoder, a plan or its record; of any kind, even a broken link or a directory) is an
+    export: it is read only through its manifest (`read_manifest`), never as a checkpoint."""
     path = Path(path)
-    return path.is_dir() and any(os.path.lexists(path / name)
-                                 for name in (MANIFEST_FILE, MODEL_FILE))
+    return path.is_dir() and any(os.path.lexists(path / name) for name in EXPORT_ONLY_FILES)
 
 
 def is_export_file(name: str) -> bool:
@@ -72,11 +78,13 @@ def is_export_file(name: str) -> bool:
 
 def export_dir_of(path: str | os.PathLike) -> Optional[Path]:
     """The export directory that model path `path` names: the directory itself, or the one
-    holding a model.onnx / .plan file given by its path; None for a checkpoint."""
+    holding the given file when it is one of an export's own (model.onnx, a .plan); None for a
+    checkpoint or a lone ONNX file of another name."""
     path = Path(path)
     if is_export_dir(path):
         return path
-    if path.suffix in (".onnx", ".plan") and not path.is_dir() and is_export_dir(path.parent):
+    if not path.is_dir() and (path.suffix == ".plan" or path.name in EXPORT_ONLY_FILES) \
+            and is_export_dir(path.parent):
         return path.parent
     return None
 
@@ -92,8 +100,9 @@ def read_manifest(export_dir: str | os.PathLike) -> dict:
     export_dir = Path(export_dir)
     path = export_dir / MANIFEST_FILE
     if not os.path.lexists(path):
-        if (export_dir / MODEL_FILE).exists():
-            raise UserError(f"{export_dir}: holds {MODEL_FILE} but no {MANIFEST_FILE}: an export "
+        held = [name for name in EXPORT_ONLY_FILES if os.path.lexists(export_dir / name)]
+        if held:
+            raise UserError(f"{export_dir}: holds {held[0]} but no {MANIFEST_FILE}: an export "
                             f"directory is read only with its manifest (the sha256 of every "
                             f"file), never as a plain checkpoint; {REEXPORT}")
         raise UserError(f"{export_dir}: no {MANIFEST_FILE}; pass a directory written by "

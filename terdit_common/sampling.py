@@ -71,6 +71,9 @@ class SampleOptions:
             bad("eta", "--eta", "must be a finite number >= 0")
         if self.cfg_mode is not None and self.cfg_mode not in CFG_MODES:
             bad("cfg_mode", "--cfg-mode", f"choose one of {', '.join(CFG_MODES)}")
+        if self.cfg_mode is not None and self.cfg_scale == 1:
+            bad("cfg_mode", "--cfg-mode", "has no effect with --cfg-scale 1 (no guidance); drop "
+                                          "--cfg-mode or set a --cfg-scale above 1")
         if self.clip_denoised not in (None, True, False):
             bad("clip_denoised", "--clip-denoised", "must be True, False or None (the default)")
         if self.eta and self.sampler in SAMPLERS and self.sampler not in ETA_SAMPLERS:

@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from .entry import signals_held
 from .errors import UserError
 from .noise_schedule import NUM_TRAIN_STEPS, linear_betas, space_timesteps
 
@@ -222,7 +223,8 @@ class DiffusersScheduler:
         import inspect
         cls = diffusers_scheduler_class(class_name)
         try:
-            import torch
+            with signals_held():
+                import torch
         except ImportError:
             raise UserError(f"--sampler {DIFFUSERS_PREFIX}{class_name} needs torch: pip install "
                             f"torch") from None
@@ -298,7 +300,8 @@ def diffusers_scheduler_class(class_name: str):
         raise UserError(f"{flag}: not a diffusers scheduler class (e.g. "
                         f"{DIFFUSERS_PREFIX}{EXAMPLE})")
     try:
-        import diffusers
+        with signals_held():
+            import diffusers
     except ImportError:
         raise UserError(f"{flag} needs diffusers (and torch): pip install diffusers") from None
     try:

@@ -33,6 +33,14 @@ def pixel_checkpoint(path, seed: int = 0, num_classes: int = 3, n_layers: int = 
     return save_checkpoint(random_model(cfg, seed=seed), path, metadata=metadata)
 
 
+def latent_checkpoint(path, seed: int = 0):
+    """A tiny 4-channel 8x8 latent model (3 classes) saved as a checkpoint directory."""
+    from terdit import save_checkpoint
+    cfg = TerDiTConfig(input_size=8, patch_size=2, in_channels=4, dim=32, n_layers=1, n_heads=2,
+                       multiple_of=32, num_classes=3)
+    return save_checkpoint(random_model(cfg, seed=seed), path)
+
+
 def tiny_vae(path, block_out_channels=(8, 16)):
     """A small randomly initialised diffusers AutoencoderKL (4 latent channels, 2x2 upsampling
     per block) saved to `path`; needs diffusers."""
@@ -49,9 +57,9 @@ def tiny_vae(path, block_out_channels=(8, 16)):
 def cli_main(tool: str):
     """main(argv) of one of our command lines: exporter, runtime, train or evaluate."""
     if tool == "exporter":
-        from exporter.__main__ import main
+        from exporter.export_cli import main
     elif tool == "runtime":
-        from runtime.__main__ import main
+        from runtime.runtime_cli import main
     elif tool == "train":
         from terdit.train import main
     else:

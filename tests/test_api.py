@@ -13,7 +13,7 @@ import torch
 
 from exporter import ExportOptions, export
 from runtime import SampleOptions, TerDiTPipeline, open_backend
-from runtime.__main__ import main as runtime_main
+from runtime.runtime_cli import main as runtime_main
 from terdit import load_checkpoint, save_checkpoint
 from terdit_common.images import load_npz
 from tests.helpers import pixel_checkpoint, random_model
@@ -152,8 +152,8 @@ def test_official_512px_model_loads_exports_and_samples(tmp_path):
 
 
 def _parsers():
-    from exporter.__main__ import build_parser as export_parser
-    from runtime.__main__ import build_parser as runtime_parser
+    from exporter.export_cli import build_parser as export_parser
+    from runtime.runtime_cli import build_parser as runtime_parser
     from terdit.evaluate import build_parser as evaluate_parser
     from terdit.train import build_parser as train_parser
     for name, build in (("exporter", export_parser), ("runtime", runtime_parser),

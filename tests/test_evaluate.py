@@ -151,7 +151,7 @@ def test_load_npz_reads_grayscale_stored_as_rgb(tmp_path):
 def test_metrics_samples_are_the_runtime_images(tmp_path):
     """`evaluate metrics --model` and `runtime sample --backend torch` with the same flags give
     the same images: one sampler."""
-    from runtime.__main__ import main as runtime_main
+    from runtime.runtime_cli import main as runtime_main
     ckpt = pixel_checkpoint(tmp_path / "ck", n_layers=1, class_names="abc")
     flags = ["--steps", "3", "--cfg-scale", "2.5", "--seed", "4", "--batch-size", "2"]
     assert evaluate_main(["metrics", "--model", str(ckpt), "--num-images", "5", "--ref", "none",

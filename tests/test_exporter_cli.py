@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.__main__ import main
+from exporter.export_cli import main
 from exporter.options import ExportError
 from terdit import TerDiTConfig, load_checkpoint, save_official
 from terdit.config import PRESETS
@@ -163,7 +163,7 @@ def test_external_data_is_automatic_above_the_threshold(exported):
 def options(monkeypatch):
     """The ExportOptions each CLI call hands to export() (nothing is exported)."""
     seen = []
-    import exporter.__main__ as cli
+    import exporter.export_cli as cli
     monkeypatch.setattr(cli, "export", lambda ckpt, out, opts, *a, **k: seen.append(opts))
     return seen
 

@@ -13,9 +13,9 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from exporter import ExportOptions, contract, export
-from exporter.__main__ import build_parser
+from exporter.export_cli import build_parser
 from runtime import SampleOptions, TerDiTPipeline, open_backend
-from runtime.__main__ import main as runtime_main
+from runtime.runtime_cli import main as runtime_main
 from runtime.backends import BackendError
 from terdit import PackedTernaryLinear, TerDiTConfig, set_act_quant_
 from terdit.fused import FusedTerDiT

@@ -13,7 +13,7 @@ import pytest
 
 from exporter import ExportOptions, export
 from runtime import open_backend
-from runtime.__main__ import main as runtime_main
+from runtime.runtime_cli import main as runtime_main
 from terdit_common.errors import UserError
 from tests.helpers import pixel_checkpoint
 

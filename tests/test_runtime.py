@@ -11,7 +11,7 @@ import torch
 from exporter import ExportOptions, export
 from runtime import (SampleOptions, SamplingError, TerDiTPipeline, imagenet_to_model_label,
                      open_backend)
-from runtime.__main__ import main as cli_main
+from runtime.runtime_cli import main as cli_main
 from terdit import TerDiTConfig, save_checkpoint
 from terdit_common.guidance import guide
 from terdit_common.sampling import ModelInfo, image_rng
@@ -100,7 +100,12 @@ def test_resume_after_interruption(pixel, tmp_path, monkeypatch):
         _run(pixel / "onnx", tmp_path / "resumed", labels)
     monkeypatch.setattr(run, "atomic_write_bytes", real)
     assert len(_images(tmp_path / "resumed")) == 3
-    (tmp_path / "resumed" / "images" / "000001.png").write_bytes(b"truncated")  # invalid: redone
+    damaged = tmp_path / "resumed" / "images" / "000001.png"
+    damaged.write_bytes(b"truncated")        # not what the run wrote: refused, never replaced
+    with pytest.raises(SamplingError, match="images/000001.png is not a file this run wrote"):
+        _run(pixel / "onnx", tmp_path / "resumed", labels)
+    assert damaged.read_bytes() == b"truncated"
+    damaged.unlink()                         # moved away: sampled again
     _run(pixel / "onnx", tmp_path / "resumed", labels)
     assert _images(tmp_path / "resumed") == _images(tmp_path / "full")
     with pytest.raises(SamplingError, match="different run .*steps 4 -> 3"):
@@ -232,7 +237,7 @@ def test_cli_unwritable_output_and_missing_model(pixel, tmp_path, capsys):
     blocker.write_text("x")
     assert cli_main(["sample", "--model", str(pixel / "onnx"), "--out", str(blocker / "sub"),
                      "--no-progress"]) == 2
-    assert "is not writable" in capsys.readouterr().err
+    assert "file is a regular file, not a directory" in capsys.readouterr().err
     assert cli_main(["sample", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert cli_main(["sample", "--model", str(pixel / "ck"), "--backend", "ort", "--out",

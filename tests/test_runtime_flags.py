@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.__main__ import main
+from runtime.runtime_cli import main
 from runtime.backends.torch_backend import TorchBackend
 from terdit import TerDiTConfig, save_checkpoint
 from terdit_common.images import load_npz
@@ -99,20 +99,25 @@ def test_uncond_samples_the_null_label_without_guidance(ck, tmp_path, calls):
 
 # ---- --latents ---------------------------------------------------------------------------------
 
-def test_latents_file_is_the_initial_noise(ck, tmp_path, calls):
+def test_latents_file_is_the_initial_noise(ck, tmp_path, calls, capsys):
     z = np.random.default_rng(5).standard_normal((2, 1, 8, 8)).astype(np.float32)
     np.save(tmp_path / "z.npy", z)
     common = ["--classes", "0", "1", "--save-latents", "--cfg-scale", "2"]
-    record = _sample(ck, tmp_path / "a", *common, "--latents", str(tmp_path / "z.npy"),
-                     "--seed", "0")
+    record = _sample(ck, tmp_path / "a", *common, "--latents", str(tmp_path / "z.npy"))
     first_x = calls[0][0]
     assert np.array_equal(first_x[:2], z) and np.array_equal(first_x[2:], z)  # cond + uncond
     assert record["settings"]["initial_latents_sha256"] == hashlib.sha256(z.tobytes()).hexdigest()
-    # DDIM (eta 0) from given latents does not depend on the seed; seeded noise does
-    _sample(ck, tmp_path / "b", *common, "--latents", str(tmp_path / "z.npy"), "--seed", "9")
+    # DDIM (eta 0) from given latents draws no noise, so a --seed would change nothing: refused
+    capsys.readouterr()
+    assert main(["sample", "--model", str(ck), "--out", str(tmp_path / "b"), *STEPS, *common,
+                 "--latents", str(tmp_path / "z.npy"), "--seed", "9"]) == 2
+    assert "--seed 9: has no effect with --latents" in capsys.readouterr().err
+    # with the ancestral sampler the seed draws each step's noise: it acts
+    _sample(ck, tmp_path / "c", *common, "--latents", str(tmp_path / "z.npy"), "--seed", "9",
+            "--sampler", "ddpm")
     _sample(ck, tmp_path / "n", *common, "--seed", "0")
-    a, b, n = (np.load(tmp_path / d / "latents.npy") for d in "abn")
-    assert np.array_equal(a, b) and not np.array_equal(a, n)
+    a, c, n = (np.load(tmp_path / d / "latents.npy") for d in "acn")
+    assert not np.array_equal(a, n) and not np.array_equal(a, c)
     assert not np.array_equal(calls[-1][0][:2], z)
 
 

@@ -204,7 +204,7 @@ def test_a_model_trained_with_other_timesteps_is_refused_by_the_samplers(run, tm
                                                                        monkeypatch, capsys):
     """The samplers run the 1000-step schedule, so a model trained with another T is refused
     (naming --num-timesteps) before anything is written; it is never sampled on T = 1000."""
-    from runtime.__main__ import main as runtime_main
+    from runtime.runtime_cli import main as runtime_main
     from runtime.backends.torch_backend import TorchBackend
     short = run(1, *_with(num_timesteps=50))
     seen = []

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from exporter import ExportOptions, export
-from runtime.__main__ import main as runtime_main
+from runtime.runtime_cli import main as runtime_main
 from runtime.tensorrt import backend as trt_backend
 from runtime.tensorrt import engine_build as trt_build
 from runtime.tensorrt import record as trt_record

@@ -20,7 +20,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from runtime.__main__ import main as runtime_main
+from runtime.runtime_cli import main as runtime_main
 from runtime.tensorrt import backend as trt_backend
 from runtime.tensorrt import engine_build as trt_build
 from runtime.tensorrt import record as trt_record
@@ -215,7 +215,7 @@ def test_cli_builds_from_an_export_directory(trt, export_dir, plugin, tmp_path, 
 def test_cli_errors_are_one_line(case, pattern, gpu, monkeypatch, plugin, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None if case == "no-tensorrt"
                         else make_tensorrt("11.1"))
-    model = ternary_onnx(tmp_path / "model.onnx", nodes=2, namespace=case != "inlined")
+    model = ternary_onnx(tmp_path / "lone.onnx", nodes=2, namespace=case != "inlined")
     argv = {"missing-plugin": [model, "--plugin", tmp_path / "none.so"],
             "not-an-export": [tmp_path / "nothing", "--plugin", plugin]}.get(
         case, [model, "--plugin", plugin])
@@ -229,7 +229,7 @@ def test_cli_errors_are_one_line(case, pattern, gpu, monkeypatch, plugin, tmp_pa
 
 def test_cli_allow_inlined_ternary(gpu, monkeypatch, plugin, tmp_path, capsys):
     _use(monkeypatch, "11.1")
-    model = ternary_onnx(tmp_path / "model.onnx", nodes=2, namespace=False)
+    model = ternary_onnx(tmp_path / "lone.onnx", nodes=2, namespace=False)
     with pytest.warns(UserWarning, match="mapped 0 of 2"):
         code, io = _cli([model, "--plugin", plugin, "--allow-inlined-ternary"], capsys)
     assert code == 0 and (tmp_path / "model.plan").is_file(), io.err

@@ -29,7 +29,7 @@ def no_tensorrt(monkeypatch):
 
 @pytest.fixture
 def artifacts(tmp_path):
-    onnx_path = tmp_path / "model.onnx"
+    onnx_path = tmp_path / "lone.onnx"
     onnx_path.write_bytes(b"onnx bytes")
     plugin_path = tmp_path / "libterdit_trt_plugin.so"
     plugin_path.write_bytes(b"plugin bytes")
@@ -183,7 +183,7 @@ def test_write_plan_failure_keeps_previous_files_and_leaves_no_temporaries(
     assert trt_record.sidecar_path(plan_path).read_text() == old_sidecar
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "libterdit_trt_plugin.so",
-        "model.onnx",
+        "lone.onnx",
         "model.plan",
         "model.plan.json",
     ]

@@ -26,7 +26,6 @@ _said: set[str] = set()
 
 class OrtBackend:
     name = "ort"
-    settings: dict = {}                   # everything that changes the images is in the file
 
     def __init__(self, export_dir: str | os.PathLike, threads: Optional[int] = None,
                  providers: Optional[list[str]] = None, kernels: str = "auto") -> None:
@@ -42,6 +41,9 @@ class OrtBackend:
         self.session = ort_session(model_file, threads=threads, providers=providers,
                                    fold_constants=not large, kernels=kernels)
         self.kernels = self.session.terdit_kernels
+        # The file fixes the images up to the fp32 summation order of the TernaryMatMul path:
+        # a resumed run must take the same one.
+        self.settings = {"ternary_matmul": self.session.terdit_kernels_id}
         if self.kernels not in _said:
             print(f"TernaryMatMul: {self.kernels}", file=sys.stderr, flush=True)
             _said.add(self.kernels)

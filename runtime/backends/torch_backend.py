@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from terdit_common.entry import signals_held
 from terdit_common.files import sha256_file
 from terdit_common.limits import check_threads
 from terdit_common.manifest import is_export_dir, open_export
@@ -39,11 +40,12 @@ class TorchBackend:
         self.act_quant = resolve_act_quant(w2a8, act_quant) or "none"
         w2a8 = self.act_quant == "fp8"
         try:
-            import torch
+            with signals_held():
+                import torch
 
-            from terdit import load_checkpoint
-            from terdit.formats import TORCH_DTYPES
-            from terdit.inference import TorchForward, inference_model
+                from terdit import load_checkpoint
+                from terdit.formats import TORCH_DTYPES
+                from terdit.inference import TorchForward, inference_model
         except ImportError as err:
             raise BackendError(f"the torch backend needs torch and terdit ({err}); install "
                                f"torch or use --backend ort") from None

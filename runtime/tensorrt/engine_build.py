@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from terdit_common.entry import signals_held
 from terdit_common.errors import UserError
 from terdit_common.inputs import input_file
 from terdit_common.limits import MAX_BATCH, MAX_WORKSPACE_GIB, check_count
@@ -137,8 +138,9 @@ class TernaryNodes:
 def read_ternary_nodes(onnx_path: Path) -> TernaryNodes:
     """Counts the TernaryMatMul nodes of `onnx_path` without loading external weight data."""
     try:
-        import onnx
-        from google.protobuf.message import DecodeError
+        with signals_held():
+            import onnx
+            from google.protobuf.message import DecodeError
     except ImportError:
         raise BackendError("build-engine reads the ONNX file with the onnx package: "
                            "pip install onnx") from None

@@ -5,14 +5,17 @@ import argparse
 import os
 from pathlib import Path
 
+from terdit_common.errors import UserError
+from terdit_common.files import check_disjoint
 from terdit_common.inputs import input_file
-from terdit_common.manifest import (EXPORT_FILES, MANIFEST_FILE, MODEL_FILE, PLAN_FILE,
-                                    PLAN_RECORD_FILE, open_export)
+from terdit_common.locks import file_output
+from terdit_common.manifest import (EXPORT_FILES, MODEL_FILE, PLAN_FILE, PLAN_RECORD_FILE,
+                                    export_dir_of, open_export)
 
 from ..backends.protocol import BackendError
-
-from .engine_build import (DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_PRECISION,
-                    DEFAULT_WORKSPACE_GIB, build_engine, check_workspace, resolve_batch_range)
+from .engine_build import (DEFAULT_MAX_BATCH, DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH,
+                           DEFAULT_PRECISION, DEFAULT_WORKSPACE_GIB, build_engine,
+                           check_workspace, resolve_batch_range)
 from .record import sidecar_path
 
 
@@ -76,37 +79,40 @@ def check_build_args(args: argparse.Namespace) -> tuple[Path, Path]:
     if os.path.lexists(args.plugin):
         input_file(args.plugin, "--plugin", "pass the built libterdit_trt_plugin.so")
     output = args.output or onnx.parent / PLAN_FILE
-    inputs = {onnx.resolve(), args.plugin.resolve()} | {
-        (onnx.parent / name).resolve() for name in EXPORT_FILES
-        if name not in (PLAN_FILE, PLAN_RECORD_FILE)}
+    # the plan may sit inside its export directory (the default), never on one of its files
+    inputs = {"MODEL.onnx": onnx, "--plugin": args.plugin, **{
+        f"EXPORT_DIR/{name}": onnx.parent / name for name in EXPORT_FILES
+        if name not in (PLAN_FILE, PLAN_RECORD_FILE)}}
     for written in (output, sidecar_path(output)):
-        if written.resolve() in inputs:
-            raise BackendError(f"-o {output}: writes {written}, one of the build's inputs (the "
-                            f"export's files or the plugin); choose another output, e.g. "
-                            f"{onnx.parent / PLAN_FILE}")
         if written.is_dir():
             raise BackendError(f"-o {output}: {written} is a directory; pass the .plan file to "
-                            f"write")
+                               f"write")
+        try:
+            check_disjoint(written, "-o", inputs)
+        except UserError as err:
+            raise BackendError(str(err)) from None
     return onnx, output
 
 
 def build_engine_main(args: argparse.Namespace) -> int:
     onnx, output = check_build_args(args)
-    # An export directory (given as the directory, or its manifest beside the file) is built only
-    # when its manifest and every file's sha256 check out. A lone ONNX file is built as it is:
-    # its plan runs only inside an export whose model.onnx has the sha256 the build records.
-    if args.onnx.is_dir() or os.path.lexists(onnx.parent / MANIFEST_FILE):
-        open_export(onnx.parent)
-    plan = build_engine(
-        onnx,
-        args.plugin,
-        output,
-        precision=args.precision,
-        min_batch=args.min_batch,
-        opt_batch=args.opt_batch,
-        max_batch=args.max_batch,
-        workspace_gib=args.workspace_gib,
-        allow_inlined_ternary=args.allow_inlined_ternary,
-    )
+    # An export directory (given as the directory or by its model.onnx: terdit_common.manifest's
+    # one rule) is built only when its manifest and every file's sha256 check out. A lone ONNX
+    # file is built as it is: its plan runs only inside an export whose model.onnx has the
+    # sha256 the build records.
+    if export_dir_of(args.onnx) is not None:
+        open_export(export_dir_of(args.onnx))
+    with file_output(output, "-o"), file_output(sidecar_path(output), "-o"):
+        plan = build_engine(
+            onnx,
+            args.plugin,
+            output,
+            precision=args.precision,
+            min_batch=args.min_batch,
+            opt_batch=args.opt_batch,
+            max_batch=args.max_batch,
+            workspace_gib=args.workspace_gib,
+            allow_inlined_ternary=args.allow_inlined_ternary,
+        )
     print(f"wrote {plan} and {sidecar_path(plan)}")
     return 0

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from terdit_common.entry import signals_held
 from terdit_common.files import atomic_write_bytes, sha256_file
 
 from ..backends.protocol import BackendError
@@ -45,7 +46,8 @@ class TensorRTUnavailable(BackendError):
 def import_tensorrt():
     """Returns the ``tensorrt`` module, or raises TensorRTUnavailable with install instructions."""
     try:
-        import tensorrt
+        with signals_held():
+            import tensorrt
     except ImportError:
         raise TensorRTUnavailable(INSTALL_HINT) from None
     return tensorrt

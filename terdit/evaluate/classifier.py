@@ -15,10 +15,14 @@ from torch import Tensor, nn
 
 from terdit_common.errors import UserError
 from terdit_common.files import atomic_write
+from terdit_common.limits import INT_BOUNDS, MAX_WIDTH, check_count
+
+IMAGE_SIZE = 32                        # the side of the images the classifier takes
 
 
 class SmallCNN(nn.Module):
-    """A small Fashion-MNIST classifier on 32x32 model-space images in [-1, 1]."""
+    """A small Fashion-MNIST classifier on IMAGE_SIZE x IMAGE_SIZE model-space images in
+    [-1, 1]."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
@@ -29,7 +33,8 @@ class SmallCNN(nn.Module):
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(2 * w * 64, 128),
+        side = IMAGE_SIZE // 4                                 # after two 2x2 max-pools
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(2 * w * side ** 2, 128),
                                   nn.ReLU(), nn.Linear(128, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,23 +108,46 @@ def save_classifier(model: SmallCNN, cc: ClassifierConfig, path: Path, metadata:
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
-def load_classifier(path: str | Path) -> tuple[SmallCNN, dict]:
+def load_classifier(path: str | Path, flag: str = "") -> tuple[SmallCNN, dict]:
+    """The classifier a `save_classifier` wrote, and its metadata; messages name `flag`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
+    where = f"{flag} {path}" if flag else f"classifier {path}"
     if not path.is_file():
-        raise UserError(f"classifier {path} not found; train one with `python -m "
-                        f"terdit.evaluate train-classifier --out {path}`")
+        raise UserError(f"{where}: file not found; train one with `python -m terdit.evaluate "
+                        f"train-classifier --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         cc = ClassifierConfig(**json.loads(meta["config"]))
-        model = SmallCNN(int(meta["in_channels"]), int(meta["num_classes"]), cc.width)
+        sizes = {"in_channels": int(meta["in_channels"]), "num_classes": int(meta["num_classes"])}
+        for name, value in sizes.items():              # bounded before anything is allocated
+            check_count(name, value, *INT_BOUNDS[name])
+        check_count("width", cc.width, 1, MAX_WIDTH)
+        model = SmallCNN(sizes["in_channels"], sizes["num_classes"], cc.width)
         model.load_state_dict(load_file(str(path)))
+        info = {k: json.loads(v) for k, v in meta.items()
+                if k not in ("config", "in_channels", "num_classes")}
     except Exception as err:  # noqa: BLE001 - any damage to the file is one message
-        raise UserError(f"{path}: not a classifier written by `terdit.evaluate "
-                        f"train-classifier` ({type(err).__name__}: {str(err)[:120]})") from None
-    info = {k: json.loads(v) for k, v in meta.items()
-            if k not in ("config", "in_channels", "num_classes")}
+        raise UserError(f"{where}: not a classifier written by `terdit.evaluate "
+                        f"train-classifier` ({type(err).__name__}: {str(err)[:120]}); pass "
+                        f"one, or train one with `python -m terdit.evaluate train-classifier "
+                        f"--out PATH`") from None
     return model.eval(), info
+
+
+def check_classifier_input(model: SmallCNN, shape: tuple[int, ...], max_label: int,
+                           where: str) -> None:
+    """UserError (naming `where`) unless images of `shape` (N, H, W, C) with labels up to
+    `max_label` are what `model` scores."""
+    channels, classes = model.features[0].in_channels, model.head[-1].out_features
+    _, h, w, c = shape
+    if (h, w, c) != (IMAGE_SIZE, IMAGE_SIZE, channels):
+        raise UserError(f"{where}: scores {IMAGE_SIZE}x{IMAGE_SIZE} images of {channels} "
+                        f"channel(s), the samples are {h}x{w} with {c}; pass samples of that "
+                        f"size or a classifier trained on images like them")
+    if max_label >= classes:
+        raise UserError(f"{where}: scores {classes} classes, the samples hold label "
+                        f"{max_label}; pass a classifier trained on the samples' classes")

@@ -11,12 +11,16 @@ Samples come from a model (a checkpoint or an export directory), drawn by the ru
 torch`, with the same flags, defaults and per-image noise: image i of `--num-images N` here is
 image i of `runtime sample --num N` there), or from an existing image set (`--samples`, e.g. the
 `samples.npz` a runtime run wrote).
+
+Every check that needs no data (bounds, flags that would have no effect, outputs against inputs)
+is made first by terdit.evaluate.command_checks; each output is then written atomically while
+holding its lock (terdit_common.files.file_output).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,30 +28,26 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from terdit_common.cli import (RESTART, add_sampling_args, given_sampling_flags, run_cli,
-                               sample_options)
+from terdit_common.cli import RESTART, add_sampling_args, run_cli, sample_options
 from terdit_common.errors import UserError
-from terdit_common.files import atomic_write_text, check_disjoint
+from terdit_common.files import atomic_write_text
 from terdit_common.images import from_uint8, write_grid, write_npz
-from terdit_common.inputs import input_file
-from terdit_common.limits import (MAX_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_IMAGES, MAX_SEED,
-                                  MAX_SMOOTH, MAX_WIDTH, check_count, check_threads)
+from terdit_common.limits import MAX_IMAGES, check_count
+from terdit_common.locks import file_output
 
 from ..inference import sample_images
 from ..train.data import load_dataset
 from ..train.plots import plot_losses, read_log
-from .classifier import (ClassifierConfig, classifier_accuracy, load_classifier, save_classifier,
-                         train_classifier)
+from .classifier import (ClassifierConfig, check_classifier_input, classifier_accuracy,
+                         load_classifier, save_classifier, train_classifier)
+from .command_checks import (FLAG_DEFAULTS, check_command, command_files, computes_fid,
+                             parse_runs, ref_cache_dir)
 from .fid import (DATASET_SETS, INCEPTION_FILE, InceptionFeatures, cache_dir, fid_from_features,
                   load_image_set, reference_features)
-
-FASHION_MNIST_SIZE = 28                # the smallest --image-size (the sets are padded to it)
 
 
 def _load_model(path: str):
     from ..checkpoint import load_checkpoint
-    if Path(path).exists() and not Path(path).is_dir():
-        input_file(path, "--model", "pass a checkpoint or an export directory")
     loaded = load_checkpoint(path, packed=True)
     return loaded.model.eval(), loaded.metadata
 
@@ -82,65 +82,29 @@ def evaluate_images(images: np.ndarray, labels: Optional[np.ndarray], *, feature
     return result
 
 
-def check_source_args(args) -> None:
-    """Flags of `metrics` and `grid` that need no data, checked before any work: bounds, image
-    sets that are neither a directory nor a regular file (a FIFO would block), outputs that are
-    inputs, and sampling flags given with --samples (they would be ignored: refused)."""
-    check_count("--image-size", args.image_size, FASHION_MNIST_SIZE, MAX_IMAGE_SIZE, "pixels")
-    _image_set_arg(args.samples, "--samples")
-    _image_set_arg(getattr(args, "ref", None), "--ref")
-    classifier = getattr(args, "classifier", None)
-    if classifier and Path(classifier).exists():
-        input_file(classifier, "--classifier", "pass a classifier written by `python -m "
-                                               "terdit.evaluate train-classifier`")
-    if args.samples:
-        given = given_sampling_flags(args) + (["--save-samples"] if getattr(
-            args, "save_samples", None) else [])
-        if given:
-            raise UserError(f"{given[0]}: only used to sample from --model; the --samples "
-                            f"images are already made: drop {given[0]}")
-    inputs = {"--samples": args.samples, "--ref": getattr(args, "ref", None),
-              "--classifier": getattr(args, "classifier", None)}
-    inputs = {flag: path for flag, path in inputs.items() if path and Path(path).exists()}
-    for flag in ("--out", "--save-samples"):
-        out = getattr(args, flag[2:].replace("-", "_"), None)
-        if out:
-            check_disjoint(out, flag, inputs)
-
-
-def _image_set_arg(spec: Optional[str], flag: str) -> None:
-    if spec and Path(spec).exists() and not Path(spec).is_dir():
-        input_file(spec, flag, "pass an .npz, a folder of images or a dataset set")
-
-
 def cmd_metrics(args) -> dict:
-    check_source_args(args)
-    if args.ref != "none":
-        check_count("--ref-count", args.ref_count, 2, MAX_IMAGES, "images (FID needs at least 2)")
-    if args.num_images is not None:
-        check_count("--num-images", args.num_images, 1, MAX_IMAGES, "images")
+    classifier = None
+    if args.classifier:                   # a bad classifier is refused before any work
+        classifier = load_classifier(args.classifier, "--classifier")[0]
     t0 = time.perf_counter()
     if args.samples:
         images, labels, _ = load_image_set(args.samples, args.num_images, args.image_size,
-                                           args.data_path)
+                                           args.data_path, "--samples", "--num-images")
         source = {"samples": args.samples}
     else:
         images, labels, source = generate(args)
         if args.save_samples:
             write_npz(args.save_samples, images, labels)
+    if classifier is not None:
+        check_classifier_input(classifier, images.shape, int(labels.max()),
+                               f"--classifier {args.classifier}")
     t_gen = time.perf_counter() - t0
     feature_fn = ref = None
-    if args.ref != "none":
-        nets: list = []
-
-        def feature_fn(x: np.ndarray) -> np.ndarray:
-            if not nets:                  # loaded once the reference set is known to be good
-                nets.append(InceptionFeatures(batch_size=50))
-            return nets[0](x, progress=args.progress)
-        cache = None if args.ref_cache == "none" else Path(args.ref_cache or cache_dir())
+    if computes_fid(args):
+        feature_fn = _inception(args.progress)
         ref = reference_features(feature_fn, args.ref, args.ref_count, images.shape[1],
-                                 args.data_path, cache, network=INCEPTION_FILE)
-    classifier = load_classifier(args.classifier)[0] if args.classifier else None
+                                 args.data_path, ref_cache_dir(args), network=INCEPTION_FILE,
+                                 flag="--ref", count_flag="--ref-count")
     result = evaluate_images(images, labels, feature_fn=feature_fn, ref_features=ref,
                              classifier=classifier)
     result.update(source)
@@ -149,21 +113,32 @@ def cmd_metrics(args) -> dict:
     return result
 
 
+def _inception(progress: bool):
+    """Inception features, the network loaded on first use (once the reference set is known to
+    be good)."""
+    nets: list = []
+
+    def features(x: np.ndarray) -> np.ndarray:
+        if not nets:
+            nets.append(InceptionFeatures(batch_size=50))
+        return nets[0](x, progress=progress)
+    return features
+
+
 def cmd_grid(args) -> dict:
     """One column per class, `--per-class` rows: the layout of the runtime's grid."""
-    check_source_args(args)
-    check_count("--per-class", args.per_class, 1, MAX_IMAGES, "images")
     if args.samples:
         all_images, all_labels, _ = load_image_set(args.samples, None, args.image_size,
-                                                   args.data_path)
+                                                   args.data_path, "--samples")
         if all_labels is None:
-            raise UserError(f"{args.samples}: no labels (arr_1); a class grid needs them")
+            raise UserError(f"--samples {args.samples}: no labels (arr_1); a class grid needs "
+                            f"them: pass an .npz with labels")
         counts = np.bincount(all_labels)
         short = np.flatnonzero(counts < args.per_class)
         if len(short):
             c = int(short[0])
-            raise UserError(f"{args.samples}: class {c} has {int(counts[c])} samples, fewer "
-                            f"than --per-class {args.per_class}")
+            raise UserError(f"--samples {args.samples}: class {c} has {int(counts[c])} samples, "
+                            f"fewer than --per-class {args.per_class}; pass a smaller --per-class")
         classes = len(counts)
         order = np.argsort(all_labels, kind="stable")      # each class's samples, in file order
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -185,12 +160,6 @@ def cmd_grid(args) -> dict:
 
 
 def cmd_train_classifier(args) -> dict:
-    check_count("--epochs", args.epochs, 1, MAX_EPOCHS)
-    check_count("--batch-size", args.batch_size, 1, MAX_BATCH)
-    check_count("--width", args.width, 1, MAX_WIDTH)
-    check_count("--seed", args.seed, 0, MAX_SEED)
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        raise UserError(f"--lr {args.lr}: must be a finite number > 0")
     t0 = time.perf_counter()
     train = load_dataset("fashion-mnist", args.data_path, split="train")
     test = load_dataset("fashion-mnist", args.data_path, split="test")
@@ -204,24 +173,25 @@ def cmd_train_classifier(args) -> dict:
 
 
 def cmd_plot_losses(args) -> dict:
-    check_count("--smooth", args.smooth, 1, MAX_SMOOTH, "log rows")
-    runs = {}
-    for spec in args.run:
-        label, sep, path = spec.partition("=")
-        if not sep:
-            raise UserError(f"--run {spec!r}: expected LABEL=PATH/log.jsonl")
-        read_log(Path(path), "--run", missing_ok=False)       # refused before plotting
-        runs[label] = Path(path)
-    check_disjoint(args.out, "--out", {f"--run {label}=": p for label, p in runs.items()})
+    runs = parse_runs(args.run)
+    for label, path in runs.items():                       # refused before plotting
+        if not any("loss" in row for row in read_log(path, "--run", missing_ok=False)):
+            raise UserError(f"--run {label}={path}: holds no row with a loss, so its curve "
+                            f"would be missing; pass the log.jsonl of a run that has logged a "
+                            f"loss, or drop this --run")
     plot_losses(runs, Path(args.out), smooth=args.smooth)
     return {"plot": args.out}
 
+
+HANDLERS = {"metrics": cmd_metrics, "grid": cmd_grid, "train-classifier": cmd_train_classifier,
+            "plot-losses": cmd_plot_losses}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m terdit.evaluate",
                                 description="Sample-quality metrics for TerDiT models.")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 0, torch's own; only where torch runs)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def source(q, what: str) -> None:
@@ -230,11 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         src.add_argument("--samples", help=f"existing images to {what}: an ADM-style .npz "
                                            f"(e.g. a runtime run's samples.npz), a folder of "
                                            f"images, or {' / '.join(DATASET_SETS)}")
-        q.add_argument("--image-size", type=int, default=32,
-                       help="size the Fashion-MNIST sets are padded to (default: %(default)s)")
-        q.add_argument("--data-path", help="Fashion-MNIST directory (default: the Debian "
+        q.add_argument("--image-size", type=int, default=None,
+                       help=f"size a fashion-mnist --samples set is padded to (default: "
+                            f"{FLAG_DEFAULTS['image_size']})")
+        q.add_argument("--data-path", help="Fashion-MNIST directory, where --samples or --ref "
+                                           "is a fashion-mnist set (default: the Debian "
                                            "package's)")
-        q.add_argument("--no-progress", dest="progress", action="store_false",
+        q.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                        help="no progress bars")
         add_sampling_args(q.add_argument_group("sampling (with --model; as runtime sample)"))
 
@@ -245,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 1000 / all)")
     m.add_argument("--ref", default="fashion-mnist:test",
                    help=f"reference set for FID: {' / '.join(DATASET_SETS)}, an ADM .npz, a "
-                        f"folder of images, or none (default: %(default)s)")
-    m.add_argument("--ref-count", type=int, default=1000,
-                   help="reference images (the first N of the set; default: %(default)s)")
+                        f"folder of images, or none; a fashion-mnist set is padded to the "
+                        f"samples' size (default: %(default)s)")
+    m.add_argument("--ref-count", type=int, default=None,
+                   help=f"reference images (the first N of the set; default: "
+                        f"{FLAG_DEFAULTS['ref_count']})")
     m.add_argument("--ref-cache", default=None,
                    help=f"directory of cached reference features, keyed by the set's content "
                         f"(default: {cache_dir()}; 'none' disables it)")
@@ -272,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(default: %(default)s)")
     c.add_argument("--seed", type=int, default=cd.seed, help="(default: %(default)s)")
     c.add_argument("--data-path", help="Fashion-MNIST directory")
-    c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    c.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
 
     pl = sub.add_parser("plot-losses", help="loss curves of several runs on one plot")
     pl.add_argument("--run", action="append", required=True, metavar="LABEL=LOG",
@@ -286,17 +261,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        check_threads(args.threads)
+        check_command(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        handlers = {"metrics": cmd_metrics, "grid": cmd_grid,
-                    "train-classifier": cmd_train_classifier, "plot-losses": cmd_plot_losses}
-        result = handlers[args.command](args)
-        text = json.dumps(result, indent=2, sort_keys=True)
-        if getattr(args, "out", None) and args.command == "metrics":
-            atomic_write_text(args.out, text + "\n")
+        with contextlib.ExitStack() as outputs:      # each output's lock, held for the run
+            for flag, path in command_files(args)[1].items():
+                outputs.enter_context(file_output(path, flag))
+            result = HANDLERS[args.command](args)
+            text = json.dumps(result, indent=2, sort_keys=True)
+            if args.command == "metrics" and args.out:
+                atomic_write_text(args.out, text + "\n")
         print(text)
         return 0
 
     return run_cli(body, f"terdit.evaluate {args.command}", RESTART)
-

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 
 from terdit_common.errors import UserError
 from terdit_common.files import atomic_write_text, sha256_file
-from terdit_common.images import write_npy
-from terdit_common.images import load_npz, read_png, to_uint8
+from terdit_common.images import load_npz, read_png, to_uint8, write_npy
+from terdit_common.inputs import input_file, read_npy
+from terdit_common.limits import MAX_IMAGES
+from terdit_common.locks import file_output
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]      # uint8 (N, H, W, C) -> float64 (N, D)
 INCEPTION_FILE = "default_1.pt"
@@ -122,51 +124,70 @@ class InceptionFeatures:
 # ---- image sets ------------------------------------------------------------------------------
 
 def load_image_set(spec: str, count: Optional[int] = None, image_size: int = 32,
-                   data_path: Optional[str] = None
+                   data_path: Optional[str] = None, flag: str = "", count_flag: str = ""
                    ) -> tuple[np.ndarray, Optional[np.ndarray], str]:
     """uint8 (N, H, W, C) images, their labels (or None) and a content key of the set named by
     `spec` (the first `count` images in the set's order): `fashion-mnist:train|test` (padded to
     image_size like the training data), an ADM-style `.npz`, or a folder of images (sorted by
-    relative path)."""
+    relative path). Messages name `flag` (the set's flag) and `count_flag` (the count's)."""
+    where = f"{flag} {spec}" if flag else f"image set {spec}"
     if spec in DATASET_SETS:
         from ..train.data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, load_fashion_mnist
         split = spec.split(":")[1]
         ds = load_fashion_mnist(split, data_path, pad_to=image_size)
-        n = _take(spec, len(ds), count)
+        n = _take(where, len(ds), count, count_flag)
         root = Path(data_path) if data_path else FASHION_MNIST_DIR
         key = "|".join([spec, str(image_size)] + [sha256_file(root / f)
                                                   for f in FASHION_MNIST_FILES[split]])
         return to_uint8(ds.data[:n].numpy()), ds.labels[:n].numpy(), key
     path = Path(spec)
     if path.is_file():
-        images, labels = load_npz(path)
-        n = _take(spec, len(images), count)
+        try:
+            images, labels = load_npz(path)
+        except UserError as err:          # its messages start with the path: add the flag
+            raise UserError(f"{flag} {err}" if flag else str(err)) from None
+        n = _take(where, len(images), count, count_flag)
         return images[:n], None if labels is None else labels[:n], sha256_file(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        n = _take(spec, len(files), count)
-        images = []
-        for f in files[:n]:
-            img = read_png(f)
-            if img is None:
-                raise UserError(f"{f}: not a readable image; remove or replace it")
-            images.append(img)
-        shapes = {im.shape for im in images}
-        if len(shapes) != 1:
-            raise UserError(f"{path}: images of different shapes {sorted(shapes)[:3]}; an image "
-                            f"set needs one size")
-        key = "|".join(f"{f.relative_to(path)}:{sha256_file(f)}" for f in files[:n])
-        return np.stack(images), None, key
-    raise UserError(f"image set {spec!r}: not one of {', '.join(DATASET_SETS)}, an .npz file or "
-                    f"a directory of images")
+        return _load_folder(path, where, count, flag, count_flag)
+    raise UserError(f"{where}: not one of {', '.join(DATASET_SETS)}, an .npz file or a directory "
+                    f"of images; check the path")
 
 
-def _take(spec: str, available: int, count: Optional[int]) -> int:
+def _load_folder(path: Path, where: str, count: Optional[int], flag: str, count_flag: str
+                 ) -> tuple[np.ndarray, None, str]:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UserError(f"{where}: holds no images (files ending in "
+                        f"{', '.join(IMAGE_EXTENSIONS)}, searched in its subfolders too); pass a "
+                        f"folder of images, an .npz or one of {', '.join(DATASET_SETS)}")
+    if len(files) > MAX_IMAGES:
+        raise UserError(f"{where}: holds {len(files)} images, more than {MAX_IMAGES} "
+                        f"(limits.MAX_IMAGES); pass a smaller set")
+    n = _take(where, len(files), count, count_flag)
+    images = []
+    for f in files[:n]:
+        input_file(f, flag, "an image set holds only image files: remove or replace it")
+        img = read_png(f)
+        if img is None:
+            raise UserError(f"{where}: {f.relative_to(path)} is not a readable image; remove "
+                            f"or replace it")
+        images.append(img)
+    shapes = sorted({im.shape for im in images})
+    if len(shapes) != 1:
+        raise UserError(f"{where}: images of different shapes {shapes[:3]}; an image set needs "
+                        f"one size: resize them or pass a folder of one size")
+    key = "|".join(f"{f.relative_to(path)}:{sha256_file(f)}" for f in files[:n])
+    return np.stack(images), None, key
+
+
+def _take(where: str, available: int, count: Optional[int], count_flag: str) -> int:
     if count is None:
         return available
     if not 2 <= count <= available:
-        raise UserError(f"image set {spec}: {count} images requested, it holds {available} "
-                        f"(FID needs at least 2)")
+        fix = f"; pass a {count_flag} from 2 to {available}" if count_flag else ""
+        raise UserError(f"{where}: {count} images requested, it holds {available} (FID needs "
+                        f"at least 2){fix}")
     return count
 
 
@@ -177,20 +198,24 @@ def cache_dir() -> Path:
 
 def reference_features(feature_fn: FeatureFn, spec: str, count: Optional[int] = None,
                        image_size: int = 32, data_path: Optional[str] = None,
-                       cache: Optional[Path] = None, network: str = "") -> np.ndarray:
+                       cache: Optional[Path] = None, network: str = "", flag: str = "",
+                       count_flag: str = "") -> np.ndarray:
     """Inception features of an image set, cached in `cache` (a directory) under the sha256 of
-    (the set's content key, count, image size, network)."""
-    images, _, content = load_image_set(spec, count, image_size, data_path)
+    (the set's content key, count, image size, network). A cache entry (ref-KEY.npy and its
+    ref-KEY.json) is read and written holding the locks of both files (one writer at a time),
+    which also removes the temporaries a stopped writer of either left."""
+    images, _, content = load_image_set(spec, count, image_size, data_path, flag, count_flag)
     key = hashlib.sha256("\n".join([content, str(len(images)), str(image_size), network])
                          .encode()).hexdigest()[:32]
-    if cache is not None:
-        path = Path(cache) / f"ref-{key}.npy"
+    if cache is None:
+        return feature_fn(images)
+    path = Path(cache) / f"ref-{key}.npy"
+    with file_output(path, "--ref-cache"), file_output(path.with_suffix(".json"), "--ref-cache"):
         if path.is_file():
-            feats = np.load(path, allow_pickle=False)
-            if feats.shape[0] == len(images):
+            feats = read_npy(path, "--ref-cache", "remove it: it is computed again")
+            if feats.ndim == 2 and feats.shape[0] == len(images):
                 return feats
-    feats = feature_fn(images)
-    if cache is not None:
+        feats = feature_fn(images)
         write_npy(path, feats)
         atomic_write_text(path.with_suffix(".json"), json.dumps(
             {"set": spec, "count": len(images), "image_size": image_size, "network": network,

@@ -19,7 +19,8 @@ import numpy as np
 
 from terdit_common.errors import UserError
 from terdit_common.inputs import input_file, npy_file_header, npz_headers, read_npy, read_npz
-from terdit_common.limits import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TEXT_BYTES, check_array_bytes
+from terdit_common.limits import (INT_BOUNDS, MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_TEXT_BYTES,
+                                  check_array_bytes)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 GRAYSCALE_MODES = ("1", "L", "I;16", "I", "LA")
@@ -183,14 +184,15 @@ def read_latents(path: str | Path, flag: str = "") -> tuple[np.ndarray, np.ndarr
     fix = "pass a .npy (+ .labels.npy), .npz or .safetensors file of latents and labels"
     path = input_file(path, flag, fix)
     where = _where(path, flag)
+    labels_where = f"{where}: its labels"
     if path.suffix == ".npz":
         heads = npz_headers(path, flag, fix)
         _check_arrays(where, heads, fix)
         arrays = read_npz(path, ("latents", "labels"), flag)
-        return arrays["latents"], arrays["labels"]
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path, where, fix)
-    if path.suffix == ".npy":
+        latents, labels = arrays["latents"], arrays["labels"]
+    elif path.suffix == ".safetensors":
+        latents, labels = _read_safetensors(path, where, fix)
+    elif path.suffix == ".npy":
         label_file = path.with_name(f"{path.stem}.labels.npy")
         if not os.path.lexists(label_file):
             raise DatasetNotFoundError(f"{where}: labels file {label_file} not found (a .npy of "
@@ -200,8 +202,36 @@ def read_latents(path: str | Path, flag: str = "") -> tuple[np.ndarray, np.ndarr
                  "labels": npy_file_header(label_file, lflag, "the labels of a .npy of latents "
                                                                "are a .npy beside it")}
         _check_arrays(where, heads, fix, label_file)
-        return read_npy(path, flag, kinds="f"), read_npy(label_file, lflag, kinds="iu")
-    raise UserError(f"{where}: latents must be .npz, .safetensors or .npy")
+        latents, labels = read_npy(path, flag, kinds="f"), read_npy(label_file, lflag, kinds="iu")
+        labels_where = f"{lflag} {label_file}"
+    else:
+        raise UserError(f"{where}: latents must be .npz, .safetensors or .npy")
+    _check_finite(where, latents)
+    _check_labels(labels_where, labels)
+    return latents, labels
+
+
+def _check_finite(where: str, latents: np.ndarray) -> None:
+    """Refuse latents holding NaN or Inf (the loss of every batch with one would be NaN),
+    naming the first such sample; checked in bounded chunks."""
+    chunk = max(1, _CHUNK // max(1, latents[0].nbytes))
+    for lo in range(0, len(latents), chunk):
+        part = latents[lo:lo + chunk]
+        finite = np.isfinite(part.reshape(len(part), -1)).all(axis=1)
+        if not finite.all():
+            bad = lo + int(np.argmin(finite))
+            raise UserError(f"{where}: latent {bad} holds NaN or Inf values, which make the "
+                            f"training loss NaN; recompute the latents or remove that sample")
+
+
+def _check_labels(where: str, labels: np.ndarray) -> None:
+    """Class ids from 0 to limits.INT_BOUNDS['num_classes'] (a model's largest class count)."""
+    lo, hi = int(labels.min()), int(labels.max())
+    top = INT_BOUNDS["num_classes"][1] - 1
+    if lo < 0 or hi > top:
+        value = lo if lo < 0 else hi
+        raise UserError(f"{where}: holds label {value}; labels are class ids from 0 to at most "
+                        f"{top} (limits.INT_BOUNDS num_classes): fix the labels")
 
 
 def _check_arrays(where: str, heads: dict, fix: str, label_file: Optional[Path] = None) -> None:
@@ -216,7 +246,8 @@ def _check_arrays(where: str, heads: dict, fix: str, label_file: Optional[Path] 
         raise UserError(f"{where}: latents are {dtype} of shape {tuple(shape)}, expected floats "
                         f"(N, C, H, W) with N >= 1")
     if ldtype.kind not in "iu":
-        raise UserError(f"{where}: {labels_where} have dtype {ldtype}, expected integers")
+        raise UserError(f"{where}: {labels_where} have dtype {ldtype}, expected integers; save "
+                        f"them as integer class ids")
     if tuple(lshape) != (shape[0],):
         raise UserError(f"{where}: {shape[0]} latents but {labels_where} of shape "
                         f"{tuple(lshape)}; expected ({shape[0]},)")

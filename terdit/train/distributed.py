@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,17 @@ def setup_distributed(tc) -> Dist:
     world = env_int("WORLD_SIZE", 1)
     rank = env_int("RANK", 0)
     local = env_int("LOCAL_RANK", rank)
+    if world < 1:
+        raise ValueError("environment variable WORLD_SIZE=0: a run has at least one process; "
+                         "unset it or launch with torchrun")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and v not in os.environ]
+    if missing and not dist.is_initialized():
+        raise ValueError(f"environment variable WORLD_SIZE={world} is set but {missing[0]} is not "
+                         f"(torchrun sets both); launch with torchrun, or unset WORLD_SIZE and "
+                         f"RANK to train in one process")
+    if tc.global_batch % world:
+        raise ValueError(f"--global-batch {tc.global_batch} must be divisible by the number of "
+                         f"ranks ({world})")
     want_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
@@ -42,9 +54,6 @@ def setup_distributed(tc) -> Dist:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if want_cuda else "gloo", rank=rank, world_size=world)
-    if tc.global_batch % world:
-        raise ValueError(f"--global-batch {tc.global_batch} must be divisible by the number of "
-                         f"ranks ({world})")
     return Dist(rank, world, local, device)
 
 

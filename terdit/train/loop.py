@@ -6,10 +6,14 @@ bit-identically and N ranks train the same model as one."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
+import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,13 +22,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from terdit_common.cli import is_out_of_memory
 from terdit_common.errors import UserError
 from terdit_common.files import (LOCK_NAME, append_text, atomic_write_text, check_disjoint,
-                                 check_writable_dir, output_lock, remove_stale_temps)
+                                 check_writable_dir, remove_all, remove_stale_temps)
 from terdit_common.images import write_grid
-from terdit_common.sampling import SampleOptions
+from terdit_common.locks import output_lock
 
 from ..checkpoint import save_checkpoint
+from ..config import TerDiTConfig
 from ..diffusion import GaussianDiffusion
 from ..inference import sample_images
 from ..model import TerDiT
@@ -32,8 +38,9 @@ from .train_config import TrainConfig
 from .data import ArrayDataset, mix_seed, batch_indices
 from .distributed import Dist, full_tensor, setup_distributed, unwrap, wrap_model
 from .plots import plot_losses, read_log
-from .setup import build_model, load_training_data, model_config
-from .state import (CONFIG_JSON, EMA, check_run_dir, clear_checkpoints, find_resume,
+from .setup import (build_model, check_model_size, load_training_data, model_config,
+                    out_of_memory_error)
+from .state import (CONFIG_JSON, EMA, RUN_FILES, check_run_dir, clear_checkpoints, find_resume,
                     latest_checkpoint, load_training_checkpoint, model_from_params,
                     read_train_state, recover_interrupted_save, save_training_checkpoint)
 
@@ -88,21 +95,53 @@ def train(tc: TrainConfig, dataset: Optional[ArrayDataset] = None) -> Path:
 
 
 def _train(tc: TrainConfig, d: Dist, out: Path, dataset: Optional[ArrayDataset]) -> Path:
+    """Check everything (data, model, resume state, --init-from) before anything is written into
+    OUT, then train. What a run wrote before its first checkpoint is removed when it stops (a
+    refused, interrupted or diverged run leaves OUT as it was); after that, it can be resumed."""
     if dataset is None:
         dataset = load_training_data(tc)
     cfg = model_config(tc, dataset, log=print if d.main else (lambda s: None))
+    check_model_size(cfg, tc, d.device, d.world)
     stale = tc.ema_init_weight()
     if d.main and tc.final_from == "ema" and stale > 0.01:
         print(f"warning: after {tc.steps} steps the EMA (decay {tc.ema_decay}"
               f"{', warm-up' if tc.ema_warmup else ', no warm-up'}) still holds {stale:.0%} of "
               f"the random initialisation, so OUT/final will sample noise; lower --ema-decay, "
               f"keep the EMA warm-up, train longer or pass --final-from live", file=sys.stderr)
+    before = {name for name in RUN_FILES if os.path.lexists(out / name)}
+    saved: list[int] = []                    # steps checkpointed by this run
+    try:
+        run = _prepare(tc, d, out, cfg)
+        return _write_and_train(tc, d, out, dataset, cfg, run, saved)
+    except BaseException as err:
+        if d.main and not saved:
+            remove_all(out / name for name in RUN_FILES if name not in before | {LOCK_NAME})
+        if isinstance(err, Exception) and is_out_of_memory(err):
+            raise out_of_memory_error(err, cfg, tc, d.device, d.world) from None
+        raise
+
+
+@dataclass
+class _Run:
+    """A run checked and set up, before anything is written."""
+
+    wrapped: nn.Module                       # the model, under DDP / FSDP on several ranks
+    ema: EMA
+    opt: torch.optim.Optimizer
+    start: int                               # steps done (0, or the resumed checkpoint's)
+    resumed: bool
+    log_rows: list[dict]                     # rows of OUT/log.jsonl kept (up to `start`)
+
+
+def _prepare(tc: TrainConfig, d: Dist, out: Path, cfg: TerDiTConfig) -> _Run:
+    """Every check of the resume state, the existing run and --init-from, and the model, EMA and
+    optimizer (restored from the checkpoint on --resume); writes nothing."""
     resume_path = find_resume(out, tc.resume) if tc.resume else None
-    if d.main and resume_path is None and (out / "checkpoints").exists():
-        if latest_checkpoint(out) is not None and not tc.overwrite:
-            raise UserError(f"{out} already holds checkpoints; pass --resume latest to "
-                            f"continue or --overwrite to start over")
-        clear_checkpoints(out)               # --overwrite, or only incomplete checkpoints
+    if d.main and resume_path is None and latest_checkpoint(out) is not None \
+            and not tc.overwrite:
+        raise UserError(f"{out} already holds checkpoints; pass --resume latest to continue or "
+                        f"--overwrite to start over")
+    rows: list[dict] = []
     if resume_path is not None:
         recorded = read_train_state(resume_path)["train_config"]
         changed = tc.resume_conflicts(recorded)
@@ -117,35 +156,78 @@ def _train(tc: TrainConfig, d: Dist, out: Path, dataset: Optional[ArrayDataset])
     if tc.strategy == "fsdp" and d.world > 1:
         ema = EMA(wrapped, tc.ema_decay)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=tc.lr_at(0), weight_decay=tc.weight_decay)
-    forward = torch.compile(wrapped) if tc.compile else wrapped
-    diffusion = GaussianDiffusion.create(None, tc.num_timesteps, learn_sigma=cfg.learn_sigma)
-
     start = 0
     if resume_path is not None:
-        meta = load_training_checkpoint(resume_path, wrapped, ema, opt)
-        start = int(meta["step"])
+        start = int(load_training_checkpoint(resume_path, wrapped, ema, opt)["step"])
+        if d.main:
+            rows = [r for r in read_log(out / "log.jsonl") if r.get("step", 0) <= start]
+    return _Run(wrapped, ema, opt, start, resume_path is not None, rows)
+
+
+def _write_and_train(tc: TrainConfig, d: Dist, out: Path, dataset: ArrayDataset,
+                     cfg: TerDiTConfig, run: _Run, saved: list[int]) -> Path:
+    """Write the run's record and log, then train from `run.start`; `saved` collects the steps
+    checkpointed."""
+    wrapped, ema = run.wrapped, run.ema
+    forward = torch.compile(wrapped) if tc.compile else wrapped
+    diffusion = GaussianDiffusion.create(None, tc.num_timesteps, learn_sigma=cfg.learn_sigma)
     log_path = out / "log.jsonl"
     if d.main:
+        if not run.resumed:
+            clear_checkpoints(out)           # --overwrite, or only incomplete checkpoints
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_JSON,
                           json.dumps({"train_config": tc.to_dict(), "model_config": cfg.to_dict(),
                                       "world_size": d.world}, indent=2, sort_keys=True) + "\n")
-        kept = [r for r in read_log(log_path) if r.get("step", 0) <= start]
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in run.log_rows))
     d.barrier()
 
-    local = tc.global_batch // d.world
-    lo, hi = d.rank * local, (d.rank + 1) * local
-    shape = (tc.global_batch, *dataset.sample_shape)
     bar = None
     if d.main and tc.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
+        bar = tqdm(total=tc.steps, initial=run.start, desc="train", dynamic_ncols=True,
                    file=sys.stderr)
+    try:
+        _steps(tc, d, out, dataset, cfg, run, forward, diffusion, bar, saved)
+    finally:
+        if bar is not None:
+            bar.close()                      # a message that follows starts on its own line
+
+    final = out / "final"
+    if tc.final_from == "ema":
+        final_params = ema.full_state()
+    else:
+        final_params = {n: full_tensor(p).detach().cpu()
+                        for n, p in unwrap(wrapped).named_parameters()}
+    if d.main:
+        final_model = model_from_params(cfg, final_params)
+        if cfg.ternary and tc.final_weights == "packed":
+            from ..ternary import pack_model_
+            pack_model_(final_model)
+        meta = {"step": tc.steps, "role": tc.final_from, "train_config": tc.to_dict(),
+                "class_names": list(dataset.classes)}   # the runtime captions grids with them
+        if tc.final_from == "ema":
+            meta["ema_decay"] = tc.ema_decay
+        save_checkpoint(final_model, final, overwrite=True, metadata=meta)
+    d.barrier()
+    return final
+
+
+def _steps(tc: TrainConfig, d: Dist, out: Path, dataset: ArrayDataset, cfg: TerDiTConfig,
+           run: _Run, forward: nn.Module, diffusion: GaussianDiffusion, bar,
+           saved: list[int]) -> None:
+    """Optimizer steps `run.start` .. --steps, with the log rows, previews and checkpoints; a
+    step whose loss or gradient norm is not finite stops the run before anything of it is
+    written."""
+    wrapped, ema, opt = run.wrapped, run.ema, run.opt
+    log_path = out / "log.jsonl"
+    local = tc.global_batch // d.world
+    lo, hi = d.rank * local, (d.rank + 1) * local
+    shape = (tc.global_batch, *dataset.sample_shape)
     window: dict[str, list[float]] = {}
     t_window = time.perf_counter()
     t_start = time.perf_counter()
-    for step in range(start, tc.steps):
+    for step in range(run.start, tc.steps):
         idx = batch_indices(tc.seed, step, tc.global_batch, len(dataset))
         x, y = dataset.batch(idx)
         t, noise, y = step_draws(tc, step, shape, cfg.null_class, y)
@@ -169,9 +251,13 @@ def _train(tc: TrainConfig, d: Dist, out: Path, dataset: Optional[ArrayDataset])
         if d.world > 1:
             dist.all_reduce(stats)
             stats /= d.world
-        for k, v in zip(names, stats.tolist(), strict=True):
-            window.setdefault(k, []).append(v)
+        values = dict(zip(names, stats.tolist(), strict=True))
         done = step + 1
+        if not all(math.isfinite(v) for v in values.values()):
+            raise UserError(_diverged(done, values, tc, cfg, out if saved or run.resumed
+                                      else None))
+        for k, v in values.items():
+            window.setdefault(k, []).append(v)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{window['loss'][-1]:.4f}")
@@ -191,30 +277,26 @@ def _train(tc: TrainConfig, d: Dist, out: Path, dataset: Optional[ArrayDataset])
         if done % tc.ckpt_every == 0 or done == tc.steps:
             save_training_checkpoint(out, done, wrapped, ema, opt, tc, cfg, d,
                                      {"elapsed_s": time.perf_counter() - t_start})
+            saved.append(done)
             if d.main:
                 plot_losses({"ternary" if cfg.ternary else "fp": log_path}, out / "loss.png")
             d.barrier()
-    if bar is not None:
-        bar.close()
 
-    final = out / "final"
-    if tc.final_from == "ema":
-        final_params = ema.full_state()
-    else:
-        final_params = {n: full_tensor(p).detach().cpu()
-                        for n, p in unwrap(wrapped).named_parameters()}
-    if d.main:
-        final_model = model_from_params(cfg, final_params)
-        if cfg.ternary and tc.final_weights == "packed":
-            from ..ternary import pack_model_
-            pack_model_(final_model)
-        meta = {"step": tc.steps, "role": tc.final_from, "train_config": tc.to_dict(),
-                "class_names": list(dataset.classes)}   # the runtime captions grids with them
-        if tc.final_from == "ema":
-            meta["ema_decay"] = tc.ema_decay
-        save_checkpoint(final_model, final, overwrite=True, metadata=meta)
-    d.barrier()
-    return final
+
+def _diverged(step: int, values: dict[str, float], tc: TrainConfig, cfg: TerDiTConfig,
+              resumable: Optional[Path]) -> str:
+    """The message of a step whose loss or gradient norm is NaN or infinite."""
+    seen = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+    causes = [f"a learning rate too high (--lr {tc.lr:g})",
+              "NaN or Inf in the training data (--data-path)"]
+    if np.float32(cfg.norm_eps) == 0:        # RMSNorm adds it in fp32: rsqrt(0) of a zero row
+        causes.insert(0, f"norm_eps {cfg.norm_eps:g} of the model config, which is 0 in fp32 "
+                         f"(the official models use 1e-05)")
+    after = (f"; the checkpoints of {resumable} stay: --resume latest continues from the last "
+             f"one") if resumable is not None else ""
+    return (f"step {step}: the training loss is not finite ({seen}); likely causes: "
+            f"{'; '.join(causes)}; nothing of step {step} was written: fix the cause and run "
+            f"again{after}")
 
 
 @torch.no_grad()
@@ -225,7 +307,6 @@ def preview(model: TerDiT, tc: TrainConfig, dataset: ArrayDataset, path: Path,
     change training)."""
     classes = min(dataset.num_classes, 10)
     labels = [c for _ in range(per_class) for c in range(classes)]
-    options = SampleOptions(steps=tc.sample_steps, cfg_scale=tc.sample_cfg_scale, seed=tc.seed,
-                            batch_size=len(labels))
+    options = dataclasses.replace(tc.preview_options(), batch_size=len(labels))
     images = sample_images(model.eval(), labels, options)
     return write_grid(path, images, [dataset.classes[c] for c in labels], ncols=classes)

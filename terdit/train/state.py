@@ -210,6 +210,9 @@ def find_resume(out: Path, resume: str) -> Path:
                                     f"checkpoint (none was written yet); start without --resume")
         return path
     path = Path(resume)
+    if os.path.lexists(path) and not path.is_dir():
+        raise UserError(f"--resume {resume}: not a directory; pass a checkpoints/step_XXXXXXX "
+                        f"directory the trainer wrote, or 'latest'")
     if not is_complete(path):
         missing = next(n for n in (STATE_JSON, STATE_TENSORS, "model", "ema")
                        if not (path / n).exists())
@@ -265,22 +268,14 @@ def check_run_dir(out: Path, flag: str = "--out") -> None:
                             f"training run of this tool and will not be replaced: move it away "
                             f"or choose another {flag}")
     rule = "a run directory holds only what the trainer writes"
-    refuse_foreign(out / "checkpoints", lambda n: STEP_RE.fullmatch(n) is not None
-                   or STEP_TEMP_RE.fullmatch(n) is not None or n == "latest", flag, rule)
+
+    def step(name: str) -> bool:
+        return STEP_RE.fullmatch(name) is not None or STEP_TEMP_RE.fullmatch(name) is not None
     ckpts = out / "checkpoints"
-    latest = ckpts / "latest"
-    if latest.is_symlink() or (os.path.lexists(latest) and not latest.is_file()):
-        raise UserError(f"{flag} {out}: checkpoints/latest is not the pointer file this tool "
-                        f"writes; move it away or choose another {flag}")
+    refuse_foreign(ckpts, lambda n: step(n) or n == "latest", flag, rule, dirs=step)
     for p in ckpts.glob("step_*") if ckpts.is_dir() else ():
-        if p.is_symlink() or not p.is_dir():
-            raise UserError(f"{flag} {out}: checkpoints/{p.name} is not a checkpoint directory "
-                            f"this tool wrote; move it away or choose another {flag}")
-        refuse_foreign(p, STEP_FILES.__contains__, flag, rule)
+        refuse_foreign(p, STEP_FILES.__contains__, flag, rule, dirs=("model", "ema").__contains__)
         for sub in ("model", "ema"):
-            if (p / sub).is_symlink() or (os.path.lexists(p / sub) and not (p / sub).is_dir()):
-                raise UserError(f"{flag} {out}: checkpoints/{p.name}/{sub} is not a checkpoint "
-                                f"directory this tool wrote; move it away")
             refuse_foreign(p / sub, CHECKPOINT_FILES.__contains__, flag, rule)
     refuse_foreign(out / "final", CHECKPOINT_FILES.__contains__, flag, rule)
     refuse_foreign(out / "samples", lambda n: re.fullmatch(r"step_\d{7}\.png", n) is not None,

@@ -17,8 +17,12 @@ Output layout (OUT = --out):
 
 OUT holds nothing else of ours, and we touch nothing else there (train.state.check_run_dir);
 OUT must not be, contain or lie inside an input (--data-path, --model-config, --init-from).
-Exit codes: 0 done; 2 bad input (one `error:` line naming the file or flag); 130 Ctrl-C or
-SIGTERM (add --resume latest to continue); 1 an internal error (a bug; one line).
+Every input (data, labels, --model-config, --init-from, the run to --resume) and every size is
+checked before anything is written into OUT; a run that stops before its first checkpoint
+(refused, interrupted, or a loss that is not finite) removes what it wrote.
+Exit codes: 0 done; 2 bad input or a loss that is not finite (one `error:` line naming the file,
+flag or step); 130 Ctrl-C or SIGTERM (add --resume latest to continue); 1 an internal error (a
+bug; one line).
 """
 from __future__ import annotations
 
@@ -116,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def body() -> int:
         given = vars(args)
         if "model_config" in given:              # a bad file first, then conflicting flags
-            load_model_config(given["model_config"])
+            load_model_config(given["model_config"], given)
         tc = TrainConfig.from_flags(given, world=env_int("WORLD_SIZE", 1))
         final = train(tc)
         if env_int("RANK", 0) == 0:
@@ -126,8 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = getattr(args, "out", TrainConfig.out)
         return run_cli(body, f"training into {out}", "add --resume latest to the same "
-                       "command to continue from the last checkpoint", "lower --global-batch or "
-                       "use a smaller --model, then add --resume latest to continue")
+                       "command to continue from the last checkpoint (a run stopped before its "
+                       "first checkpoint leaves nothing: run the same command again)",
+                       "use a smaller dataset or model")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from terdit_common.limits import MAX_COUNT, MAX_SEED, check_count, check_threads
+from terdit_common.errors import UserError
+from terdit_common.limits import (MAX_BATCH, MAX_COUNT, MAX_SEED, MAX_TIMESTEPS, check_count,
+                                  check_threads)
 from terdit_common.sampling import SampleOptions
 from terdit_common.noise_schedule import MIN_TIMESTEPS, NUM_TRAIN_STEPS
 
@@ -69,10 +71,13 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{_flag(name)} {getattr(self, name)!r} is not one of "
                                  f"{', '.join(choices)}")
-        for name in ("steps", "global_batch", "log_every", "ckpt_every", "num_timesteps",
-                     "sample_steps"):
+        for name in ("steps", "log_every", "ckpt_every"):
             check_count(_flag(name), getattr(self, name), 1, MAX_COUNT)
         check_count("--sample-every", self.sample_every, 0, MAX_COUNT)
+        check_count("--global-batch", self.global_batch, 1, MAX_BATCH,
+                    "samples per step (limits.MAX_BATCH)")
+        check_count("--num-timesteps", self.num_timesteps, 1, MAX_TIMESTEPS,
+                    "(limits.MAX_TIMESTEPS)")
         check_threads(self.threads)
         check_count("--seed", self.seed, 0, MAX_SEED)
         if not math.isfinite(self.lr) or self.lr < 0:
@@ -81,8 +86,7 @@ class TrainConfig:
             raise ValueError(f"--grad-clip {self.grad_clip!r} must be a finite positive number")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"--weight-decay {self.weight_decay!r} must be finite and >= 0")
-        if not math.isfinite(self.sample_cfg_scale):
-            raise ValueError(f"--sample-cfg-scale {self.sample_cfg_scale!r} must be finite")
+        self.preview_options()
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"--warmup-steps {self.warmup_steps} must be in "
                              f"[0, --steps {self.steps}]")
@@ -96,6 +100,16 @@ class TrainConfig:
             raise ValueError(f"--num-timesteps {self.num_timesteps}: must be at least "
                              f"{MIN_TIMESTEPS} (the linear schedule 1e-4..0.02 rescaled to T "
                              f"steps has betas above 1 below that)")
+
+    def preview_options(self) -> SampleOptions:
+        """How the previews sample (--sample-steps, --sample-cfg-scale, --seed), checked by
+        SampleOptions with its messages naming the trainer's flags."""
+        try:
+            return SampleOptions(steps=self.sample_steps, cfg_scale=self.sample_cfg_scale,
+                                 seed=self.seed)
+        except UserError as err:
+            flag, _, rule = str(err).partition(" ")
+            raise UserError(f"{PREVIEW_FLAGS.get(flag, flag)} {rule}") from None
 
     @property
     def warmup(self) -> int:
@@ -152,6 +166,11 @@ class TrainConfig:
                                             f"schedule of the runtime, and this model learns "
                                             f"--num-timesteps {tc.num_timesteps}, so they would "
                                             f"be wrong"))
+        for name, what in (("sample_every", "no preview would be written"),
+                           ("ckpt_every", "the last step is checkpointed anyway"),
+                           ("log_every", "the last step is logged anyway")):
+            if name in given and getattr(tc, name) > tc.steps:
+                inert.append((_flag(name), f"it is more than --steps {tc.steps}, so {what}"))
         if given.get("final_weights") == "packed" and tc.fp:
             inert.append(("--final-weights packed", "a full-precision (--fp) model has no "
                                                     "packed ternary form"))
@@ -183,6 +202,10 @@ RESUME_MUST_MATCH = ("model", "model_config", "fp", "init_from", "data", "data_p
                      "global_batch", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio",
                      "weight_decay", "grad_clip", "ema_decay", "ema_warmup", "class_dropout",
                      "num_timesteps", "seed", "precision")
+
+
+# SampleOptions' flags -> the trainer's flags of the same setting of the previews
+PREVIEW_FLAGS = {"--steps": "--sample-steps", "--cfg-scale": "--sample-cfg-scale"}
 
 
 def _flag(name: str) -> str:

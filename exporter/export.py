@@ -19,6 +19,7 @@ from terdit import load_checkpoint, save_checkpoint
 from terdit.formats import TORCH_DTYPES
 from terdit_common import op
 from terdit_common.errors import UserError
+from terdit_common.guidance import CFG_MODES, check_cfg_mode
 from terdit_common.files import (atomic_directory, atomic_write_json, check_disjoint,
                                  check_replaceable_dir, check_writable_dir, os_error_message)
 from terdit_common.locks import file_output
@@ -120,9 +121,11 @@ def _export(checkpoint: str | Path, outdir: Path, options: ExportOptions,
     if not cfg.ternary:
         raise ExportError(f"{checkpoint} is a full-precision model; only ternary models export "
                           f"to TernaryMatMul (train with QAT, or --init-from it)")
-    if options.cfg == "official" and cfg.in_channels < 3:
-        raise ExportError(f"--cfg official guides eps channels 0..2 but this model has "
-                          f"{cfg.in_channels} input channel(s); use --cfg standard")
+    if options.cfg in CFG_MODES:
+        try:
+            check_cfg_mode(options.cfg, cfg.in_channels, "--cfg")
+        except UserError as err:
+            raise ExportError(str(err)) from None
     if options.vae and ModelInfo(cfg.to_dict(), str(checkpoint), "").pixel_space:
         raise ExportError(f"--vae {options.vae}: {checkpoint} is a pixel-space model "
                           f"({cfg.in_channels} channel(s)), whose samples no VAE decodes; drop "

@@ -12,7 +12,7 @@ import numpy as np
 
 from terdit_common.entry import signals_held
 from terdit_common.inputs import input_file
-from terdit_common.manifest import MANIFEST_FILE, VAE_FILE, read_manifest
+from terdit_common.manifest import VAE_FILE
 from terdit_common.ort import ort_session
 from terdit_common.sampling import ModelInfo
 from terdit_common.vae import resolve_vae
@@ -92,10 +92,7 @@ def open_vae(spec: Optional[str | os.PathLike], export_dir: Optional[Path],
         raise BackendError(f"{flag} {spec}: expected a vae_decoder.onnx file, a diffusers "
                            f"AutoencoderKL directory (with config.json) or a hub name in the "
                            f"local Hugging Face cache")
-    if export_dir is not None and os.path.lexists(export_dir / VAE_FILE):
-        if VAE_FILE not in read_manifest(export_dir)["files"]:
-            raise BackendError(f"{export_dir}: holds {VAE_FILE}, which its {MANIFEST_FILE} does "
-                               f"not list, so it was not verified with the export; re-export "
-                               f"with --vae, or pass --vae explicitly")
+    if export_dir is not None and (export_dir / VAE_FILE).is_file():
+        # listed and verified with the export (open_export refuses an unlisted file)
         return OrtVae(export_dir / VAE_FILE, channels, "the export's")
     return None

@@ -33,7 +33,8 @@ from terdit_common.errors import UserError
 from terdit_common.images import to_uint8
 from terdit_common.limits import MAX_IMAGES, check_count, is_int, short
 from terdit_common.manifest import export_dir_of
-from terdit_common.sampling import (ModelInfo, SampleOptions, SamplingError, check_model_options,
+from terdit_common.sampling import (IMAGENET_CLASSES, ModelInfo, SampleOptions, SamplingError,
+                                    check_initial_latents, check_model_options,
                                     imagenet_to_model_label, resolve_cfg_mode, resolve_clip,
                                     sample_latents)
 
@@ -113,6 +114,11 @@ class TerDiTPipeline:
         checked against the model (`flag` names them in messages)."""
         if not isinstance(imagenet_ids, bool):
             raise UserError(f"imagenet_ids={short(imagenet_ids)}: must be True or False")
+        if imagenet_ids and self.info.num_classes != IMAGENET_CLASSES:
+            what = "--imagenet-ids" if flag.startswith("--") else "imagenet_ids=True"
+            raise UserError(f"{what} maps ImageNet ids to the labels of the official "
+                            f"{IMAGENET_CLASSES}-class release; {self.info.source} has "
+                            f"{self.info.num_classes} classes: pass its own labels")
         ids = []
         for name in _label_list(names, flag):
             if is_int(name):
@@ -139,6 +145,8 @@ class TerDiTPipeline:
         over `num` images, or `num` unconditional images (the null label)."""
         if num is not None:
             check_count("--num", num, 1, MAX_IMAGES, "images")
+        if not isinstance(uncond, bool):
+            raise UserError(f"uncond={short(uncond)}: must be True or False")
         if uncond:
             return [self.info.null_class] * (num or 1)
         ids = self.get_label_ids(range(self.info.num_classes) if classes is None else classes,
@@ -223,6 +231,15 @@ class TerDiTPipeline:
         if not isinstance(options, SampleOptions):
             raise UserError(f"options={short(options)}: pass a runtime.SampleOptions (e.g. "
                             f"SampleOptions(steps=50))")
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise UserError(f"out_dir={short(out_dir)}: pass the path of the output directory")
+        for name, value in (("save_latents", save_latents), ("overwrite", overwrite),
+                            ("progress", progress)):
+            if not isinstance(value, bool):
+                raise UserError(f"{name}={short(value)}: must be True or False")
+        for name, value in (("notes", notes), ("input_files", input_files)):
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"{name}={short(value)}: pass a dict (or None)")
         labels = _label_list(labels, "labels")
         bad = next((v for v in labels if not is_int(v)), None)
         if bad is not None:
@@ -235,9 +252,7 @@ class TerDiTPipeline:
         info = self.info
         check_model_options(info, options)
         shape = (info.in_channels, info.input_size, info.input_size)
-        if initial_latents is not None and initial_latents.shape != (n, *shape):
-            raise SamplingError(f"--latents has shape {initial_latents.shape}, expected "
-                                f"{(n, *shape)} (one latent per image)")
+        check_initial_latents(initial_latents, (n, *shape))
         latent_only = not info.pixel_space and self.vae is None
         save_latents = save_latents or latent_only
         record = self._record(labels, options, initial_latents, latent_only, save_latents,
@@ -313,13 +328,14 @@ def _label_list(class_labels, flag: str) -> list:
 
 def _ranks():
     """(rank, world size, barrier) under torchrun; a single process needs no torch.distributed."""
-    check_torchrun_env()
     world = env_int("WORLD_SIZE", 1)
     if world <= 1:
+        check_torchrun_env()
         return 0, 1, None
     import torch
     import torch.distributed as dist
     if not dist.is_initialized():
+        check_torchrun_env()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(env_int("LOCAL_RANK", 0))

@@ -47,11 +47,13 @@ from terdit_common.images import (grid_columns, npy_bytes, png_bytes, read_png, 
 from terdit_common.inputs import read_bytes, read_json_file
 from terdit_common.limits import MAX_TEXT_BYTES, short
 from terdit_common.locks import output_lock
+from terdit_common.manifest import manifest_checksum, seal
 from terdit_common.sampling import SamplingError
 
 SAMPLES_FILE = "samples.json"
 SAMPLES_FORMAT = "terdit-samples"
 SAMPLES_VERSION = 2                 # 2: the written/ log; runs of version 1 are not resumed
+RECORD_CHECKSUM = "record_sha256"   # samples.json is sealed like an export's manifest
 GRID_MAX = 256
 OUTPUT_NAMES = ("images", "latents", "written", SAMPLES_FILE, "grid.png", "samples.npz",
                 "latents.npy")
@@ -134,7 +136,7 @@ def write_run(job: Job, sample_batch: SampleBatch, *, overwrite: bool = False, r
                             if elapsed and mine else None, "world_size": world_size}
         record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
-        atomic_write_json(out / SAMPLES_FILE, record)
+        atomic_write_json(out / SAMPLES_FILE, seal(record, RECORD_CHECKSUM))
         return record
 
 
@@ -171,6 +173,12 @@ def _read_record(out: Path) -> Optional[dict]:
     if not (isinstance(record, dict) and record.get("format") == SAMPLES_FORMAT):
         raise SamplingError(f"--out {out}: {path.name} is not a TerDiT Deploy sample record (no "
                             f"format {SAMPLES_FORMAT!r}), {fix}")
+    if record.get("version") == SAMPLES_VERSION and \
+            record.get(RECORD_CHECKSUM) != manifest_checksum(record, RECORD_CHECKSUM):
+        raise SamplingError(f"--out {out}: {path.name} does not match its checksum "
+                            f"({RECORD_CHECKSUM}): it was edited, so what it records about the "
+                            f"images cannot be trusted; pass --overwrite to start again or choose "
+                            f"another --out")
     return record
 
 
@@ -227,6 +235,8 @@ def _prepare(out: Path, record: dict, overwrite: bool) -> None:
     overwritten run (only the files our layout names) and write samples.json."""
     _check_dir(out, record, overwrite)
     if (out / SAMPLES_FILE).is_file() and not overwrite:
+        for name in PER_IMAGE:                    # a resumed run's directories, as they were
+            (out / name).mkdir(exist_ok=True)     # (or again, if someone removed them)
         return
     path = out / SAMPLES_FILE
     if overwrite:
@@ -237,7 +247,7 @@ def _prepare(out: Path, record: dict, overwrite: bool) -> None:
         remove_all(out / name for name in (SAMPLES_FILE, "grid.png", "samples.npz",
                                            "latents.npy"))
     # samples.json first: a run killed before it was written left nothing of its own
-    atomic_write_json(path, record)
+    atomic_write_json(path, seal(record, RECORD_CHECKSUM))
     for name in PER_IMAGE:
         (out / name).mkdir(exist_ok=True)
 

@@ -65,18 +65,14 @@ def sample_images(model, labels: Sequence[int], options: SampleOptions,
     info = model_info(model, metadata=metadata)
     forward = TorchForward(inference_model(model))
     indices = list(range(len(labels))) if indices is None else list(indices)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(labels), unit="img", desc="sampling", file=sys.stderr,
-                   dynamic_ncols=True)
+    from tqdm.auto import tqdm
     out = []
-    for i in range(0, len(labels), options.batch_size):
-        lat = sample_latents(forward, info, indices[i:i + options.batch_size],
-                             list(labels[i:i + options.batch_size]), options)
-        out.append(to_uint8(lat if info.pixel_space else lat[:, :3]))
-        if bar is not None:
+    # the bar is closed however the loop ends (an interrupt's message starts on its own line)
+    with tqdm(total=len(labels), unit="img", desc="sampling", file=sys.stderr,
+              dynamic_ncols=True, disable=not progress) as bar:
+        for i in range(0, len(labels), options.batch_size):
+            lat = sample_latents(forward, info, indices[i:i + options.batch_size],
+                                 list(labels[i:i + options.batch_size]), options)
+            out.append(to_uint8(lat if info.pixel_space else lat[:, :3]))
             bar.update(len(lat))
-    if bar is not None:
-        bar.close()
     return np.concatenate(out)

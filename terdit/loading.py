@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,15 +67,19 @@ def safe_torch_load(path: Path, allow_namespace: bool = False, mmap: bool = True
                 f"the file may be truncated or of another format")
     globals_ = [argparse.Namespace] if allow_namespace else []
     try:
-        with torch.serialization.safe_globals(globals_):
+        with torch.serialization.safe_globals(globals_), warnings.catch_warnings():
+            warnings.simplefilter("ignore")           # torch's own advice is not ours to give
             return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err) or "Unsupported global" in str(err) or \
                 isinstance(err, __import__("pickle").UnpicklingError):
+            # name what the pickle asks for; never repeat torch's hint to load it unsafely
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = f" (it refers to {found.group(1)})" if found else ""
             raise CheckpointError(
                 f"{path}: refused to unpickle: the file needs objects that are not plain tensors "
-                f"or containers ({text}). Loading it could run arbitrary code, so TerDiT Deploy "
+                f"or containers{what}. Loading it could run arbitrary code, so TerDiT Deploy "
                 f"never does; re-save the weights as a plain state dict or safetensors") from None
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(err).__name__}: "
                               f"{text}); the file may be truncated or corrupted") from None

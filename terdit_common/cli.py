@@ -17,7 +17,7 @@ from .errors import UserError
 from .guidance import CFG_MODES
 from .limits import MAX_WORLD_SIZE
 from .op import ACT_QUANT
-from .sampling import SampleOptions
+from .sampling import SampleOptions, check_eta_given
 from .schedulers import SAMPLERS
 
 DEFAULTS = SampleOptions()
@@ -86,6 +86,8 @@ def sample_options(args: argparse.Namespace, **overrides) -> SampleOptions:
     for name in SAMPLING_FIELDS:
         if fields[name] is None:
             fields[name] = getattr(DEFAULTS, name)
+    if getattr(args, "eta", None) is not None:
+        check_eta_given(args.eta, fields["sampler"])
     return SampleOptions(**fields)
 
 
@@ -125,11 +127,22 @@ def env_int(name: str, default: int) -> int:
     return number
 
 
-def check_torchrun_env() -> None:
+def check_torchrun_env() -> int:
     """Every torchrun variable that is set, checked (env_int) before a process group would wait
-    for ranks that never come."""
+    for ranks that never come: a world size of at least 1, ranks below it, and with more than
+    one process the rendezvous torchrun sets (MASTER_ADDR, MASTER_PORT). Returns WORLD_SIZE."""
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env_int(name, 0)
+    world = env_int("WORLD_SIZE", 1)
+    if world < 1:
+        raise UserError("environment variable WORLD_SIZE=0: a run has at least one process; "
+                        "unset it or launch with torchrun")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and v not in os.environ]
+    if missing:
+        raise UserError(f"environment variable WORLD_SIZE={world} is set but {missing[0]} is not "
+                        f"(torchrun sets both); launch with torchrun, or unset WORLD_SIZE and "
+                        f"RANK to run in one process")
+    return world
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -143,9 +156,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (kill, a batch scheduler, torchrun stopping its workers) raises KeyboardInterrupt
     in the main thread, so it ends a run the way Ctrl-C does: `finally` blocks remove temporary
     files and release locks. The previous handler is restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield                                 # signal handlers belong to the main thread
-        return
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield                                 # handlers belong to the main thread; an ignored
+        return                                # SIGTERM stays ignored
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -158,8 +172,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 class _SurvivingStdout:
-    """sys.stdout that, once its reader is gone (BrokenPipeError), sends what follows to
-    /dev/null (also at the file-descriptor level, so the interpreter's last flush is quiet)."""
+    """sys.stdout that, once it cannot be written (its reader is gone, a full /dev/full), sends
+    what follows to /dev/null (also at the file-descriptor level, so the interpreter's last flush
+    is quiet)."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
@@ -174,14 +189,14 @@ class _SurvivingStdout:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError:                       # a closed pipe, a full /dev/full: nobody reads it
             self._gone()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError:
             self._gone()
 
     def __getattr__(self, name: str):
@@ -198,7 +213,7 @@ def stdout_survives_its_reader() -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(BrokenPipeError):
+        with contextlib.suppress(OSError):
             sys.stdout.flush()
         sys.stdout = previous
 

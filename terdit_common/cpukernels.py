@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import UserError
+from .files import file_kind
 
 LIB_NAME = "libterdit_cpu.so"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +124,12 @@ def build_library(out_dir: Optional[Path] = None, quiet: bool = False) -> Path:
     out = out_dir / LIB_NAME
     if out.is_file():
         return out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CpuKernelError(f"cannot create the build cache {out_dir} ({err.strerror or err}); "
+                             f"set XDG_CACHE_HOME to a writable directory, or TERDIT_CPU_LIB to a "
+                             f"prebuilt libterdit_cpu.so") from None
     if not quiet:
         print(f"building the terdit CPU kernels with {Path(cxx).name} into {out_dir} (once, about "
               f"15 s)", file=sys.stderr, flush=True)
@@ -178,6 +184,7 @@ def load(build: bool = True) -> ctypes.CDLL:
     global _lib, _lib_path, _failure
     with _lock:
         if _lib is not None:
+            _check_env(_lib, _lib_path)           # the variables may have changed since
             return _lib
         if _failure is not None:
             raise CpuKernelError(_failure)
@@ -186,17 +193,42 @@ def load(build: bool = True) -> ctypes.CDLL:
             if env:
                 path = Path(env)
                 if not path.is_file():
-                    raise CpuKernelError(f"TERDIT_CPU_LIB={env}: no such file")
+                    what = (file_kind(path.lstat().st_mode) if os.path.lexists(path)
+                            else "no such file")
+                    raise CpuKernelError(f"TERDIT_CPU_LIB={env}: not a library file ({what}); "
+                                         f"point it at a built libterdit_cpu.so or unset it")
             elif build:
                 path = build_library()
             else:
                 raise CpuKernelError("the terdit CPU kernels are not built (load(build=True) "
                                      "builds them)")
-            _lib, _lib_path = _open(path), path
+            lib = _open(path)
+            _lib, _lib_path = lib, path
         except CpuKernelError as err:
             _failure = str(err)
             raise
+        _check_env(_lib, _lib_path)
         return _lib
+
+
+def _check_env(lib: ctypes.CDLL, path: Path) -> None:
+    """TERDIT_CPU_LIB, when set, is the library in use, and TERDIT_CPU_ISA names a path this
+    CPU and build run (the library would otherwise fall back to the best one without a
+    word)."""
+    env = os.environ.get("TERDIT_CPU_LIB")
+    if env and Path(env) != path:
+        what = file_kind(Path(env).lstat().st_mode) if os.path.lexists(env) else "no such file"
+        raise CpuKernelError(f"TERDIT_CPU_LIB={env}: not the library in use ({path}; {what}); "
+                             f"point it at a built libterdit_cpu.so or unset it")
+    forced = os.environ.get("TERDIT_CPU_ISA")
+    if not forced:
+        return
+    if forced not in ISAS:
+        raise CpuKernelError(f"TERDIT_CPU_ISA={forced[:40]}: not one of {', '.join(ISAS)}; name "
+                             f"one or unset it")
+    if lib.terditCpuIsa().decode() != forced:
+        raise CpuKernelError(f"TERDIT_CPU_ISA={forced}: this CPU or build cannot run it (best "
+                             f"here: {lib.terditCpuBestIsa().decode()}); unset it or name that one")
 
 
 def library_path() -> Path:

@@ -41,7 +41,9 @@ def signals_held() -> Iterator[None]:
             os._exit(EXIT_INTERRUPTED)
         held.append(signum)
 
-    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process ignores (SIGINT of a background job) stays ignored
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -53,8 +55,13 @@ def signals_held() -> Iterator[None]:
 
 def run_main(module: str) -> NoReturn:
     """Exit with `module`'s main() (its command line); SIGTERM raises KeyboardInterrupt as
-    Ctrl-C does."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    Ctrl-C does (unless the process ignores it). A closed standard output or error (`1>&-`)
+    becomes /dev/null."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         with signals_held():
             main = importlib.import_module(module).main

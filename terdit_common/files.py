@@ -2,8 +2,8 @@
 
 Files that are never half-written, content hashes, and one writer per output directory.
 
-- `atomic_write(path, writer)`: the writer fills `.NAME.RANDOM.tmp` beside `path`, which is then
-  renamed over it, so a reader sees the old file or the new one, never a torn one.
+- `atomic_write(path, writer)`: the writer fills `.NAME.terdit-RANDOM.tmp` beside `path`, which
+  is then renamed over it, so a reader sees the old file or the new one, never a torn one.
 - `atomic_directory(path)`: the same for a whole directory.
 - one writer per output: terdit_common.locks (`output_lock`, `file_output`).
 - `remove_stale_temps(dir)` / `remove_stale_temps_of(path)`: the temporary names above, left by
@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator, Optional
 from .errors import UserError
 
 LOCK_NAME = ".terdit.lock"
+TEMP_MARK = "terdit-"                  # in every temporary name of ours (`_TEMP` below)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -61,7 +62,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
         raise UserError(f"{path}: is a symbolic link where this tool writes its own file; we "
                         f"never replace links: remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{TEMP_MARK}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         writer(Path(tmp))
@@ -100,7 +101,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool,
     path = Path(path)
     check_replaceable_dir(path, overwrite, ours, flag, dirs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{TEMP_MARK}", suffix=".tmp",
+                                dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())                 # mkdtemp makes 0700
     try:
         yield tmp
@@ -108,10 +110,20 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool,
             if f.is_file():                          # leave 0600 files: give them the umask's mode
                 os.chmod(f, 0o666 & ~current_umask())
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{TEMP_MARK}", suffix=".old",
+                                        dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
             os.replace(tmp, path)
+            # what appeared in `path` since it was checked is not ours: it moves into the new
+            # directory instead of going with the old one
+            for entry in foreign_entries(old, ours, dirs):
+                if not os.path.lexists(path / entry.name):
+                    os.replace(entry, path / entry.name)
+            if foreign_entries(old, ours, dirs):
+                raise UserError(f"{flag} {path}: while it was replaced, files this tool did not "
+                                f"write appeared in it under its own names; they are kept in "
+                                f"{old}: move them away")
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -136,9 +148,10 @@ def check_replaceable_dir(path: Path, overwrite: bool, ours: Callable[[str], boo
         refuse_foreign(path, ours, flag, "--overwrite replaces only what this tool wrote", dirs)
 
 
-# what this module's writers name their temporaries: `.NAME.RANDOM.tmp` / `.old` (RANDOM: the
-# 8 characters tempfile adds); nothing else is taken for one of ours (a user's `.notes.old` is not)
-_TEMP = r"\.{name}\.[a-z0-9_]{{8}}\.(?:tmp|old)"
+# what this module's writers name their temporaries: `.NAME.terdit-RANDOM.tmp` / `.old` (RANDOM:
+# the 8 characters tempfile adds); nothing else is taken for one of ours (a user's `.notes.old`
+# or `.notes.20240101.old` is not)
+_TEMP = r"\.{name}\.terdit-[a-z0-9_]{{8}}\.(?:tmp|old)"
 _ANY_TEMP = re.compile(_TEMP.format(name=".+"))
 
 
@@ -161,7 +174,7 @@ def remove_stale_temps(*directories: str | os.PathLike) -> list[Path]:
 
 def remove_stale_temps_of(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries this module's writers left beside `path` (exactly its own
-    `.NAME.RANDOM.tmp` / `.old`, never another output's in the same directory).
+    `.NAME.terdit-RANDOM.tmp` / `.old`, never another output's in the same directory).
     Call it only while holding `path`'s lock."""
     path = Path(path)
     pattern = re.compile(_TEMP.format(name=re.escape(path.name)))

@@ -6,7 +6,21 @@ import sys
 
 import numpy as np
 
+from .errors import UserError
+
 CFG_MODES = ("official", "standard")
+
+
+def check_cfg_mode(mode: str, in_channels: int, flag: str = "--cfg-mode") -> str:
+    """`mode`, if it can guide a model with `in_channels` channels: official guides eps channels
+    0..2, so a model of fewer channels would have its variance channels guided instead."""
+    if mode not in CFG_MODES:
+        raise UserError(f"{flag} {mode!r} is not one of {', '.join(CFG_MODES)}")
+    if mode == "official" and in_channels < 3:
+        raise UserError(f"{flag} official guides eps channels 0..2, but this model has "
+                        f"{in_channels} channel(s) (its variance channels would be guided); use "
+                        f"{flag} standard")
+    return mode
 
 
 def default_cfg_mode(in_channels: int) -> str:

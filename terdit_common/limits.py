@@ -74,6 +74,9 @@ def is_int(v) -> bool:
 MAX_IMAGES = 1_000_000          # images in one run (--num, --num-images), one .npz, one folder
 MAX_BATCH = 65536               # images per forward (--batch-size; build-engine --*-batch)
 MAX_SEED = 2**63 - 1
+MAX_CFG_SCALE = 1e4             # |--cfg-scale| (guidance scales in use are below 20; float32 ends
+                                # near 3e38, so larger values turn the output into inf)
+MAX_ETA = 100.0                 # DDIM --eta (1 is DDPM's noise level)
 MAX_THREADS = 1024              # --threads (ONNX Runtime / torch CPU threads)
 MAX_WORLD_SIZE = 65536          # torchrun's WORLD_SIZE (processes of one run)
 MAX_COUNT = 10**9               # the trainer's counts (--steps, --global-batch, --log-every ...)

@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 from .errors import UserError
 from .files import current_umask, open_nofollow, os_error_message, remove_stale_temps_of
 
+LOCK_FORMAT = "terdit-lock"                # the record a lock file of ours holds
+
 
 @contextlib.contextmanager
 def output_lock(lock_file: str | os.PathLike, what: str,
@@ -54,7 +56,7 @@ def output_lock(lock_file: str | os.PathLike, what: str,
         if previous != "unknown owner":
             log(f"note: {what}: taking over the lock of a run that ended without releasing it "
                 f"({previous})")
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
+        record = {"format": LOCK_FORMAT, "pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
@@ -133,6 +135,6 @@ def _read_owner(fd: int) -> str:
         data = json.loads(os.pread(fd, 4096, 0).decode() or "null")
     except (ValueError, UnicodeDecodeError, OSError):
         data = None
-    if not isinstance(data, dict):
-        return "unknown owner"
+    if not isinstance(data, dict) or data.get("format") != LOCK_FORMAT:
+        return "unknown owner"                # not a record of ours (a user's JSON file too)
     return f"pid {data.get('pid')} on host {data.get('host')}, started {data.get('started')}"

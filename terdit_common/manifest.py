@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
-from .files import sha256_file
+from .files import is_temp_name, sha256_file
 from .inputs import input_file, read_json_file
 from .guidance import CFG_MODES
 from .limits import MAX_WEIGHTS_BYTES, check_model_config, is_int, short
@@ -47,16 +47,17 @@ EXPORT_FILES = (MANIFEST_FILE, MODEL_FILE, DATA_FILE, VAE_FILE, CONFIG_FILE, WEI
 REEXPORT = "re-export the model with `python -m exporter`"
 
 
-def manifest_checksum(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON without its own checksum field: a changed value
-    anywhere in manifest.json is detected like a changed byte in the files it lists."""
-    body = {k: v for k, v in manifest.items() if k != CHECKSUM_FIELD}
+def manifest_checksum(manifest: dict, field: str = CHECKSUM_FIELD) -> str:
+    """sha256 of a record's canonical JSON without its own checksum `field`: a changed value
+    anywhere in manifest.json (or a run's samples.json) is detected like a changed byte in the
+    files it lists."""
+    body = {k: v for k, v in manifest.items() if k != field}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
                           .encode()).hexdigest()
 
 
-def seal(manifest: dict) -> dict:
-    return {**manifest, CHECKSUM_FIELD: manifest_checksum(manifest)}
+def seal(manifest: dict, field: str = CHECKSUM_FIELD) -> dict:
+    return {**manifest, field: manifest_checksum(manifest, field)}
 
 
 # what only an export directory holds (a checkpoint directory holds config.json and
@@ -170,12 +171,29 @@ def verify_files(export_dir: str | os.PathLike, manifest: dict,
     return hashes
 
 
+def refuse_unlisted(export_dir: Path, manifest: dict) -> None:
+    """An export directory holds only the regular files its manifest lists, TensorRT plans and
+    their build records (build-engine's outputs, checked by their records), and locks and
+    temporaries of ours: ONNX Runtime resolves a model's external data by name, so an unlisted
+    file there could be read as unverified weights."""
+    for entry in sorted(export_dir.iterdir()):
+        name = entry.name
+        if name in manifest["files"] or name == MANIFEST_FILE or is_temp_name(name) or \
+                name.endswith((".plan", ".plan.json")) or \
+                (name.startswith(".") and name.endswith(".lock")):
+            continue                         # the listed files' kinds: verify_files
+        raise UserError(f"{export_dir}: holds {name}, which its {MANIFEST_FILE} does not list; "
+                        f"an export is read only with the files it lists (ONNX Runtime could "
+                        f"take an unlisted one for weight data): move it away or {REEXPORT}")
+
+
 def open_export(export_dir: str | os.PathLike) -> tuple[dict, ModelInfo]:
     """The checked manifest of an export directory (every listed file hashed and compared) and
     the ModelInfo it describes (sha256 = model.onnx's): what every backend opens an export
     with."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
+    refuse_unlisted(export_dir, manifest)
     hashes = verify_files(export_dir, manifest)
     graph = manifest.get("graph", {})
     folded = graph.get("cfg") if graph.get("cfg") in CFG_MODES else None

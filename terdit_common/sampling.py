@@ -17,8 +17,8 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from .errors import UserError
-from .guidance import CFG_MODES, default_cfg_mode, guide
-from .limits import MAX_BATCH, MAX_SEED, is_int
+from .guidance import CFG_MODES, check_cfg_mode, default_cfg_mode, guide
+from .limits import MAX_BATCH, MAX_CFG_SCALE, MAX_ETA, MAX_SEED, is_int, short
 from .noise_schedule import NUM_TRAIN_STEPS, space_timesteps
 from .schedulers import DIFFUSERS_PREFIX, ETA_SAMPLERS, SAMPLERS, check_sampler, make_scheduler
 
@@ -65,10 +65,12 @@ class SampleOptions:
             bad("batch_size", "--batch-size", f"must be an integer from 1 to {MAX_BATCH}")
         if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             bad("seed", "--seed", "must be a non-negative integer")
-        if not _finite(self.cfg_scale):
-            bad("cfg_scale", "--cfg-scale", "must be a finite number (1 disables guidance)")
-        if not _finite(self.eta) or self.eta < 0:
-            bad("eta", "--eta", "must be a finite number >= 0")
+        if not _finite(self.cfg_scale) or abs(self.cfg_scale) > MAX_CFG_SCALE:
+            bad("cfg_scale", "--cfg-scale", f"must be a number from {-MAX_CFG_SCALE:g} to "
+                                            f"{MAX_CFG_SCALE:g} (limits.MAX_CFG_SCALE; 1 disables "
+                                            f"guidance)")
+        if not _finite(self.eta) or not 0 <= self.eta <= MAX_ETA:
+            bad("eta", "--eta", f"must be a number from 0 to {MAX_ETA:g} (limits.MAX_ETA)")
         if self.cfg_mode is not None and self.cfg_mode not in CFG_MODES:
             bad("cfg_mode", "--cfg-mode", f"choose one of {', '.join(CFG_MODES)}")
         if self.cfg_mode is not None and self.cfg_scale == 1:
@@ -76,10 +78,8 @@ class SampleOptions:
                                           "--cfg-mode or set a --cfg-scale above 1")
         if self.clip_denoised not in (None, True, False):
             bad("clip_denoised", "--clip-denoised", "must be True, False or None (the default)")
-        if self.eta and self.sampler in SAMPLERS and self.sampler not in ETA_SAMPLERS:
-            bad("eta", "--eta", f"--sampler {self.sampler} has no eta (only "
-                                f"{', '.join(ETA_SAMPLERS)} and diffusers schedulers whose step() "
-                                f"takes one); drop --eta or use --sampler ddim")
+        if self.eta:
+            check_eta_given(self.eta, self.sampler)
         if self.clip_denoised and self.sampler.startswith(DIFFUSERS_PREFIX):
             raise UserError(f"--clip-denoised: --sampler {self.sampler} does not clamp x_0 (a "
                             f"diffusers scheduler runs with its own clip_sample=False); drop "
@@ -95,6 +95,15 @@ class SampleOptions:
         d = dataclasses.asdict(self)
         d.pop("batch_size")
         return d
+
+
+def check_eta_given(eta, sampler: str) -> None:
+    """An --eta given (0 too) to a built-in sampler that has none is refused: it would have no
+    effect (diffusers schedulers are checked against their step() when built)."""
+    if sampler in SAMPLERS and sampler not in ETA_SAMPLERS:
+        raise UserError(f"--eta {eta!r}: --sampler {sampler} has no eta (only "
+                        f"{', '.join(ETA_SAMPLERS)} and diffusers schedulers whose step() takes "
+                        f"one); drop --eta or use --sampler ddim")
 
 
 def _finite(v) -> bool:
@@ -163,13 +172,16 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
 
 
+IMAGENET_CLASSES = 1000
+
+
 def imagenet_to_model_label(imagenet_id: int) -> int:
     """The official models were trained on ImageFolder dirs "0".."999", sorted as strings."""
-    if not is_int(imagenet_id) or not 0 <= imagenet_id < 1000:
+    if not is_int(imagenet_id) or not 0 <= imagenet_id < IMAGENET_CLASSES:
         raise UserError(f"ImageNet id {imagenet_id!r} (--classes with --imagenet-ids) is not an "
-                        f"integer in [0, 1000); pass ImageNet class ids, or drop --imagenet-ids "
-                        f"to pass the model's own labels")
-    return sorted(str(i) for i in range(1000)).index(str(imagenet_id))
+                        f"integer in [0, {IMAGENET_CLASSES}); pass ImageNet class ids, or drop "
+                        f"--imagenet-ids to pass the model's own labels")
+    return sorted(str(i) for i in range(IMAGENET_CLASSES)).index(str(imagenet_id))
 
 
 def resolve_cfg_mode(info: ModelInfo, options: SampleOptions) -> str:
@@ -178,7 +190,7 @@ def resolve_cfg_mode(info: ModelInfo, options: SampleOptions) -> str:
         raise SamplingError(f"this graph has {folded!r} guidance folded in; --cfg-mode "
                             f"{options.cfg_mode} needs a re-export with --cfg {options.cfg_mode} "
                             f"(or --cfg none)")
-    return folded or options.cfg_mode or info.default_cfg_mode
+    return check_cfg_mode(folded or options.cfg_mode or info.default_cfg_mode, info.in_channels)
 
 
 def resolve_clip(info: ModelInfo, options: SampleOptions) -> bool:
@@ -220,25 +232,50 @@ def check_model_options(info: ModelInfo, options: SampleOptions) -> None:
                             f"--num-timesteps {NUM_TRAIN_STEPS}")
 
 
+def check_initial_latents(initial, shape: tuple, flag: str = "--latents") -> None:
+    """None, or a finite float array of `shape` (one latent per image)."""
+    if initial is None:
+        return
+    if not isinstance(initial, np.ndarray) or initial.dtype.kind != "f":
+        raise SamplingError(f"{flag}: {short(initial)} is not a float numpy array; pass "
+                            f"one of shape {shape}")
+    if initial.shape != shape:
+        raise SamplingError(f"{flag} has shape {initial.shape}, expected {shape} (one latent "
+                            f"per image)")
+    if not np.isfinite(initial).all():
+        bad = int(np.argmax(~np.isfinite(initial).reshape(len(initial), -1).all(axis=1)))
+        raise SamplingError(f"{flag}: latent {bad} holds NaN or Inf; pass finite latents")
+
+
 def sample_latents(forward: Forward, info: ModelInfo, indices: Sequence[int],
                    labels: Sequence[int], options: SampleOptions,
                    initial: Optional[np.ndarray] = None,
                    on_step: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """Final latents (B, C, H, W) of images `indices` with model labels `labels`."""
     c, s = info.in_channels, info.input_size
+    if not isinstance(options, SampleOptions):
+        raise SamplingError(f"options={short(options)}: pass a SampleOptions")
+    for name, values in (("indices", indices), ("labels", labels)):
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or \
+                not all(is_int(v) for v in values):
+            raise SamplingError(f"{name}={short(values)}: pass a list of integers, one per image")
     if len(indices) != len(labels):
         raise SamplingError(f"{len(indices)} image indices but {len(labels)} labels; give one "
                             f"label per image")
+    if any(v < 0 for v in indices):
+        raise SamplingError(f"indices: {min(indices)} is negative; image indices (their noise "
+                            f"seeds) start at 0")
     for v in labels:
-        if not 0 <= int(v) <= info.num_classes:
+        if not 0 <= v <= info.num_classes:
             raise SamplingError(f"label {v} is outside [0, {info.num_classes}] (the last is the "
                                 f"null label)")
+    check_initial_latents(initial, (len(labels), c, s, s))
+    if on_step is not None and not callable(on_step):
+        raise SamplingError(f"on_step={short(on_step)}: pass a function of the step index")
     check_model_options(info, options)
     rngs = [image_rng(options.seed, int(i)) for i in indices]
     x = np.stack([r.standard_normal((c, s, s), dtype=np.float32) for r in rngs])
     if initial is not None:
-        if initial.shape != x.shape:
-            raise SamplingError(f"initial latents have shape {initial.shape}, expected {x.shape}")
         x = np.ascontiguousarray(initial, dtype=np.float32)
     y = np.asarray(labels, dtype=np.int64)
     sched = make_scheduler(options.sampler, options.eta, resolve_clip(info, options))

@@ -104,6 +104,19 @@ def edit_json(rel, edit):
     return setup
 
 
+def other_run(rel, edit):
+    """samples.json at `rel` edited by `edit` and sealed again: the record of another run (a run
+    with other settings), not a damaged one."""
+    def setup(tmp, base):
+        from terdit_common.manifest import seal
+        path = tmp / rel
+        doc = json.loads(path.read_text())
+        doc.pop("record_sha256", None)
+        edit(doc)
+        path.write_text(json.dumps(seal(doc, "record_sha256")))
+    return setup
+
+
 def assert_refused(name, argv, pattern, work: Path, base: Path, capsys) -> str:
     """Run the case's command line in process: exit code 2, one `error:` line matching
     `pattern` (the last line), no traceback; the case's tree and the shared fixtures are exactly

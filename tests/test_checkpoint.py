@@ -224,9 +224,11 @@ def test_refuses_code_executing_pickle(tmp_path):
 
     state["evil"] = Evil()
     torch.save(state, tmp_path / "ck" / "consolidated_ema_ternary.00-of-01.pth")
-    with pytest.raises(CheckpointError, match="refused to unpickle"):
+    with pytest.raises(CheckpointError, match="refused to unpickle") as info:
         load_checkpoint(tmp_path / "ck")
     assert not marker.exists()
+    assert "weights_only=False" not in str(info.value)      # no advice to load it unsafely
+    assert "posix.system" in str(info.value) or "os.system" in str(info.value), str(info.value)
     # the same in model_args.pth
     torch.save({"model": TINY_OFFICIAL, "evil": Evil()}, tmp_path / "ck" / "model_args.pth")
     with pytest.raises(CheckpointError, match="model_args.pth: refused to unpickle"):

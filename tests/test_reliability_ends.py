@@ -22,8 +22,8 @@ from tests.helpers import pixel_checkpoint, run_cli_case, tree_state
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda *_: None)
-DEAD_LOCK = json.dumps({"pid": 999999999, "host": "gone", "started": "earlier",
-                        "command": "a run that was killed"}) + "\n"
+DEAD_LOCK = json.dumps({"format": "terdit-lock", "pid": 999999999, "host": "gone",
+                        "started": "earlier", "command": "a run that was killed"}) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,10 @@ SIGNALS = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM}
 def _start(argv, work, base):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [a.replace("{T}", str(work)).replace("{B}", str(base)) for a in argv]
+    # a job started in the background (CI) inherits an ignored SIGINT: give Ctrl-C back
     return subprocess.Popen([sys.executable, "-m", *args], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _stop(argv, work, base, sig, after: float) -> tuple[int, str]:
@@ -113,6 +115,59 @@ def test_a_closed_stdout_does_not_end_the_run(base, tmp_path):
     assert proc.wait(timeout=300) == 0, err
     assert "Traceback" not in err and "error" not in err, err
     assert (tmp_path / "out" / "grid.png").is_file() and (tmp_path / "out" / "samples.npz").is_file()
+
+
+@pytest.mark.parametrize("redirect", ["stdout-closed", "stderr-closed", "stdout-full"])
+def test_closed_or_full_standard_streams_do_not_end_the_run(redirect, base, tmp_path):
+    """`1>&-`, `2>&-` or `>/dev/full`: the run still writes every output and ends with 0."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "runtime", "sample", "--model", str(base / "onnx"), "--out",
+            str(out), "--num", "2", "--steps", "2", "--kernels", "function"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if redirect == "stdout-full":
+        with open("/dev/full", "w") as full:
+            code = subprocess.run(argv, cwd=tmp_path, env=env, stdout=full,
+                                  stderr=subprocess.DEVNULL, timeout=300).returncode
+    else:
+        closed = 1 if redirect == "stdout-closed" else 2
+        code = subprocess.run(argv, cwd=tmp_path, env=env, timeout=300,
+                              preexec_fn=lambda: os.close(closed)).returncode
+    assert code == 0, redirect
+    assert (out / "grid.png").is_file() and (out / "samples.npz").is_file()
+
+
+def test_names_like_our_temporaries_are_not_ours(base, tmp_path, capsys):
+    """A user's `.notes.20240101.old` or `.x.abcd1234.tmp` (our temporaries carry `terdit-`) in an
+    output directory, or beside an export's output, survives the run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = [out / ".notes.20240101.old", out / ".samples.json.abcd1234.tmp",
+            tmp_path / ".o.backup01.old", tmp_path / ".o.abcd1234.tmp"]
+    for p in mine:
+        p.write_text("the user's")
+    code, err = run_cli_case(["runtime", "sample", "--model", "{B}/onnx", "--out", "{T}/out",
+                              "--num", "1", "--steps", "2", "--no-progress", "--overwrite"],
+                             tmp_path, base, capsys)
+    assert code == 0, err
+    code, err = run_cli_case(["exporter", "{B}/ck", "-o", "{T}/o", "--no-validate"], tmp_path,
+                             base, capsys)
+    assert code == 0, err
+    assert all(p.read_text() == "the user's" for p in mine)
+
+
+def test_what_appears_during_an_overwrite_is_kept(tmp_path):
+    """A file of the user's written into a directory while atomic_directory replaces it (after
+    the check): it moves into the new directory instead of being deleted with the old one."""
+    from terdit_common.files import atomic_directory
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    ours = {"a.txt"}.__contains__
+    with atomic_directory(out, overwrite=True, ours=ours) as tmp:
+        (tmp / "a.txt").write_text("new")
+        (out / "notes.txt").write_text("the user's")          # after the check, before the swap
+    assert (out / "a.txt").read_text() == "new" and (out / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 # ---- class 6: nothing left behind -------------------------------------------------------------
@@ -174,7 +229,7 @@ def test_a_dead_runs_lock_and_temporaries_are_cleaned(base, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
     (out / ".terdit.lock").write_text(DEAD_LOCK)
-    stale = [out / ".samples.json.abcd1234.tmp", out / "images" / ".000000.png.x1y2z3w4.tmp"]
+    stale = [out / ".samples.json.terdit-abcd1234.tmp", out / "images" / ".000000.png.terdit-x1y2z3w4.tmp"]
     for p in stale:
         p.write_bytes(b"half written")
     (out / "notes.txt").write_text("the user's")
@@ -192,8 +247,8 @@ def test_build_engine_cleans_what_a_stopped_build_left(base, tmp_path, capsys, m
     before the build (here stopped by a missing TensorRT), another output's are kept."""
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     (tmp_path / ".m.plan.lock").write_text(DEAD_LOCK)
-    mine = [tmp_path / ".m.plan.abcd1234.tmp", tmp_path / ".m.plan.json.abcd1234.tmp"]
-    other = tmp_path / ".other.plan.abcd1234.tmp"
+    mine = [tmp_path / ".m.plan.terdit-abcd1234.tmp", tmp_path / ".m.plan.json.terdit-abcd1234.tmp"]
+    other = tmp_path / ".other.plan.terdit-abcd1234.tmp"
     for p in [*mine, other]:
         p.write_bytes(b"half written")
     code, err = run_cli_case(["runtime", "build-engine", "{B}/onnx", "--plugin", "{B}/lib.so",

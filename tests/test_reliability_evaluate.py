@@ -73,6 +73,10 @@ CASES = [
     ("ev-out-is-save-samples", EV_MODEL + ["--out", "{T}/x.npz", "--save-samples", "{T}/x.npz"], r"--save-samples \S*x.npz: is also the --out output, and one would replace the other", None),
     ("ev-out-in-ref-cache", FID_NPZ + ["--ref-cache", "{T}/cache", "--out", "{T}/cache/m.json"], r"--out \S*cache/m.json: lies inside the input --ref-cache \S*cache", mkdir("cache")),
     ("ev-classifier-out-in-data", ["evaluate", "train-classifier", "--data-path", "{T}/fm", "--out", "{T}/fm/c.st"], r"--out \S*fm/c.st: lies inside the input --data-path \S*fm", mkdir("fm")),
+    ("ev-plot-out-exists", PLOT, r"--out \S*p.png: exists; pass --overwrite to replace it", all_of(_log("log.jsonl", LOSS), write("p.png", b"the user's picture"))),
+    ("ev-grid-out-exists", GRID, r"--out \S*g.png: exists; pass --overwrite", write("g.png", b"the user's picture")),
+    ("ev-metrics-out-exists", METRICS + ["{B}/good.npz", "--out", "{T}/m.json"], r"--out \S*m.json: exists; pass --overwrite", write("m.json", b"{}")),
+    ("ev-classifier-out-exists", ["evaluate", "train-classifier", "--out", "{T}/c.st"], r"--out \S*c.st: exists; pass --overwrite", write("c.st", b"mine")),
     ("ev-out-is-a-directory", METRICS + ["{B}/good.npz", "--out", "{T}/d"], r"--out \S*/d: is a directory; pass the path of the file to write", mkdir("d")),
     ("ev-grid-out-is-a-link", GRID[:-1] + ["{T}/g.png"], r"--out \S*g.png: is a symbolic link; we never write through one", symlink("g.png", "mine.png")),
     # 3. every flag acts or is refused
@@ -126,9 +130,9 @@ RUNS = [
 def test_stale_temporaries_of_the_output_are_removed(case, base, tmp_path, capsys):
     name, argv, output, setup = case
     work = case_dir(tmp_path, base, setup)
-    stale = work / f".{output}.abcd1234.tmp"
+    stale = work / f".{output}.terdit-abcd1234.tmp"
     stale.write_bytes(b"half")
-    neighbour = work / ".notes.txt.abcd1234.tmp"                # another output's: not ours
+    neighbour = work / ".notes.txt.terdit-abcd1234.tmp"                # another output's: not ours
     neighbour.write_bytes(b"keep")
     base_before = tree_state(base)
     code, err = run_cli_case(argv, work, base, capsys)
@@ -139,6 +143,15 @@ def test_stale_temporaries_of_the_output_are_removed(case, base, tmp_path, capsy
     left = sorted(p.name for p in work.iterdir() if p.name.startswith("."))
     assert left == [neighbour.name], left                       # no lock, no temporary
     assert tree_state(base) == base_before
+
+
+def test_overwrite_replaces_an_existing_output(base, tmp_path, capsys):
+    """An existing output is replaced only with --overwrite (and then nothing else is left)."""
+    (tmp_path / "g.png").write_bytes(b"the user's picture")
+    code, err = run_cli_case(GRID + ["--per-class", "2", "--overwrite"], tmp_path, base, capsys)
+    assert code == 0, err
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
 
 
 class StandInFeatures:
@@ -162,7 +175,7 @@ def test_stale_temporaries_of_a_cache_entry_are_removed(base, tmp_path, capsys, 
     assert evaluate.main(argv) == 0
     entry = sorted(p.name for p in cache.iterdir())
     assert len(entry) == 2 and entry[0].endswith(".json") and entry[1].endswith(".npy")
-    stale = [cache / f".{name}.abcd1234.tmp" for name in entry]
+    stale = [cache / f".{name}.terdit-abcd1234.tmp" for name in entry]
     for p in stale:
         p.write_bytes(b"half")
     capsys.readouterr()

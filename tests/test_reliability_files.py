@@ -22,7 +22,8 @@ import pytest
 
 from exporter import ExportOptions, export
 from terdit_common.manifest import MANIFEST_FORMAT, files_record, seal
-from tests.cases import assert_refused, copy, edit_json, fifo, flip, mkdir, remove, symlink, write
+from tests.cases import (assert_refused, copy, edit_json, fifo, flip, mkdir, other_run, remove,
+                         symlink, write)
 from tests.helpers import all_of, case_dir, pixel_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ CASES = [
     ("ev-export-no-manifest", EVAL + ["--model", "{T}/onnx"], "holds model.onnx but no manifest.json", all_of(copy("onnx"), remove("onnx/manifest.json"))),
     ("ev-export-weights-edited", EVAL + ["--model", "{T}/onnx"], "model.safetensors: content differs", all_of(copy("onnx"), flip("onnx/model.safetensors"))),
     # 3. resume rules; every flag acts or is refused
-    ("rs-resume-other-backend", SAMPLE[:5] + ["{T}/samples"] + SAMPLE[6:], "different run .*--backend ort -> torch", all_of(copy("onnx", "samples"), edit_json("samples/samples.json", lambda d: d["model"].update(backend="ort")))),
+    ("rs-resume-other-backend", SAMPLE[:5] + ["{T}/samples"] + SAMPLE[6:], "different run .*--backend ort -> torch", all_of(copy("onnx", "samples"), other_run("samples/samples.json", lambda d: d["model"].update(backend="ort")))),
     ("ex-ema-on-checkpoint", EX + ["--ema"], r"--ema / --no-ema \(ema=True\) choose among the files of an official", copy("ck")),
     ("ex-from-fp-on-checkpoint", EX + ["--from-fp"], "--from-ternary / --from-fp", copy("ck")),
     ("ex-tolerance-no-validate", EX + ["--tolerance", "0.1"], "--tolerance sets the validation, which --no-validate skips", copy("ck")),
@@ -262,7 +263,7 @@ def test_a_killed_export_is_cleaned_by_the_same_command(base, tmp_path, capsys, 
     code, err, temp = _stopped_export(base / "ck", out, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert temp.is_dir() and (tmp_path / ".o.lock").is_file() and not out.exists()
-    (tmp_path / ".o.x.abcd1234.tmp").mkdir()          # another output's (o.x) temporary
+    (tmp_path / ".o.x.terdit-abcd1234.tmp").mkdir()          # another output's (o.x) temporary
     ex = importlib.import_module("exporter.export")
     seen = {}
 
@@ -275,9 +276,9 @@ def test_a_killed_export_is_cleaned_by_the_same_command(base, tmp_path, capsys, 
     capsys.readouterr()
     assert main([str(base / "ck"), "-o", str(out), "--no-validate"]) == 0
     err = capsys.readouterr().err
-    assert seen == {"temps": [".o.x.abcd1234.tmp"], "locked": True}, seen
+    assert seen == {"temps": [".o.x.terdit-abcd1234.tmp"], "locked": True}, seen
     assert "taking over the lock" in err and temp.name in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.x.abcd1234.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.x.terdit-abcd1234.tmp"]
 
 
 def test_an_interrupted_export_removes_its_temporary_and_lock(base, tmp_path, monkeypatch):

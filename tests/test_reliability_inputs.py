@@ -219,7 +219,7 @@ API_CASES = [
     ("string-labels", lambda b: _pipe(b)("a"), r"class_labels='a' is a string; pass a list"),
     ("int-labels", lambda b: _pipe(b)(2), r"class_labels=2: pass a list"),
     ("unhashable-label", lambda b: _pipe(b)([[1]]), r"class \[1\] is not one of this model's"),
-    ("imagenet-name", lambda b: _pipe(b)(["a"], imagenet_ids=True), r"'a' is not an ImageNet id"),
+    ("imagenet-name", lambda b: _pipe(b)(["a"], imagenet_ids=True), r"imagenet_ids=True maps ImageNet ids to the labels of the official 1000-class release"),
     ("unknown-kwarg", lambda b: _pipe(b, colour=1), r"unknown backend option colour=1"),
     ("kwarg-wrong-backend", lambda b: _pipe(b, dtype="bf16"), r"--dtype bf16: --backend ort does not use it"),
     ("vae-on-pixel", lambda b: _pipe(b, vae="x"), r"--vae x: .*pixel-space model"),

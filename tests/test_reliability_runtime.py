@@ -14,7 +14,6 @@ test_reliability_train.py, terdit.evaluate's in test_reliability_evaluate.py), b
 Each CLI case ends with exit code 2 and one `error:` line naming the file or flag, no traceback,
 nothing of the user's changed and nothing added (the case's tree and the shared fixtures are
 hashed before and after); each API case raises runtime.UserError."""
-import json
 import os
 import shutil
 
@@ -22,7 +21,8 @@ import numpy as np
 import pytest
 
 from exporter import ExportOptions, export
-from tests.cases import assert_api_refused, assert_refused, copy, flip, hard_link, remove, write
+from tests.cases import (assert_api_refused, assert_refused, copy, edit_json, flip, hard_link,
+                         npy, other_run, remove, write)
 from tests.helpers import all_of, case_dir, latent_checkpoint, pixel_checkpoint, run_cli_case
 
 QUIET = dict(log=lambda *_: None)
@@ -42,15 +42,6 @@ def base(tmp_path_factory):
                  "2", "--steps", "2", "--no-progress"]) == 0
     np.save(root / "l.npy", np.zeros((1, 1, 8, 8), np.float32))
     return root
-
-
-def _edit_record(edit):
-    def setup(tmp, base):
-        path = tmp / "run" / "samples.json"
-        doc = json.loads(path.read_text())
-        edit(doc)
-        path.write_text(json.dumps(doc))
-    return setup
 
 
 def _user_png(rel):
@@ -84,20 +75,36 @@ CASES = [
     ("rs-stripped-export-plan", ["runtime", "sample", "--model", "{T}/onnx", "--backend", "torch", "--out", "{T}/out", "--num", "1", "--steps", "2"], r"onnx: holds model.plan but no manifest.json", all_of(copy("onnx"), remove(*STRIPPED), write("onnx/model.plan", b"x"), flip("onnx/model.safetensors")), None),
     ("ex-stripped-export-data", ["exporter", "{T}/onnx", "-o", "{T}/o", "--no-validate"], r"onnx: holds model.onnx.data but no manifest.json", all_of(copy("onnx"), remove(*STRIPPED), write("onnx/model.onnx.data", b"x")), None),
     ("ev-stripped-export-plan", ["evaluate", "grid", "--model", "{T}/onnx", "--out", "{T}/g.png", "--steps", "2", "--per-class", "1"], r"onnx: holds model.plan but no manifest.json", all_of(copy("onnx"), remove(*STRIPPED), write("onnx/model.plan", b"x")), None),
-    ("rs-unlisted-vae", ["runtime", "sample", "--model", "{T}/latonnx", "--out", "{T}/out", "--num", "1", "--steps", "2"], r"latonnx: holds vae_decoder.onnx, which its manifest.json does not list", all_of(copy("latonnx"), write("latonnx/vae_decoder.onnx", b"not verified")), None),
+    ("rs-unlisted-weight-data", ["runtime", "sample", "--model", "{T}/onnx", "--out", "{T}/out", "--num", "1", "--steps", "2"], r"onnx: holds w.bin, which its manifest.json does not list", all_of(copy("onnx"), write("onnx/w.bin", b"unverified weights")), None),
+    ("be-unlisted-file", ["runtime", "build-engine", "{T}/onnx", "--plugin", "{T}/lib.so"], r"onnx: holds notes.txt, which its manifest.json does not list", all_of(copy("onnx"), write("onnx/notes.txt"), write("lib.so")), None),
+    ("rs-unlisted-vae", ["runtime", "sample", "--model", "{T}/latonnx", "--out", "{T}/out", "--num", "1", "--steps", "2"], r"latonnx: holds vae_decoder.onnx, which its manifest.json does not list; an export is read only with the files it lists", all_of(copy("latonnx"), write("latonnx/vae_decoder.onnx", b"not verified")), None),
     ("be-model-onnx-without-manifest", ["runtime", "build-engine", "{T}/onnx/model.onnx", "--plugin", "{T}/lib.so"], r"onnx: holds model.onnx but no manifest.json", all_of(copy("onnx"), remove("onnx/manifest.json"), flip("onnx/model.onnx"), write("lib.so", b"x")), None),
     # 3. every flag acts or is refused; only what this run wrote is resumed
     ("rs-cfg-mode-without-guidance", SAMPLE + ["--cfg-scale", "1", "--cfg-mode", "official"], r"--cfg-mode 'official': has no effect with --cfg-scale 1", None, None),
     ("rs-seed-with-latents", SAMPLE + ["--latents", "{B}/l.npy", "--seed", "7"], r"--seed 7: has no effect with --latents and a sampler that draws no noise", None, None),
     ("rs-seed-with-latents-dpm", SAMPLE + ["--latents", "{B}/l.npy", "--seed", "7", "--sampler", "dpm-solver"], r"--seed 7: has no effect with --latents", None, None),
-    ("rs-resume-other-kernels", RESUME, r"different run .*ternary_matmul terdit CPU kernels \(elsewhere\) ->", all_of(copy("run"), _edit_record(lambda d: d["settings"].update(ternary_matmul="terdit CPU kernels (elsewhere)"))), None),
+    ("rs-resume-other-kernels", RESUME, r"different run .*ternary_matmul terdit CPU kernels \(elsewhere\) ->", all_of(copy("run"), other_run("run/samples.json", lambda d: d["settings"].update(ternary_matmul="terdit CPU kernels (elsewhere)"))), None),
+    ("rs-resume-edited-record", RESUME + ["--cfg-scale", "3"], r"samples.json does not match its checksum \(record_sha256\): it was edited", all_of(copy("run"), edit_json("run/samples.json", lambda d: d["settings"].update(cfg_scale=3.0))), None),
     ("rs-resume-user-image", RESUME, r"images/000001.png is not a file this run wrote", all_of(copy("run"), _user_png("run/images/000001.png")), None),
     ("rs-resume-unlogged-image", RESUME, r"images/000000.png is not a file this run wrote", all_of(copy("run"), remove("run/written/rank_0.jsonl")), None),
-    ("rs-resume-old-format", RESUME, r"samples.json is version 1 of the run format .* cannot be resumed", all_of(copy("run"), _edit_record(lambda d: d.update(version=1))), None),
+    ("rs-resume-old-format", RESUME, r"samples.json is version 1 of the run format .* cannot be resumed", all_of(copy("run"), other_run("run/samples.json", lambda d: d.update(version=1))), None),
     # 4. bounded before work
     ("rs-world-size-huge", SAMPLE, r"WORLD_SIZE='1000000': must be an integer from 0 to 65536", None, {"WORLD_SIZE": "1000000"}),
     ("rs-rank-beyond-world", SAMPLE, r"RANK=7: must be below WORLD_SIZE=2", None, {"WORLD_SIZE": "2", "RANK": "7"}),
     ("rs-local-rank-beyond", SAMPLE, r"LOCAL_RANK=3: must be below LOCAL_WORLD_SIZE=2", None, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "3"}),
+    # (second audit) a file of the user's that looks like ours, files an export does not list
+    ("rs-lock-user-json", SAMPLE, r"\.terdit\.lock: holds \d+ bytes that are not a lock record", write("out/.terdit.lock", b'{"owner": "me", "pid": 1}'), None),
+    ("rs-cfg-official-one-channel", SAMPLE + ["--cfg-mode", "official"], r"--cfg-mode official guides eps channels 0..2, but this model has 1 channel", None, None),
+    ("rs-imagenet-ids-small-model", SAMPLE + ["--imagenet-ids", "--classes", "0"], r"--imagenet-ids maps ImageNet ids to the labels of the official 1000-class release; \S+ has 3 classes", None, None),
+    ("rs-no-compile-on-cpu", SAMPLE + ["--backend", "torch", "--device", "cpu", "--no-compile"], r"--no-compile: the torch backend compiles blocks .*only on its CUDA kernels \(this run is on cpu\)", None, None),
+    ("rs-no-cuda-graphs-on-cpu", SAMPLE + ["--backend", "torch", "--device", "cpu", "--no-cuda-graphs"], r"--no-cuda-graphs: .*this run is on cpu", None, None),
+    ("rs-eta-zero-dpm", SAMPLE + ["--sampler", "dpm-solver", "--eta", "0"], r"--eta 0.0: --sampler dpm-solver has no eta", None, None),
+    ("rs-cfg-scale-huge", SAMPLE + ["--cfg-scale", "1e39"], r"--cfg-scale 1e\+39: must be a number from -10000 to 10000 \(limits.MAX_CFG_SCALE", None, None),
+    ("rs-latents-nan", SAMPLE + ["--latents", "{T}/l.npy", "--sampler", "ddpm"], r"--latents: latent 0 holds NaN or Inf", npy("l.npy", np.full((1, 1, 8, 8), np.nan, np.float32)), None),
+    ("rs-cpu-isa-bogus", SAMPLE + ["--kernels", "native"], r"--kernels native: TERDIT_CPU_ISA=bogus: not one of avx512-vnni, avx2, portable", None, {"TERDIT_CPU_ISA": "bogus"}),
+    ("rs-cpu-lib-device", SAMPLE + ["--kernels", "native"], r"--kernels native: TERDIT_CPU_LIB=/dev/null: not (a library file|the library in use).*a character device", None, {"TERDIT_CPU_LIB": "/dev/null"}),
+    ("rs-world-without-master", SAMPLE, r"WORLD_SIZE=2 is set but MASTER_ADDR is not \(torchrun sets both\)", None, {"WORLD_SIZE": "2", "RANK": "0"}),
+    ("be-manifest-file", ["runtime", "build-engine", "{B}/onnx/manifest.json", "--plugin", "{T}/lib.so"], r"manifest.json: not an ONNX file \(.onnx\) nor a directory", write("lib.so"), None),
     # 7. messages name the flag
     ("rs-vae-onnx-garbage", ["runtime", "sample", "--model", "{B}/latonnx", "--out", "{T}/out", "--num", "1", "--steps", "2", "--vae", "{T}/v.onnx"], r"--vae \S*v.onnx: ONNX Runtime cannot load the model .*pass a vae_decoder.onnx", write("v.onnx", b"not onnx"), None),
     ("rs-out-under-a-file", SAMPLE[:5] + ["{T}/f/out"] + SAMPLE[6:], r"--out \S*f/out: \S*/f is a regular file, not a directory", write("f", b"a file"), None),
@@ -137,6 +144,12 @@ API_CASES = [
     ("call-unknown-argument", lambda b: _pipe(b)([0], num_steps=3), r"unknown argument num_steps of the pipeline call"),
     ("imagenet-ids-int", lambda b: _pipe(b)([0], imagenet_ids=1), r"imagenet_ids=1: must be True or False"),
     ("labels-for-zero", lambda b: _pipe(b).labels_for([0], 0), r"--num 0: must be from 1"),
+    ("run-overwrite-text", lambda b: _pipe(b).run(b / "never", [0], __import__("runtime").SampleOptions(steps=2), overwrite="no"), r"overwrite='no': must be True or False"),
+    ("run-latents-list", lambda b: _pipe(b).run(b / "never", [0], __import__("runtime").SampleOptions(steps=2), initial_latents=[[0.0]]), r"--latents: \[\[0.0\]\] is not a float numpy array"),
+    ("sample-label-fraction", lambda b: _pipe(b).sample([0], [1.7], __import__("runtime").SampleOptions(steps=2)), r"labels=\[1.7\]: pass a list of integers"),
+    ("sample-index-negative", lambda b: _pipe(b).sample([-1], [0], __import__("runtime").SampleOptions(steps=2)), r"indices: -1 is negative"),
+    ("sample-options-none", lambda b: _pipe(b).sample([0], [0], None), r"options=None: pass a SampleOptions"),
+    ("labels-for-uncond-text", lambda b: _pipe(b).labels_for(None, 2, uncond="no"), r"uncond='no': must be True or False"),
     ("cfg-mode-without-guidance", lambda b: _pipe(b)([0], guidance_scale=1.0, cfg_mode="standard"), r"--cfg-mode 'standard': has no effect with --cfg-scale 1"),
 ]
 

@@ -66,6 +66,14 @@ class TorchBackend:
         if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
             raise BackendError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
                                f"device(s), numbered from 0")
+        if self.device.type != "cuda" or self.act_quant == "int8":
+            for flag, value in (("--no-compile", compile), ("--no-cuda-graphs", cuda_graphs)):
+                if value is False:
+                    why = (f"this run is on {self.device}" if self.device.type != "cuda" else
+                           "--act-quant int8 runs the reference ops there")
+                    raise BackendError(f"{flag}: the torch backend compiles blocks and captures "
+                                       f"CUDA graphs only on its CUDA kernels ({why}), so it "
+                                       f"would have no effect; drop {flag}")
         loaded = load_checkpoint(path, packed=True)
         self.dtype = dtype or ("bf16" if self.device.type == "cuda" else "fp32")
         self.model = inference_model(loaded.model, self.device, TORCH_DTYPES[self.dtype])

@@ -140,14 +140,15 @@ def read_ternary_nodes(onnx_path: Path) -> TernaryNodes:
     try:
         with signals_held():
             import onnx
-            from google.protobuf.message import DecodeError
     except ImportError:
         raise BackendError("build-engine reads the ONNX file with the onnx package: "
                            "pip install onnx") from None
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
-    except DecodeError as err:
-        raise BackendError(f"{onnx_path}: not a readable ONNX model ({err}); re-export it with "
+    except Exception as err:  # noqa: BLE001 - onnx's parsers raise their own types (DecodeError,
+        # ParseError, ...): any of them means an unreadable file
+        text = " ".join(str(err).split())[:200]
+        raise BackendError(f"{onnx_path}: not a readable ONNX model ({text}); re-export it with "
                            "`python -m exporter`") from None
     modes = set()
     count = 0

@@ -73,6 +73,8 @@ def check_build_args(args: argparse.Namespace) -> tuple[Path, Path]:
     fix = "pass an export directory written by `python -m exporter` or its model.onnx"
     if not os.path.lexists(onnx):
         raise BackendError(f"{args.onnx}: no {MODEL_FILE} here; {fix}")
+    if onnx.suffix != ".onnx":
+        raise BackendError(f"{args.onnx}: not an ONNX file (.onnx) nor a directory; {fix}")
     input_file(onnx, fix=fix)
     resolve_batch_range(args.min_batch, args.opt_batch, args.max_batch)
     check_workspace(args.workspace_gib)

@@ -61,26 +61,23 @@ def train_classifier(cc: ClassifierConfig, train_x: Tensor, train_y: Tensor,
     opt = torch.optim.Adam(model.parameters(), lr=cc.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cc.lr, total_steps=steps, pct_start=0.15)
     g = torch.Generator().manual_seed(cc.seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="classifier", file=sys.stderr)
-    for _ in range(cc.epochs):
-        model.train()
-        perm = torch.randperm(len(train_x), generator=g)
-        for i in range(0, len(perm), cc.batch_size):
-            idx = perm[i:i + cc.batch_size]
-            x = _shift(train_x[idx], g)
-            loss = F.cross_entropy(model(x), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if bar is not None:
+    from tqdm.auto import tqdm
+    # the bar is closed however the loop ends (an interrupt's message starts on its own line)
+    with tqdm(total=steps, desc="classifier", file=sys.stderr, disable=not progress) as bar:
+        for _ in range(cc.epochs):
+            model.train()
+            perm = torch.randperm(len(train_x), generator=g)
+            for i in range(0, len(perm), cc.batch_size):
+                idx = perm[i:i + cc.batch_size]
+                x = _shift(train_x[idx], g)
+                loss = F.cross_entropy(model(x), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+                if progress:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return model, classifier_accuracy(model, test_x, test_y)
 

@@ -235,6 +235,9 @@ def check_files(args) -> None:
         if os.path.isdir(out):
             raise UserError(f"{flag} {out}: is a directory; pass the path of the file to write")
         check_disjoint(out, flag, inputs)
+        if os.path.lexists(out) and not args.overwrite:
+            raise UserError(f"{flag} {out}: exists; pass --overwrite to replace it, or choose "
+                            f"another {flag}")
         for other_flag, other in done.items():
             if os.path.realpath(out) == os.path.realpath(other):
                 raise UserError(f"{flag} {out}: is also the {other_flag} output, and one would "

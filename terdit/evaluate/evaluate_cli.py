@@ -229,11 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--save-samples", metavar="NPZ",
                    help="also write the generated samples as an ADM-style .npz")
     m.add_argument("--out", help="also write the metrics as JSON here")
+    _overwrite(m)
 
     g = sub.add_parser("grid", help="a labelled grid: one column per class")
     source(g, "arrange")
     g.add_argument("--out", required=True, help="PNG to write")
     g.add_argument("--per-class", type=int, default=8, help="images per class (grid rows)")
+    _overwrite(g)
 
     c = sub.add_parser("train-classifier", help="train the Fashion-MNIST classifier")
     cd = ClassifierConfig()
@@ -248,13 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-path", help="Fashion-MNIST directory")
     c.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
+    _overwrite(c)
 
     pl = sub.add_parser("plot-losses", help="loss curves of several runs on one plot")
     pl.add_argument("--run", action="append", required=True, metavar="LABEL=LOG",
                     help="a run's label and its log.jsonl (repeat for several runs)")
     pl.add_argument("--out", required=True, help="PNG to write")
     pl.add_argument("--smooth", type=int, default=20, help="moving-average window in log rows")
+    _overwrite(pl)
     return p
+
+
+def _overwrite(q) -> None:
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace output files that exist (only regular files; without it an "
+                        "existing output is refused)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

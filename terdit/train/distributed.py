@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from terdit_common.cli import env_int
+from terdit_common.cli import check_torchrun_env, env_int
 
 
 @dataclass
@@ -30,17 +29,9 @@ class Dist:
 
 def setup_distributed(tc) -> Dist:
     """The process group under torchrun (WORLD_SIZE > 1) and this rank's device."""
-    world = env_int("WORLD_SIZE", 1)
+    world = check_torchrun_env() if not dist.is_initialized() else env_int("WORLD_SIZE", 1)
     rank = env_int("RANK", 0)
     local = env_int("LOCAL_RANK", rank)
-    if world < 1:
-        raise ValueError("environment variable WORLD_SIZE=0: a run has at least one process; "
-                         "unset it or launch with torchrun")
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and v not in os.environ]
-    if missing and not dist.is_initialized():
-        raise ValueError(f"environment variable WORLD_SIZE={world} is set but {missing[0]} is not "
-                         f"(torchrun sets both); launch with torchrun, or unset WORLD_SIZE and "
-                         f"RANK to train in one process")
     if tc.global_batch % world:
         raise ValueError(f"--global-batch {tc.global_batch} must be divisible by the number of "
                          f"ranks ({world})")

@@ -28,11 +28,6 @@ struct Avx2
     // __m256i GCC 12 adds a register copy per accumulator per iteration and spills beyond 4 rows.
     using Acc = __m256i;
 
-    static __m256i zeroAcc()
-    {
-        return _mm256_setzero_si256();
-    }
-
     static __m256i splat(int32_t v)
     {
         return _mm256_set1_epi32(v);

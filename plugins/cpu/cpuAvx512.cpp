@@ -29,11 +29,6 @@ struct Avx512
     // GCC 12 copies every accumulator through the stack on each iteration.
     using Acc = __m512i;
 
-    static __m512i zeroAcc()
-    {
-        return _mm512_setzero_si512();
-    }
-
     static __m512i splat(int32_t v)
     {
         return _mm512_set1_epi32(v);

@@ -35,7 +35,7 @@
 //! variables c<r><h> (h < kNS / kACC <= 4); rows past MR and columns past the ISA's count are
 //! declared but never touched, so the compiler drops them.
 #define TERDIT_ROW_DECLARE(r)                                                                      \
-    typename I::Acc c##r##0 = I::zeroAcc(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
+    typename I::Acc c##r##0 = I::splat(0), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
 #define TERDIT_ACC_DOT(r, h)                                                                       \
     if constexpr (kCols > h)                                                                       \
     {                                                                                              \
@@ -135,7 +135,7 @@ struct Tiling
 };
 
 //! c[MR][kNS] (int32) += a-bytes . panel-codes over `groups` groups of 4 bytes, from the ISA's
-//! primitives: Acc, zeroAcc(), splat(4 bytes), loadCodes(64-byte aligned), dot(acc, codes,
+//! primitives: Acc, splat(4 bytes; 0 zeroes), loadCodes(64-byte aligned), dot(acc, codes,
 //! activations), flushInto(int32 out, acc); each accumulator covers kACC output columns.
 template <class I, int MR>
 void int8Tile(uint8_t const* panel, int8_t const* a, int64_t lda, int groups, int32_t* c)

@@ -286,8 +286,13 @@ def run_e2e(models, images_600m, paths, cache: Path, threads: int, tmp: Path, lo
                 out_file = tmp / f"out-{model}-{images}-{path}.npy"
                 spec = {"model": model, "images": images, "path": path, "cache": str(cache),
                         "threads": threads, "output": str(out_file)}
+                env = dict(os.environ)
+                if path.startswith("ours-torch"):
+                    # what the runtime's torch backend sets before torch loads (the row's process
+                    # imports torch first): terdit_common.cpukernels.prefer_passive_openmp
+                    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
                 res = subprocess.run([sys.executable, CPU_SCRIPT, "--one-row", json.dumps(spec)],
-                                     cwd=ROOT, capture_output=True, text=True)
+                                     cwd=ROOT, capture_output=True, text=True, env=env)
                 line = [ln for ln in res.stdout.splitlines() if ln.startswith("ROW: ")]
                 if res.returncode != 0 or not line:
                     rows.append({**base, "error": f"row process exit {res.returncode}: "

@@ -338,3 +338,24 @@ def test_cli_with_a_broken_library_is_one_error_line(tiny_export, tmp_path):
 def test_ctypes_abi_version():
     LIB.terditCpuAbiVersion.restype = ctypes.c_int
     assert LIB.terditCpuAbiVersion() == cpukernels.ABI_VERSION
+
+
+@pytest.mark.parametrize("preset, want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_torch_backend_on_the_cpu_makes_openmp_threads_sleep(tiny_export, preset, want):
+    """The runtime imports no torch before it opens the torch backend, which then loads torch with
+    OMP_WAIT_POLICY=PASSIVE (spinning torch threads slow the kernels' pool: cpukernels says how
+    much), keeping a value the user set."""
+    import os
+    code = ("import os, sys\n"
+            "import runtime.runtime_cli\n"
+            "assert 'torch' not in sys.modules, 'the runtime imported torch before the backend'\n"
+            "from runtime.backends.torch_backend import TorchBackend\n"
+            f"be = TorchBackend({str(tiny_export)!r}, device='cpu')\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), be.kernels)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=str(cpukernels.REPO_ROOT))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [want, "cpu"], proc.stdout + proc.stderr

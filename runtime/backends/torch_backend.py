@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from terdit_common.cpukernels import prefer_passive_openmp
 from terdit_common.entry import signals_held
 from terdit_common.files import sha256_file
 from terdit_common.limits import check_threads
@@ -39,6 +40,8 @@ class TorchBackend:
         # "fp8" (--w2a8, terdit.kernels.accel's W1.58A8)
         self.act_quant = resolve_act_quant(w2a8, act_quant) or "none"
         w2a8 = self.act_quant == "fp8"
+        if device is None or device.startswith("cpu"):
+            prefer_passive_openmp()                 # before torch loads (cpukernels says why)
         try:
             with signals_held():
                 import torch

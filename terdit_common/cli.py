@@ -137,8 +137,8 @@ def check_torchrun_env() -> int:
     if world < 1:
         raise UserError("environment variable WORLD_SIZE=0: a run has at least one process; "
                         "unset it or launch with torchrun")
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and v not in os.environ]
-    if missing:
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if world > 1 and missing:
         raise UserError(f"environment variable WORLD_SIZE={world} is set but {missing[0]} is not "
                         f"(torchrun sets both); launch with torchrun, or unset WORLD_SIZE and "
                         f"RANK to run in one process")

@@ -202,8 +202,7 @@ def load(build: bool = True) -> ctypes.CDLL:
             else:
                 raise CpuKernelError("the terdit CPU kernels are not built (load(build=True) "
                                      "builds them)")
-            lib = _open(path)
-            _lib, _lib_path = lib, path
+            _lib, _lib_path = _open(path), path
         except CpuKernelError as err:
             _failure = str(err)
             raise

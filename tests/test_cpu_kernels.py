@@ -1,6 +1,7 @@
 """The terdit CPU kernels (plugins/cpu) against the Python definitions, on every dispatch path this
 CPU runs, through their three doors: the C ABI, the torch ops and the ONNX Runtime custom op."""
 import ctypes
+import os
 import subprocess
 import sys
 
@@ -345,7 +346,6 @@ def test_torch_backend_on_the_cpu_makes_openmp_threads_sleep(tiny_export, preset
     """The runtime imports no torch before it opens the torch backend, which then loads torch with
     OMP_WAIT_POLICY=PASSIVE (spinning torch threads slow the kernels' pool: cpukernels says how
     much), keeping a value the user set."""
-    import os
     code = ("import os, sys\n"
             "import runtime.runtime_cli\n"
             "assert 'torch' not in sys.modules, 'the runtime imported torch before the backend'\n"
